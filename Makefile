@@ -1,0 +1,32 @@
+# Two commands for a newcomer: `make serve` and `make test`. Everything else is a helper for those.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 0.0.0.0
+PORT ?= 8000
+
+.PHONY: install serve test system-deps
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[train,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+serve: install
+	$(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT)
+
+test: install system-deps
+	$(BIN)/python -m pytest
+
+# Browser tests need Debian's Chromium, the load-balancer proof needs nginx; both are installed when
+# missing and we are root (as in CI). Without them those tests skip and say why.
+system-deps:
+	@if command -v chromium >/dev/null && command -v nginx >/dev/null; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver nginx; \
+	else \
+		echo "chromium or nginx is missing and this is not root: their tests will skip"; \
+	fi

@@ -1,0 +1,1 @@
+"""siamcam service: explainable image similarity over HTTP."""
