@@ -1,0 +1,282 @@
+// The siamcam page: pick two images, POST them to the public /explain endpoint, show score, decision and
+// the four Grad-CAM overlays. Plain browser JavaScript, no libraries, no external URLs.
+"use strict";
+
+// Colormaps offered to the user, with colours sampled from matplotlib at 0, 1/6, ..., 1 so that the
+// legend's gradient matches what the service draws.
+const COLORMAPS = {
+  jet: ["#000080", "#0028ff", "#00d4ff", "#7dff7a", "#ffe600", "#ff4700", "#800000"],
+  viridis: ["#440154", "#443983", "#31688e", "#21918c", "#35b779", "#90d743", "#fde725"],
+  plasma: ["#0d0887", "#5c01a6", "#9c179e", "#cc4778", "#ed7953", "#fdb42f", "#f0f921"],
+  inferno: ["#000004", "#320a5e", "#781c6d", "#bc3754", "#ed6925", "#fbb61a", "#fcffa4"],
+  magma: ["#000004", "#2c115f", "#721f81", "#b73779", "#f1605d", "#feb078", "#fcfdbf"],
+  turbo: ["#30123b", "#4685fa", "#1ae4b6", "#a4fc3c", "#faba39", "#e4450a", "#7a0403"],
+  hot: ["#0b0000", "#790000", "#ea0000", "#ff5c00", "#ffca00", "#ffff5a", "#ffffff"],
+};
+
+const IMAGE_NAMES = ["First image", "Second image"];
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  files: [null, null],   // the chosen File objects
+  previews: [null, null], // their object URLs, shown as previews and as the "Original" in the result
+  request: null,          // AbortController of the /explain request in flight, if any
+};
+
+// ---------------------------------------------------------------- model information
+
+async function loadModelInfo() {
+  try {
+    const response = await fetch("/model");
+    if (!response.ok) throw new Error(`status ${response.status}`);
+    const model = await response.json();
+    $("model-info").textContent =
+      `Model ${model.name}, version ${model.version}, threshold ${model.threshold.toFixed(2)}`;
+  } catch (error) {
+    $("model-info").textContent = `Model information is unavailable right now (${error.message}).`;
+  }
+}
+
+// ---------------------------------------------------------------- choosing images
+
+function setFile(index, file) {
+  if (state.previews[index]) URL.revokeObjectURL(state.previews[index]);
+  state.files[index] = file;
+  state.previews[index] = URL.createObjectURL(file);
+  const preview = $(`preview${index + 1}`);
+  preview.src = state.previews[index];
+  preview.alt = `${IMAGE_NAMES[index]}: ${file.name}`;
+  preview.hidden = false;
+  // An old result no longer matches the images.
+  $("result").hidden = true;
+  hideError();
+  $("compare").disabled = !(state.files[0] && state.files[1]);
+}
+
+function setUpPicker(index) {
+  const picker = $(`picker${index + 1}`);
+  const input = $(`image${index + 1}`);
+  input.addEventListener("change", () => {
+    if (input.files.length > 0) setFile(index, input.files[0]);
+  });
+  picker.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    picker.classList.add("dragging");
+  });
+  picker.addEventListener("dragleave", () => picker.classList.remove("dragging"));
+  picker.addEventListener("drop", (event) => {
+    event.preventDefault();
+    picker.classList.remove("dragging");
+    const dropped = event.dataTransfer.files;
+    if (dropped.length === 0) return;
+    setFile(index, dropped[0]);
+    // Two files dropped at once fill both pickers.
+    if (dropped.length > 1) setFile(1 - index, dropped[1]);
+  });
+}
+
+// ---------------------------------------------------------------- options
+
+function setUpOptions() {
+  const select = $("colormap");
+  for (const name of Object.keys(COLORMAPS)) select.add(new Option(name, name));
+  select.value = "jet";
+  showLegendGradient();
+
+  const opacity = $("opacity");
+  opacity.addEventListener("input", () => {
+    $("opacity-value").textContent = Number(opacity.value).toFixed(2);
+  });
+  // "change" fires once the slider is released, so dragging it asks the service only once.
+  opacity.addEventListener("change", redrawIfShown);
+  select.addEventListener("change", () => {
+    showLegendGradient();
+    redrawIfShown();
+  });
+}
+
+function showLegendGradient() {
+  $("legend-gradient").style.background = `linear-gradient(to right, ${COLORMAPS[$("colormap").value].join(", ")})`;
+}
+
+function redrawIfShown() {
+  if (!$("result").hidden) explain("Redrawing the overlays…");
+}
+
+// ---------------------------------------------------------------- calling /explain
+
+async function explain(progressLabel) {
+  if (!(state.files[0] && state.files[1])) return;
+  if (state.request) state.request.abort(); // only the latest request's answer is shown
+  const controller = new AbortController();
+  state.request = controller;
+
+  const form = new FormData();
+  form.append("image1", state.files[0]);
+  form.append("image2", state.files[1]);
+  form.append("opacity", $("opacity").value);
+  form.append("colormap", $("colormap").value);
+
+  hideError();
+  const stopProgress = showProgress(progressLabel);
+  try {
+    const response = await fetch("/explain", { method: "POST", body: form, signal: controller.signal });
+    const body = await readBody(response);
+    if (response.ok) showResult(body);
+    else showError(describeProblem(response, body), problemDetail(body), retryable(response.status));
+  } catch (error) {
+    if (error.name === "AbortError") return; // replaced by a newer request
+    showError("Could not reach the service. Check that it is running, then retry.", error.message, true);
+  } finally {
+    if (state.request === controller) {
+      state.request = null;
+      stopProgress();
+    }
+  }
+}
+
+async function readBody(response) {
+  const text = await response.text();
+  try {
+    return JSON.parse(text);
+  } catch {
+    return text; // e.g. an HTML error page from a proxy in front of the service
+  }
+}
+
+// ---------------------------------------------------------------- progress and errors
+
+function showProgress(label) {
+  const started = Date.now();
+  const text = $("progress-text");
+  const tick = () => {
+    text.textContent = `${label} ${Math.floor((Date.now() - started) / 1000)} s`;
+  };
+  tick();
+  $("progress").hidden = false;
+  const timer = setInterval(tick, 1000);
+  return () => {
+    clearInterval(timer);
+    $("progress").hidden = true;
+  };
+}
+
+// One plain sentence per kind of failure; the service's own words follow underneath.
+function describeProblem(response, body) {
+  switch (response.status) {
+    case 413:
+      return "One of the files is too large for the service. Please choose a smaller image.";
+    case 415:
+      return "One of the files is not an image the service can read. Please choose a JPEG, PNG or similar image.";
+    case 422:
+      return "The service could not use these images or settings.";
+    case 503: {
+      const seconds = response.headers.get("Retry-After");
+      const when = seconds ? `in ${seconds} seconds` : "in a moment";
+      return `The service is busy right now. Please retry ${when}.`;
+    }
+    case 504:
+      return "The service took too long to answer. Please retry.";
+    default:
+      return `Something went wrong (status ${response.status}${problemTitle(body)}).`;
+  }
+}
+
+function problemDetail(body) {
+  if (typeof body === "object" && body !== null) return body.detail || body.title || "";
+  return "";
+}
+
+function problemTitle(body) {
+  return typeof body === "object" && body !== null && body.title ? `: ${body.title}` : "";
+}
+
+// Busy, timed out or broken: the same request may work later. A 4xx needs other input instead.
+function retryable(status) {
+  return status >= 500;
+}
+
+function showError(message, detail, canRetry) {
+  $("error-text").textContent = message;
+  $("error-detail").textContent = detail ? `The service said: ${detail}` : "";
+  $("retry").hidden = !canRetry;
+  $("error").hidden = false;
+}
+
+function hideError() {
+  $("error").hidden = true;
+}
+
+// ---------------------------------------------------------------- the result
+
+function showResult(data) {
+  const score = $("score");
+  score.textContent = data.score.toFixed(3);
+  score.dataset.score = String(data.score);
+
+  const threshold = data.threshold.toFixed(2);
+  const decision = $("decision");
+  decision.textContent = data.similar
+    ? `Similar: the score is at or above the model's threshold of ${threshold}.`
+    : `Not similar: the score is below the model's threshold of ${threshold}.`;
+  decision.classList.toggle("similar", data.similar);
+
+  const fill = $("bar-fill");
+  fill.style.width = `${data.score * 100}%`;
+  fill.classList.toggle("similar", data.similar);
+  $("bar-threshold").style.left = `${data.threshold * 100}%`;
+  $("bar-threshold-label").textContent = `threshold ${threshold}`;
+
+  const { factual, counterfactual } = data.explanations;
+  $("legend-factual").textContent = `here: ${factual.target}`;
+  $("legend-counterfactual").textContent = `here: ${counterfactual.target}`;
+
+  const rows = ["image1", "image2"].map((key, index) => buildRow(key, index, factual, counterfactual));
+  $("overlays").replaceChildren(...rows);
+  $("result").hidden = false;
+}
+
+function buildRow(key, index, factual, counterfactual) {
+  const row = $("row-template").content.firstElementChild.cloneNode(true);
+  row.querySelector(".row-title").textContent = IMAGE_NAMES[index];
+
+  const original = row.querySelector(".original img");
+  original.src = state.previews[index];
+  original.alt = `${IMAGE_NAMES[index]}, original`;
+
+  fillFigure(row.querySelector(".factual"), key, index, "factual", factual,
+    `Factual: why ${factual.target}`);
+  fillFigure(row.querySelector(".counterfactual"), key, index, "counterfactual", counterfactual,
+    `Counterfactual: what argues for ${counterfactual.target}`);
+  return row;
+}
+
+function fillFigure(figure, key, index, kind, explanation, caption) {
+  const overlay = explanation[key];
+  const url = `data:${overlay.media_type};base64,${overlay.overlay}`;
+  const img = figure.querySelector("img");
+  img.src = url;
+  img.width = overlay.width;
+  img.height = overlay.height;
+  img.alt = `${IMAGE_NAMES[index]} with its ${kind} heat map: regions that count for "${explanation.target}"`;
+  figure.querySelector("figcaption").textContent = overlay.no_positive_evidence
+    ? `${caption} (no region counts for it)`
+    : caption;
+
+  const link = figure.querySelector("a.download");
+  link.href = url;
+  link.download = `${key}-${kind}.${overlay.media_type.split("/")[1]}`;
+  link.setAttribute("aria-label", `Download the ${kind} overlay of the ${IMAGE_NAMES[index].toLowerCase()}`);
+}
+
+// ---------------------------------------------------------------- start
+
+setUpPicker(0);
+setUpPicker(1);
+setUpOptions();
+loadModelInfo();
+$("compare-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  explain("Comparing the images…");
+});
+$("retry").addEventListener("click", () => explain("Comparing the images…"));
