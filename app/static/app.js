@@ -47,15 +47,26 @@ function setFile(index, file) {
   preview.src = state.previews[index];
   preview.alt = `${IMAGE_NAMES[index]}: ${file.name}`;
   preview.hidden = false;
+  hintOf(index).textContent = "Choose or drop another image";
   // An old result no longer matches the images.
   $("result").hidden = true;
   hideError();
   $("compare").disabled = !(state.files[0] && state.files[1]);
 }
 
+function hintOf(index) {
+  return $(`picker${index + 1}`).querySelector(".picker-hint");
+}
+
 function setUpPicker(index) {
   const picker = $(`picker${index + 1}`);
   const input = $(`image${index + 1}`);
+  const preview = $(`preview${index + 1}`);
+  // The browser cannot draw it: say so instead of showing a broken image, and let the service judge it.
+  preview.addEventListener("error", () => {
+    preview.hidden = true;
+    hintOf(index).textContent = `${state.files[index].name}: no preview, it may not be an image`;
+  });
   input.addEventListener("change", () => {
     if (input.files.length > 0) setFile(index, input.files[0]);
   });
@@ -201,6 +212,7 @@ function showError(message, detail, canRetry) {
   $("error-detail").textContent = detail ? `The service said: ${detail}` : "";
   $("retry").hidden = !canRetry;
   $("error").hidden = false;
+  $("error").scrollIntoView({ block: "nearest" });
 }
 
 function hideError() {
@@ -233,7 +245,11 @@ function showResult(data) {
 
   const rows = ["image1", "image2"].map((key, index) => buildRow(key, index, factual, counterfactual));
   $("overlays").replaceChildren(...rows);
-  $("result").hidden = false;
+  const result = $("result");
+  if (result.hidden) {
+    result.hidden = false;
+    result.scrollIntoView({ block: "start" }); // a redraw leaves the reader where they are
+  }
 }
 
 function buildRow(key, index, factual, counterfactual) {
