@@ -1,0 +1,35 @@
+"""Command line: `python -m training train ...` and `python -m training evaluate ...`."""
+
+from __future__ import annotations
+
+import argparse
+
+from training.evaluate import add_evaluate_arguments, evaluate
+from training.train import add_train_arguments, train
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    train_parser = commands.add_parser(
+        "train", help="train on an image-folder dataset and export model.pt + manifest.json",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_train_arguments(train_parser)
+    train_parser.set_defaults(handler=train)
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="evaluate an exported model on an image-folder dataset with the paper's pair protocol",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_evaluate_arguments(evaluate_parser)
+    evaluate_parser.set_defaults(handler=evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()
