@@ -1,0 +1,125 @@
+"""Fixtures for the browser tests: the real service in a uvicorn subprocess, headless Chromium, two real images."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image, ImageDraw
+from playwright.sync_api import Browser, sync_playwright
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_STORE = REPO / "model_store"
+DEFAULT_MODEL_NAME = "flowers"
+FLOWERS = REPO.parent / "shared" / "datasets" / "flowers"
+CHROMIUM = Path("/usr/bin/chromium")
+# Debian's Chromium, never a downloaded one; these flags keep it from reaching out to the network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # CI runs the tests as root, where Chromium refuses to start with its sandbox
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+STARTUP_TIMEOUT_S = 180  # loading and warming up the model on a busy 2-core machine
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def served_model(request: pytest.FixtureRequest) -> tuple[Path, str]:
+    """(MODEL_STORE, MODEL_NAME): the bundled default model when it is there, else the suite's small real one.
+
+    The page is meant for the default model, but a checkout without it (while it is being trained, or a
+    trimmed clone) still gets a real end-to-end test with ``tests/conftest.py``'s ``tiny`` model.
+    """
+    if (DEFAULT_MODEL_STORE / DEFAULT_MODEL_NAME / "manifest.json").is_file():
+        return DEFAULT_MODEL_STORE, DEFAULT_MODEL_NAME
+    store: Path = request.getfixturevalue("model_store")
+    return store, "tiny"
+
+
+@pytest.fixture(scope="session")
+def service_url(served_model: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of the real service, started with uvicorn on loopback like a user would start it."""
+    store, name = served_model
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("service") / "uvicorn.log"
+    env = {**os.environ, "MODEL_STORE": str(store), "MODEL_NAME": name}
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_ready(url, process, log_path)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_until_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the service exited with {process.returncode} while starting:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    pytest.fail(f"the service was not ready after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (`make system-deps` as root) to run the browser tests")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="session")
+def two_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A rose and a daisy from the shared flowers dataset when it is present, else two drawn ones (JPEG and PNG)."""
+    if FLOWERS.is_dir():
+        return sorted((FLOWERS / "Rose").glob("*.jpg"))[0], sorted((FLOWERS / "Daisy").glob("*.jpg"))[0]
+    folder = tmp_path_factory.mktemp("images")
+    first, second = folder / "sun.jpg", folder / "leaf.png"
+    _drawing("#4a90d9", "ellipse", "#f5c400").save(first, "JPEG", quality=90)
+    _drawing("#e8e0d0", "rectangle", "#2f8f3f").save(second, "PNG")
+    return first, second
+
+
+def _drawing(background: str, shape: str, colour: str) -> Image.Image:
+    image = Image.new("RGB", (320, 240), background)
+    getattr(ImageDraw.Draw(image), shape)((80, 40, 240, 200), fill=colour)
+    return image
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """Where screenshots go for a person to look at: git-ignored, kept after the run."""
+    folder = REPO / "test-artifacts" / "web"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -1,0 +1,162 @@
+"""The page at / in headless Chromium against the real service: what a person sees is what the API says."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect
+
+RESULT_TIMEOUT_MS = 120_000  # /explain on CPU while a training run may share the two cores
+OVERLAYS = "#overlays figure.factual img, #overlays figure.counterfactual img"
+
+
+@pytest.fixture
+def page(browser: Browser, service_url: str) -> Iterator[Page]:
+    """A fresh desktop-sized tab on the page; fails the test on any script error or request leaving the service."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = context.new_page()
+    script_errors: list[str] = []
+    foreign_requests: list[str] = []
+    tab.on("pageerror", lambda error: script_errors.append(str(error)))
+    tab.on("request", lambda request: foreign_requests.append(request.url)
+           if not request.url.startswith((service_url, "data:", "blob:")) else None)
+    tab.goto(f"{service_url}/")
+    yield tab
+    context.close()
+    assert script_errors == [], "the page raised JavaScript errors"
+    assert foreign_requests == [], "the page must work offline: it asked for something other than the service"
+
+
+def compare(page: Page, first: Path, second: Path) -> None:
+    page.set_input_files("#image1", first)
+    page.set_input_files("#image2", second)
+    page.click("#compare")
+
+
+def post_files(url: str, first: Path, second: Path) -> httpx.Response:
+    files = {"image1": (first.name, first.read_bytes()), "image2": (second.name, second.read_bytes())}
+    return httpx.post(url, files=files, timeout=RESULT_TIMEOUT_MS / 1000)
+
+
+def test_result_shows_the_services_score_four_overlays_and_the_model(
+    page: Page, service_url: str, two_images: tuple[Path, Path], artifacts: Path
+) -> None:
+    model = httpx.get(f"{service_url}/model").json()
+    expect(page.locator("#model-info")).to_contain_text(
+        f"Model {model['name']}, version {model['version']}, threshold {model['threshold']:.2f}"
+    )
+    # Remember whether the progress indicator ever showed: the answer may come too fast to catch it by polling.
+    page.evaluate("""() => {
+        const progress = document.getElementById("progress");
+        new MutationObserver(() => { if (!progress.hidden) window.progressShown = true; })
+            .observe(progress, { attributes: true });
+    }""")
+
+    compare(page, *two_images)
+    expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+
+    assert page.evaluate("window.progressShown") is True
+    expected = post_files(f"{service_url}/similarity", *two_images).json()
+    shown = float(page.inner_text("#score"))
+    assert shown == pytest.approx(expected["score"], abs=5e-4), "the page shows the score to 3 decimals"
+    decision = "Similar:" if expected["similar"] else "Not similar:"
+    expect(page.locator("#decision")).to_contain_text(decision)
+
+    overlays = page.locator(OVERLAYS)
+    expect(overlays).to_have_count(4)
+    for overlay in overlays.all():
+        assert overlay.evaluate("img => img.decode().then(() => img.naturalWidth * img.naturalHeight)") > 0
+        box = overlay.bounding_box()
+        assert box is not None and box["width"] > 0 and box["height"] > 0
+        assert overlay.get_attribute("alt")
+    downloads = page.locator("#overlays a.download")
+    expect(downloads).to_have_count(4)
+    for link in downloads.all():
+        assert link.get_attribute("href").startswith("data:image/")
+        assert link.get_attribute("download")
+
+    page.screenshot(path=artifacts / "result.png", full_page=True)
+
+
+def test_changing_the_colormap_redraws_the_overlays(
+    page: Page, two_images: tuple[Path, Path]
+) -> None:
+    compare(page, *two_images)
+    expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+    before = page.locator(OVERLAYS).first.get_attribute("src")
+
+    page.select_option("#colormap", "viridis")
+
+    page.wait_for_function(
+        "before => document.querySelector('#overlays figure.factual img').src !== before",
+        arg=before,
+        timeout=RESULT_TIMEOUT_MS,
+    )
+    expect(page.locator(OVERLAYS)).to_have_count(4)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "plain_words"),
+    [
+        ("notes.txt", b"this is text, not an image\n", "is not an image"),
+        # Just over the service's default MAX_UPLOAD_BYTES (10 MB).
+        ("huge.jpg", b"\xff\xd8\xff" + bytes(10 * 1024 * 1024), "too large"),
+    ],
+    ids=["text file", "too large"],
+)
+def test_a_refused_upload_shows_the_services_message_in_plain_words(
+    page: Page, service_url: str, two_images: tuple[Path, Path], tmp_path: Path,
+    name: str, content: bytes, plain_words: str,
+) -> None:
+    bad = tmp_path / name
+    bad.write_bytes(content)
+
+    compare(page, two_images[0], bad)
+    error = page.locator("#error")
+    expect(error).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+
+    problem = post_files(f"{service_url}/explain", two_images[0], bad).json()
+    expect(error).to_contain_text(plain_words)
+    expect(error).to_contain_text(problem["detail"])
+    expect(page.locator("#result")).to_be_hidden()
+
+
+def test_a_phone_sized_screen_fits_without_sideways_scrolling(
+    browser: Browser, service_url: str, two_images: tuple[Path, Path], artifacts: Path
+) -> None:
+    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
+    phone = context.new_page()
+    phone.goto(f"{service_url}/")
+    compare(phone, *two_images)
+    expect(phone.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 375
+    # Original, factual and counterfactual stay side by side, one row per image.
+    tops = [round(figure.bounding_box()["y"]) for figure in phone.locator("#overlays .row").first.locator("figure").all()]
+    assert len(tops) == 3 and len(set(tops)) == 1
+    phone.screenshot(path=artifacts / "result-phone.png", full_page=True)
+    context.close()
+
+
+def test_every_control_is_labelled_and_reachable_with_the_keyboard(
+    page: Page, two_images: tuple[Path, Path]
+) -> None:
+    controls = ["image1", "image2", "opacity", "colormap"]
+    for control in controls:
+        assert page.evaluate(f"document.getElementById('{control}').labels.length") > 0, f"{control} has no label"
+
+    reached = []
+    for _ in controls:
+        page.keyboard.press("Tab")
+        reached.append(page.evaluate("document.activeElement.id"))
+    assert reached == controls
+
+    # Compare is disabled, hence skipped by Tab, until both images are chosen.
+    page.set_input_files("#image1", two_images[0])
+    page.set_input_files("#image2", two_images[1])
+    page.focus("#colormap")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "compare"
