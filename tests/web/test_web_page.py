@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +162,22 @@ def test_every_control_is_labelled_and_reachable_with_the_keyboard(
     page.focus("#colormap")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "compare"
+
+
+def test_dropping_two_images_on_one_picker_fills_both(page: Page, two_images: tuple[Path, Path]) -> None:
+    files = [{"name": path.name, "b64": base64.b64encode(path.read_bytes()).decode()} for path in two_images]
+    dropped = page.evaluate_handle("""files => {
+        const transfer = new DataTransfer();
+        for (const { name, b64 } of files) {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            transfer.items.add(new File([bytes], name));
+        }
+        return transfer;
+    }""", files)
+
+    page.dispatch_event("#picker1", "drop", {"dataTransfer": dropped})
+
+    for preview, path in zip(["#preview1", "#preview2"], two_images):
+        expect(page.locator(preview)).to_be_visible()
+        expect(page.locator(preview)).to_have_attribute("alt", re.compile(re.escape(path.name)))
+    expect(page.locator("#compare")).to_be_enabled()
