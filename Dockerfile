@@ -1,0 +1,70 @@
+# siamcam API image: one uvicorn process serving one model, on CPU or on an NVIDIA GPU.
+#
+#   docker build -t siamcam .                                        # PyPI's torch: the CUDA build (also runs on CPU)
+#   docker build -t siamcam:cpu \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .   # CPU-only torch: a much smaller image
+#   docker run -p 8000:8000 siamcam                                  # serves the bundled model_store/flowers
+#   docker run --gpus all -p 8000:8000 siamcam                       # same image; CUDA is picked at start-up
+#
+# Scale with more containers (replicas), not with uvicorn workers: each worker would load its own copy of the
+# model and they would fight over the GPU, while one process already batches concurrent requests.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- deps: a virtualenv with the service's runtime dependencies, exactly as pinned in pyproject.toml --------
+FROM ${PYTHON_IMAGE} AS deps
+
+# Empty: torch from PyPI (CUDA build). Set to a PyTorch wheel index, e.g. https://download.pytorch.org/whl/cpu,
+# to take torch and torchvision from there instead.
+ARG TORCH_INDEX_URL=
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv
+
+# Only pyproject.toml, so that this slow layer is rebuilt when dependencies change, not when code does.
+# The runtime dependencies only: the train and test extras stay out of the image.
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+ && if [ -n "$TORCH_INDEX_URL" ]; then \
+        grep -E '^(torch|torchvision)==' /tmp/requirements.txt > /tmp/torch.txt \
+        && pip install --index-url "$TORCH_INDEX_URL" -r /tmp/torch.txt; \
+    fi \
+ && pip install -r /tmp/requirements.txt
+
+# ---- runtime: the virtualenv, the service code and the default model; no compilers, no pip cache -------------
+FROM ${PYTHON_IMAGE} AS runtime
+
+RUN groupadd --system --gid 10001 siamcam \
+ && useradd --system --uid 10001 --gid siamcam --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin siamcam
+
+COPY --from=deps /opt/venv /opt/venv
+WORKDIR /srv
+# The service needs app/ and a model store, nothing else from the repository (it never imports training/).
+COPY app/ /srv/app/
+# The default model, baked in. Serve another one by mounting a store and pointing MODEL_STORE/MODEL_NAME at it:
+#   docker run -v /path/to/store:/models:ro -e MODEL_STORE=/models -e MODEL_NAME=mine siamcam
+COPY model_store/flowers/ /srv/model_store/flowers/
+
+# MPLCONFIGDIR: matplotlib (colormaps) wants a writable config folder, and the user has no home.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    MODEL_STORE=/srv/model_store \
+    MODEL_NAME=flowers \
+    MPLCONFIGDIR=/tmp/matplotlib
+
+USER siamcam:siamcam
+EXPOSE 8000
+
+# Liveness only (/healthz): whether the replica should get traffic is /readyz's job, for the balancer.
+# No curl in slim images: the image's own Python does the request and fails on anything but 2xx.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
+
+# Exec form: uvicorn is PID 1 and receives SIGTERM itself, which starts the app's graceful drain.
+# --forwarded-allow-ips: the replica sits behind a load balancer whose address is not known in advance; trust
+# its X-Forwarded-For so that logs show the client's address.
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--forwarded-allow-ips", "*"]

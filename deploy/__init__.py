@@ -1,0 +1,1 @@
+"""Deployment helpers: the nginx config renderer and the load-balancer proof (deploy/proof.py)."""

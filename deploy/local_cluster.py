@@ -1,0 +1,214 @@
+"""The compose deployment on one machine without Docker: uvicorn replicas and nginx, all on loopback.
+
+Every process started here is stopped by `LocalCluster.close()` (a context manager does it on any exit), by
+the process id this module got when it started it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from deploy.nginx_config import REPO_ROOT, render_for_loopback
+
+LOOPBACK = "127.0.0.1"
+# A replica that needs longer than this to load and warm up its model is reported as broken.
+READY_TIMEOUT_S = 300.0
+
+
+class NginxUnavailable(RuntimeError):
+    """nginx is not installed and cannot be installed here (not root, or no apt-get)."""
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def ensure_nginx() -> str:
+    """The path of the nginx binary, installing Debian's package first when missing and we are root (CI)."""
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    if found:
+        return found
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise NginxUnavailable("nginx is not installed and this is not root with apt-get: run `make system-deps` "
+                               "as root or `apt-get install -y nginx`")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "nginx"]):
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise NginxUnavailable(f"`{' '.join(command)}` failed: {result.stderr.strip()[-500:]}")
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    if not found:
+        raise NginxUnavailable("apt-get installed nginx but no nginx binary is on PATH or in /usr/sbin")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Replica:
+    port: int
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class LocalCluster:
+    """N replicas of `uvicorn app.main:app` and one nginx in front, rendered from the compose configuration."""
+
+    model_store: Path
+    model_name: str
+    replica_count: int = 3
+    # torch threads per replica: 3 replicas share this machine's cores instead of each taking all of them.
+    threads_per_replica: int = 1
+    # Extra settings for every replica (e.g. DRAIN_GRACE_S).
+    app_env: dict[str, str] = field(default_factory=dict)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="siamcam-proof-")))
+    replicas: list[Replica] = field(default_factory=list)
+    nginx: subprocess.Popen | None = None
+    lb_port: int = 0
+
+    @property
+    def lb_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.lb_port}"
+
+    @property
+    def access_log(self) -> Path:
+        return self.workdir / "nginx-access.log"
+
+    def __enter__(self) -> LocalCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        nginx_binary = ensure_nginx()
+        for index in range(self.replica_count):
+            self.replicas.append(self._start_replica(index))
+        for replica in self.replicas:
+            self._wait_ready(replica)
+        self._start_nginx(nginx_binary)
+
+    def _start_replica(self, index: int) -> Replica:
+        port = free_port()
+        threads = str(self.threads_per_replica)
+        env = {
+            **os.environ,
+            "MODEL_STORE": str(self.model_store),
+            "MODEL_NAME": self.model_name,
+            "DEVICE": "cpu",
+            "OMP_NUM_THREADS": threads,
+            "MKL_NUM_THREADS": threads,
+            **self.app_env,
+        }
+        log_path = self.workdir / f"replica-{index}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "app.main:app", "--host", LOOPBACK, "--port", str(port)],
+                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                # Its own session: a Ctrl-C on the proof reaches the proof, which then stops the replicas itself.
+                start_new_session=True,
+            )
+        return Replica(port=port, process=process, log_path=log_path)
+
+    def _wait_ready(self, replica: Replica) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        with httpx.Client(trust_env=False, timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if replica.process.poll() is not None:
+                    raise ClusterError(f"replica on port {replica.port} exited with {replica.process.returncode} "
+                                       f"before it was ready; its log ends with:\n{replica.log_tail()}")
+                try:
+                    if client.get(f"{replica.url}/readyz").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass  # not listening yet
+                time.sleep(0.25)
+        raise ClusterError(f"replica on port {replica.port} was not ready after {READY_TIMEOUT_S:.0f} s; "
+                           f"its log ends with:\n{replica.log_tail()}")
+
+    def _start_nginx(self, nginx_binary: str) -> None:
+        self.lb_port = free_port()
+        (self.workdir / "siamcam.conf").write_text(
+            render_for_loopback([replica.port for replica in self.replicas], self.lb_port))
+        # The http {} wrapper the nginx image provides around conf.d/, with every writable path in workdir.
+        (self.workdir / "nginx.conf").write_text(f"""\
+daemon off;
+worker_processes 1;
+pid {self.workdir}/nginx.pid;
+error_log {self.workdir}/nginx-error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    client_body_temp_path {self.workdir}/client_body;
+    proxy_temp_path {self.workdir}/proxy;
+    fastcgi_temp_path {self.workdir}/fastcgi;
+    uwsgi_temp_path {self.workdir}/uwsgi;
+    scgi_temp_path {self.workdir}/scgi;
+    include {self.workdir}/siamcam.conf;
+}}
+""")
+        # As root, nginx's workers run as `nobody` and must reach the temp folders under workdir.
+        self.workdir.chmod(0o755)
+        command = [nginx_binary, "-p", str(self.workdir), "-c", str(self.workdir / "nginx.conf"),
+                   "-e", str(self.workdir / "nginx-error.log")]
+        check = subprocess.run([*command, "-t"], capture_output=True, text=True)
+        if check.returncode != 0:
+            raise ClusterError(f"nginx rejected the rendered config {self.workdir / 'siamcam.conf'}:\n{check.stderr}")
+        with self.access_log.open("wb") as log:
+            # The template logs requests to stdout, as in the nginx image.
+            self.nginx = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with httpx.Client(trust_env=False, timeout=2.0) as client:
+            deadline = time.monotonic() + 10.0
+            while time.monotonic() < deadline:
+                try:
+                    if client.get(f"{self.lb_url}/lb/healthz").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    time.sleep(0.1)
+        raise ClusterError(f"nginx did not answer on port {self.lb_port}; see {self.workdir / 'nginx-error.log'}")
+
+    def close(self) -> None:
+        """Stop everything started here: replicas first (SIGTERM, then SIGKILL if they hang), then nginx."""
+        for replica in self.replicas:
+            _stop(replica.process, signal.SIGTERM, grace_s=30.0)
+        if self.nginx is not None:
+            _stop(self.nginx, signal.SIGQUIT, grace_s=5.0)
+
+
+def _stop(process: subprocess.Popen, first_signal: signal.Signals, grace_s: float) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(first_signal)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        # The process leads its own group (start_new_session): this also ends the children it started.
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
