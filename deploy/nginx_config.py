@@ -25,7 +25,7 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
 # Compose interpolation as used in docker-compose.yml: ${NAME:-default} or ${NAME}.
 _COMPOSE_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 # One `server host:port params;` entry of API_UPSTREAM_SERVERS.
-_SERVER_ENTRY = re.compile(r"server\s+(\S+)([^;]*);")
+_SERVER_ENTRY = re.compile(r"server\s+([^\s;]+)([^;]*);")
 
 
 class TemplateError(ValueError):

@@ -1,0 +1,120 @@
+"""Dockerfile, .dockerignore, docker-compose files and the nginx template: checked by reading them, since this
+machine has no Docker engine; deploy/proof.py runs the nginx part for real."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy.nginx_config import (
+    TEMPLATE_PATH,
+    TemplateError,
+    compose_balancer_environment,
+    render,
+    render_for_loopback,
+    template_placeholders,
+    with_upstreams,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def compose(name: str = "docker-compose.yml") -> dict:
+    return yaml.safe_load((REPO / name).read_text())
+
+
+def test_dockerfile_is_multi_stage_and_runs_one_uvicorn_as_non_root() -> None:
+    instructions = dockerfile_instructions()
+    stages = [args for op, args in instructions if op == "FROM"]
+    assert len(stages) >= 2
+    users = [args for op, args in instructions if op == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    (cmd,) = [args for op, args in instructions if op == "CMD"]
+    command = yaml.safe_load(cmd)  # exec form: a JSON list, so that uvicorn is PID 1 and gets SIGTERM
+    assert command[:2] == ["uvicorn", "app.main:app"]
+    assert "--workers" not in command and "--reload" not in command
+    (healthcheck,) = [args for op, args in instructions if op == "HEALTHCHECK"]
+    assert "/healthz" in healthcheck and "curl" not in healthcheck
+
+
+def test_dockerfile_bakes_in_the_default_model() -> None:
+    copies = [args.split() for op, args in dockerfile_instructions() if op == "COPY"]
+    assert ["model_store/flowers/", "/srv/model_store/flowers/"] in copies
+    env = " ".join(args for op, args in dockerfile_instructions() if op == "ENV")
+    assert "MODEL_STORE=/srv/model_store" in env and "MODEL_NAME=flowers" in env
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore keeps `path` out of the build context (last matching pattern wins, `!` re-includes,
+    a pattern also covers everything below a matching folder)."""
+    ignored = False
+    for pattern in (REPO / ".dockerignore").read_text().splitlines():
+        pattern = pattern.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        if any(fnmatch.fnmatch(prefix, pattern) or fnmatch.fnmatch(prefix, pattern.replace("**/", ""))
+               for prefix in prefixes):
+            ignored = not negate
+    return ignored
+
+
+def test_dockerignore_keeps_what_the_image_copies_and_drops_local_state() -> None:
+    sources = [args.split()[0] for op, args in dockerfile_instructions()
+               if op == "COPY" and not args.startswith("--from")]
+    assert sources, "the Dockerfile copies files from the build context"
+    for source in sources:
+        assert not dockerignored(source.rstrip("/") + "/x.py" if source.endswith("/") else source), source
+    for local in (".venv/bin/python", ".git/HEAD", "runs/x/log.txt", "tests/conftest.py",
+                  "app/__pycache__/main.cpython-311.pyc", "model_store/tiny/model.pt"):
+        assert dockerignored(local), local
+
+
+def test_compose_runs_replicas_behind_nginx_with_the_template() -> None:
+    services = compose()["services"]
+    assert services["api"]["deploy"]["replicas"] == "${REPLICAS:-3}"
+    mounts = services["lb"]["volumes"]
+    assert "./deploy/nginx/siamcam.conf.template:/etc/nginx/templates/default.conf.template:ro" in mounts
+    assert services["lb"]["depends_on"]["api"]["condition"] == "service_healthy"
+
+
+def test_compose_gives_the_template_every_value_it_needs() -> None:
+    placeholders = template_placeholders(TEMPLATE_PATH.read_text())
+    assert set(compose_balancer_environment(environ={})) == placeholders
+
+
+def test_gpu_override_reserves_an_nvidia_device() -> None:
+    api = compose("docker-compose.gpu.yml")["services"]["api"]
+    (device,) = api["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert api["environment"]["DEVICE"] == "cuda"
+
+
+def test_loopback_rendering_keeps_compose_health_check_parameters() -> None:
+    rendered = render_for_loopback([8101, 8102, 8103], 8100)
+    servers = re.findall(r"server (\S+) max_fails=(\d+) fail_timeout=(\w+);", rendered)
+    assert [address for address, _, _ in servers] == ["127.0.0.1:8101", "127.0.0.1:8102", "127.0.0.1:8103"]
+    assert "listen 127.0.0.1:8100 default_server;" in rendered
+    assert "proxy_next_upstream error timeout http_502 http_503 http_504 non_idempotent;" in rendered
+    assert not template_placeholders(rendered)
+
+
+def test_rendering_refuses_a_missing_value() -> None:
+    with pytest.raises(TemplateError, match="LISTEN_PORT"):
+        render("listen ${LISTEN_PORT};", {})
+    with pytest.raises(TemplateError, match="one `server"):
+        with_upstreams("server a:1; server b:2;", ["127.0.0.1:1"])
