@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import random
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -259,7 +258,7 @@ class Trainer:
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                loss_sum += float(loss) * len(hits)
+                loss_sum += float(loss.detach()) * len(hits)
                 correct += int(hits.sum())
                 seen += len(hits)
                 progress.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
@@ -389,10 +388,10 @@ def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: floa
                       "test_fraction": args.test_fraction, "sha256": split.fingerprint(folder)},
         },
         "training": {
-            "command": "python -m training " + shlex.join(sys.argv[1:]),
+            "command": "python -m training " + shlex.join(args.argv),
             "seed": args.seed,
             "arguments": {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items())
-                          if k != "handler"},
+                          if k not in ("handler", "argv")},
             "processes": runtime.world_size,
             "device": runtime.device.type,
             "wall_time_s": round(time.perf_counter() - started, 1),
