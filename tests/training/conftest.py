@@ -1,0 +1,46 @@
+"""A tiny image-folder dataset the tests draw themselves: one colour and shape per class, on noisy backgrounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+SHAPES: dict[str, tuple[int, int, int]] = {"circle": (220, 40, 40), "square": (40, 200, 60), "triangle": (50, 70, 230)}
+IMAGES_PER_CLASS = 30
+SIDE = 40
+
+
+def draw_shapes_dataset(root: Path, images_per_class: int = IMAGES_PER_CLASS, seed: int = 0) -> Path:
+    generator = np.random.default_rng(seed)
+    for shape, colour in SHAPES.items():
+        (root / shape).mkdir(parents=True)
+        for index in range(images_per_class):
+            background = generator.integers(0, 120, size=(SIDE, SIDE, 3), dtype=np.uint8)
+            image = Image.fromarray(background)
+            size = int(generator.integers(14, 26))
+            left, top = (int(v) for v in generator.integers(2, SIDE - size - 2, size=2))
+            box = (left, top, left + size, top + size)
+            draw = ImageDraw.Draw(image)
+            if shape == "circle":
+                draw.ellipse(box, fill=colour)
+            elif shape == "square":
+                draw.rectangle(box, fill=colour)
+            else:
+                draw.polygon([(left, top + size), (left + size, top + size), (left + size // 2, top)], fill=colour)
+            image.save(root / shape / f"{shape}_{index:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def shapes_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return draw_shapes_dataset(tmp_path_factory.mktemp("shapes"))
+
+
+# Small enough for a few seconds per run on two CPU cores, big enough to learn colours and shapes.
+TINY_TRAIN_ARGS: list[str] = [
+    "--input-size", "32", "--classify-epochs", "4", "--epochs", "2", "--batch-size", "16",
+    "--validation-fraction", "0.2", "--test-fraction", "0.2", "--device", "cpu",
+]

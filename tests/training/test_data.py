@@ -1,0 +1,92 @@
+"""The dataset side: scanning, splitting by image, the paper's pairs, and the errors a user can run into."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.training.conftest import IMAGES_PER_CLASS, SHAPES, draw_shapes_dataset
+from training.data import SPLITS, DatasetError, make_pairs, scan_image_folder, split_by_image
+
+
+def test_split_is_by_image_disjoint_stratified_and_seeded(shapes_dataset: Path) -> None:
+    folder = scan_image_folder(shapes_dataset)
+    split = split_by_image(folder.labels, 0.2, 0.2, seed=3)
+    sets = {name: set(split.indices[name]) for name in SPLITS}
+    assert sets["train"].isdisjoint(sets["validation"]) and sets["train"].isdisjoint(sets["test"])
+    assert sets["validation"].isdisjoint(sets["test"])
+    assert set().union(*sets.values()) == set(range(len(folder.paths)))
+    for name in ("validation", "test"):
+        assert Counter(folder.labels[i] for i in split.indices[name]) == {label: 6 for label in range(len(SHAPES))}
+    assert split_by_image(folder.labels, 0.2, 0.2, seed=3) == split
+    other = split_by_image(folder.labels, 0.2, 0.2, seed=4)
+    assert other != split and other.fingerprint(folder) != split.fingerprint(folder)
+
+
+def test_pairs_never_leave_their_split(shapes_dataset: Path) -> None:
+    """Pairs index positions within one split's list, so they can only join images of that split."""
+    folder = scan_image_folder(shapes_dataset)
+    split = split_by_image(folder.labels, 0.2, 0.2, seed=0)
+    for name in SPLITS:
+        indices = split.indices[name]
+        first, second, _ = make_pairs([folder.labels[i] for i in indices], np.random.default_rng(0))
+        used = {indices[p] for p in np.concatenate([first, second])}
+        assert used <= set(indices)
+        for other in SPLITS:
+            if other != name:
+                assert used.isdisjoint(split.indices[other])
+
+
+def test_pairs_follow_the_paper_protocol() -> None:
+    labels = [0, 0, 0, 1, 1, 2, 2, 2, 2]
+    first, second, target = make_pairs(labels, np.random.default_rng(7))
+    assert len(target) == 2 * len(labels)
+    for position in range(len(labels)):
+        mine = first == position
+        assert sorted(target[mine].tolist()) == [0.0, 1.0]  # one similar and one dissimilar partner each
+    for a, b, t in zip(first, second, target):
+        assert (labels[a] == labels[b]) == bool(t)
+        if t:
+            assert a != b  # a similar partner is another image whenever the class has one
+    again = make_pairs(labels, np.random.default_rng(7))
+    assert all(np.array_equal(x, y) for x, y in zip((first, second, target), again))
+
+
+def test_unreadable_files_are_skipped_counted_and_named(tmp_path: Path) -> None:
+    root = draw_shapes_dataset(tmp_path / "data", images_per_class=4)
+    (root / "circle" / "notes.txt").write_text("not an image")
+    (root / "square" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.warns(UserWarning, match="skipped 2 unreadable") as caught:
+        folder = scan_image_folder(root)
+    assert "broken.png" in str(caught[0].message) and "notes.txt" in str(caught[0].message)
+    assert sorted(folder.skipped) == ["circle/notes.txt", "square/broken.png"]
+    assert len(folder.paths) == 4 * len(SHAPES)
+    assert folder.counts() == {shape: 4 for shape in SHAPES}
+
+
+def test_empty_class_is_a_clear_error(tmp_path: Path) -> None:
+    root = draw_shapes_dataset(tmp_path / "data", images_per_class=4)
+    (root / "hexagon").mkdir()
+    with pytest.raises(DatasetError, match="hexagon holds no readable image"):
+        scan_image_folder(root)
+
+
+def test_single_class_is_a_clear_error(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    draw_shapes_dataset(tmp_path / "full", images_per_class=4)
+    root.mkdir()
+    (tmp_path / "full" / "circle").rename(root / "circle")
+    with pytest.raises(DatasetError, match="at least two classes"):
+        scan_image_folder(root)
+
+
+def test_class_too_small_to_split_is_a_clear_error(tmp_path: Path) -> None:
+    root = draw_shapes_dataset(tmp_path / "data", images_per_class=IMAGES_PER_CLASS)
+    for extra in sorted((root / "triangle").iterdir())[1:]:
+        extra.unlink()
+    folder = scan_image_folder(root)
+    with pytest.raises(DatasetError, match="add images to the smallest class"):
+        split_by_image(folder.labels, 0.2, 0.2, seed=0)
