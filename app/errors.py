@@ -1,0 +1,91 @@
+"""One error shape for every failure: RFC 9457 problem details (`application/problem+json`).
+
+Our own errors are `Problem` exceptions; FastAPI's validation errors, Starlette's HTTP errors (404, 405, ...)
+and anything unexpected are rendered in the same shape by the handlers installed here.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+_TYPE_PREFIX = "urn:siamcam:problem:"
+# nginx's status for a request whose client went away before the answer; HTTPStatus does not know it.
+CLIENT_CLOSED_REQUEST = 499
+_TITLES = {CLIENT_CLOSED_REQUEST: "Client Closed Request"}
+logger = logging.getLogger(__name__)
+
+
+class Problem(StarletteHTTPException):
+    """An error the client can act on: `slug` names its kind (the problem type), `detail` says what to do.
+
+    An HTTPException, so that FastAPI lets it through when it is raised while the body is being parsed.
+    """
+
+    def __init__(self, status: int, slug: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, detail, headers)
+        self.slug = slug
+
+    def response(self) -> JSONResponse:
+        return problem_response(self.status_code, self.slug, self.detail, dict(self.headers or {}))
+
+
+def problem_body(status: int, slug: str, detail: str) -> dict[str, object]:
+    return {
+        "type": _TYPE_PREFIX + slug,
+        "title": _TITLES.get(status) or HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+
+
+def problem_response(status: int, slug: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        problem_body(status, slug, detail), status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE
+    )
+
+
+def service_unavailable(detail: str, retry_after_s: int) -> Problem:
+    return Problem(503, "service-unavailable", detail, {"Retry-After": str(retry_after_s)})
+
+
+async def _on_problem(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, Problem)
+    return error.response()
+
+
+async def _on_http_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    slug = HTTPStatus(error.status_code).phrase.lower().replace(" ", "-")
+    detail = error.detail if isinstance(error.detail, str) else HTTPStatus(error.status_code).description
+    if error.status_code == 404:
+        detail = "There is nothing at this path: see /docs for the endpoints."
+    return problem_response(error.status_code, slug, detail, dict(error.headers or {}))
+
+
+async def _on_validation_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    # One readable sentence per error, e.g. "body.image2: Field required".
+    reasons = [
+        f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()
+    ]
+    detail = "The request is not valid: " + "; ".join(reasons) + ". See /docs for the expected form."
+    return problem_response(422, "invalid-request", detail)
+
+
+async def _on_unexpected(_: Request, error: Exception) -> JSONResponse:
+    logger.exception("unexpected error", exc_info=error)
+    return problem_response(500, "internal-error", "The service failed on this request; it has been logged.")
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(Exception, _on_unexpected)

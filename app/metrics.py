@@ -1,0 +1,28 @@
+"""Prometheus metrics, all prefixed `siamcam_`, served at GET /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+REQUESTS = Counter("siamcam_requests_total", "HTTP requests answered", ["route", "method", "status"])
+REQUEST_LATENCY = Histogram(
+    "siamcam_request_duration_seconds", "Time to answer an HTTP request", ["route"], buckets=_LATENCY_BUCKETS
+)
+QUEUE_DEPTH = Gauge("siamcam_queue_depth", "Pairs waiting in a queue for the inference worker", ["queue"])
+QUEUE_WAIT = Histogram(
+    "siamcam_queue_wait_seconds", "Time a pair waited before its batch started", ["queue"], buckets=_LATENCY_BUCKETS
+)
+BATCH_SIZE = Histogram(
+    "siamcam_batch_size", "Pairs per batch run by the inference worker", ["queue"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+INFERENCE_TIME = Histogram(
+    "siamcam_inference_seconds", "Model time per batch", ["queue"], buckets=_LATENCY_BUCKETS
+)
+REJECTIONS = Counter(
+    "siamcam_rejections_total",
+    "Requests refused or abandoned: queue_full, draining, timeout, disconnected",
+    ["reason"],
+)

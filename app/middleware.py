@@ -1,0 +1,110 @@
+"""ASGI middleware: request ids, logs and metrics for every request; admission and body limits for inference."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import metrics
+from app.errors import Problem, service_unavailable
+from app.logs import request_id
+from app.shutdown import Drain
+
+logger = logging.getLogger("app.requests")
+REQUEST_ID_HEADER = "X-Request-ID"
+# A client's own id is echoed only when it is safe to put in a header and a log line.
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class RequestContextMiddleware:
+    """Gives each request an id (the client's X-Request-ID, or a new one), returns it, logs and counts it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        offered = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        current_id = offered if _CLIENT_REQUEST_ID.match(offered) else uuid.uuid4().hex
+        token = request_id.set(current_id)
+        started = time.perf_counter()
+        status = 500  # what the client gets if the app fails before answering
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = current_id
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            # The route's template, never the raw path: unknown paths must not create new series.
+            route = getattr(scope.get("route"), "path", "other")
+            metrics.REQUESTS.labels(route, scope["method"], str(status)).inc()
+            metrics.REQUEST_LATENCY.labels(route).observe(elapsed)
+            logger.info("request", extra={
+                "method": scope["method"], "path": scope["path"], "status": status,
+                "duration_ms": round(elapsed * 1000, 2),
+            })
+            request_id.reset(token)
+
+
+class AdmissionMiddleware:
+    """For inference requests: 503 while draining, 413 for bodies over the limit (read as it streams in),
+    and every admitted request counted, so that a drain can wait for it."""
+
+    def __init__(
+        self, app: ASGIApp, drain: Drain, paths: tuple[str, ...], max_body_bytes: int, retry_after_s: int
+    ) -> None:
+        self.app = app
+        self.drain = drain
+        self.paths = paths
+        self.max_body_bytes = max_body_bytes
+        self.retry_after_s = retry_after_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if self.drain.draining:
+            metrics.REJECTIONS.labels("draining").inc()
+            refusal = service_unavailable(
+                "This replica is shutting down; retry, another one will answer.", self.retry_after_s
+            )
+            await refusal.response()(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large().response()(scope, receive, send)
+            return
+        with self.drain.track():
+            await self.app(scope, self._limited(receive), send)
+
+    def _limited(self, receive: Receive) -> Receive:
+        """`receive`, failing with 413 as soon as the body grows past the limit (chunked uploads)."""
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise self._too_large()
+            return message
+
+        return limited_receive
+
+    def _too_large(self) -> Problem:
+        return Problem(413, "content-too-large", f"The request body is over {self.max_body_bytes:,} bytes; "
+                       "send two images of at most MAX_UPLOAD_BYTES each.")

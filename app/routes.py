@@ -1,0 +1,109 @@
+"""The HTTP endpoints. Each one is a few lines: the work lives in inference.py, the shapes in schemas.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Form, Request, Response, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.inference import (
+    OverlayOptions, read_pair, render_explanations, require_ready, run_in_batch, timings_ms,
+)
+from app.overlays import ColormapName
+from app.schemas import INFERENCE_ERRORS, ExplainResponse, ModelInfo, ModelRef, ProblemDetails, SimilarityResponse, Status
+from app.service import Service
+from app.settings import Settings
+
+STATIC_DIR = Path(__file__).parent / "static"
+router = APIRouter()
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+@router.post("/similarity", response_model=SimilarityResponse, responses=INFERENCE_ERRORS, tags=["inference"])
+async def similarity(request: Request, image1: UploadFile, image2: UploadFile, service: ServiceDep) -> SimilarityResponse:
+    """How similar two images are: a score in [0, 1] and the decision against the model's threshold."""
+    arrived = time.monotonic()
+    model, batcher = require_ready(service)
+    pair = await read_pair(image1, image2, model, service.settings)
+    outcome = await run_in_batch(request, batcher, "similarity", pair,
+                                 arrived + service.settings.request_timeout_s, service.settings)
+    score = float(outcome.value)
+    return SimilarityResponse(score=score, similar=score >= model.threshold, threshold=model.threshold,
+                              model=_model_ref(service), timings_ms=timings_ms(outcome, arrived))
+
+
+@router.post("/explain", response_model=ExplainResponse, responses=INFERENCE_ERRORS, tags=["inference"])
+async def explain(
+    request: Request,
+    image1: UploadFile,
+    image2: UploadFile,
+    service: ServiceDep,
+    format: Annotated[Literal["png", "jpeg", "webp"], Form(description="overlay image format")] = "png",
+    opacity: Annotated[float, Form(ge=0, le=1, description="heatmap opacity over the image")] = 0.5,
+    colormap: Annotated[ColormapName, Form(description="matplotlib colormap of the heatmap")] = "jet",
+    max_side: Annotated[int, Form(ge=16, description="longest side of the overlays, in pixels; capped by "
+                                  "MAX_OVERLAY_SIDE; never larger than the original")] = 1024,
+    include_heatmaps: Annotated[bool, Form(description="also return the raw heatmaps")] = False,
+) -> ExplainResponse:
+    """The similarity, and for each image the regions that led to the decision (factual) and those that argue
+    for the opposite one (counterfactual), as Grad-CAM heatmaps drawn over the original images."""
+    arrived = time.monotonic()
+    settings: Settings = service.settings
+    model, batcher = require_ready(service)
+    pair = await read_pair(image1, image2, model, settings)
+    outcome = await run_in_batch(request, batcher, "explain", pair, arrived + settings.request_timeout_s, settings)
+    options = OverlayOptions(format, opacity, colormap, min(max_side, settings.max_overlay_side), include_heatmaps)
+    explanations = await asyncio.to_thread(render_explanations, pair, outcome.value, options)
+    score = float(outcome.value.scores)
+    return ExplainResponse(score=score, similar=bool(outcome.value.similar), threshold=model.threshold,
+                           model=_model_ref(service), timings_ms=timings_ms(outcome, arrived),
+                           explanations=explanations)
+
+
+@router.get("/model", response_model=ModelInfo, responses={503: {"model": ProblemDetails}}, tags=["operations"])
+async def model_info(service: ServiceDep) -> ModelInfo:
+    """The served model, from its manifest."""
+    model, _ = require_ready(service)
+    return ModelInfo.model_validate(model.manifest)
+
+
+@router.get("/healthz", response_model=Status, tags=["operations"])
+async def healthz() -> Status:
+    """Liveness: the process answers."""
+    return Status(status="ok")
+
+
+@router.get("/readyz", response_model=Status, responses={503: {"model": Status}}, tags=["operations"])
+async def readyz(service: ServiceDep) -> Response:
+    """Readiness: 200 once the model is loaded and warmed up, 503 before that and while draining."""
+    if service.ready:
+        return JSONResponse({"status": "ready"})
+    status = "draining" if service.drain.draining else "loading"
+    return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": str(service.settings.retry_after_s)})
+
+
+@router.get("/metrics", tags=["operations"], response_class=Response)
+async def prometheus_metrics() -> Response:
+    """Prometheus metrics (text format)."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/", include_in_schema=False)
+async def web_page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html")
+
+
+def _model_ref(service: Service) -> ModelRef:
+    assert service.model is not None
+    return ModelRef(name=service.model.manifest["name"], version=service.model.manifest["version"])

@@ -1,0 +1,107 @@
+"""Request options and response bodies of the HTTP API, with the examples shown in /docs."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Target = Literal["similar", "dissimilar"]
+
+
+class ModelRef(BaseModel):
+    name: str = Field(examples=["flowers"])
+    version: str = Field(examples=["1.0.0"])
+
+
+class Timings(BaseModel):
+    queue_wait: float = Field(description="ms waiting for a batch", examples=[1.2])
+    inference: float = Field(description="ms of model work for the batch this pair ran in", examples=[10.3])
+    total: float = Field(description="ms from the request's arrival to its answer", examples=[25.0])
+
+
+class SimilarityResponse(BaseModel):
+    score: float = Field(ge=0, le=1, description="higher is more similar", examples=[0.93])
+    similar: bool = Field(description="score >= threshold", examples=[True])
+    threshold: float = Field(examples=[0.5])
+    model: ModelRef
+    timings_ms: Timings
+
+
+class Overlay(BaseModel):
+    media_type: str = Field(examples=["image/png"])
+    overlay: str = Field(description="the heatmap drawn over the original image, base64", examples=["iVBORw0KGgo..."])
+    width: int = Field(examples=[1024])
+    height: int = Field(examples=[768])
+    no_positive_evidence: bool = Field(
+        description="true when no region supports the target: the heatmap is all zeros", examples=[False]
+    )
+    heatmap: list[list[float]] | None = Field(
+        default=None,
+        description="with include_heatmaps: the raw map in [0, 1] at the model's input size (rows of columns), "
+        "to be stretched over the whole original image",
+    )
+
+
+class Explanation(BaseModel):
+    target: Target = Field(description="the class this map explains")
+    image1: Overlay
+    image2: Overlay
+
+
+class Explanations(BaseModel):
+    factual: Explanation = Field(description="regions that led to the decision")
+    counterfactual: Explanation = Field(description="regions that argue for the opposite decision")
+
+
+class ExplainResponse(SimilarityResponse):
+    explanations: Explanations
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "name": "flowers", "version": "1.0.0", "backbone": "resnet18", "threshold": 0.5,
+        "input_size": [224, 224], "embedding_dim": 128, "metrics": {"test": {"accuracy": 0.9}},
+        "created_at": "2026-11-29T03:00:00+00:00",
+    }]})
+
+    name: str
+    version: str
+    backbone: str
+    threshold: float
+    input_size: tuple[int, int]
+    embedding_dim: int
+    metrics: dict[str, Any]
+    created_at: str
+
+
+class Status(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class ProblemDetails(BaseModel):
+    """RFC 9457 problem details: the body of every error."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "type": "urn:siamcam:problem:not-an-image", "title": "Unsupported Media Type", "status": 415,
+        "detail": "image2 is not an image Pillow can read; send a JPEG, PNG, WebP, GIF, BMP or TIFF file.",
+    }]})
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"model": ProblemDetails, "description": description,
+            "content": {"application/problem+json": {}}}
+
+
+INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: _problem("an upload is over MAX_UPLOAD_BYTES"),
+    415: _problem("a file is not an image"),
+    422: _problem("a corrupt or truncated image, an image over MAX_IMAGE_PIXELS, a missing field or a bad option"),
+    503: _problem("queue full, model not ready or replica draining: retry after the Retry-After header"),
+    504: _problem("the request waited longer than REQUEST_TIMEOUT_S"),
+}

@@ -1,0 +1,22 @@
+"""What the routes need at run time, created with the app and filled in by the lifespan once the model is up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from app.batcher import Batcher
+from app.model import ServedModel
+from app.settings import Settings
+from app.shutdown import Drain
+
+
+@dataclass
+class Service:
+    settings: Settings
+    drain: Drain = field(default_factory=Drain)
+    model: ServedModel | None = None  # set once loaded and warmed up
+    batcher: Batcher | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and self.batcher is not None and not self.drain.draining
