@@ -2,16 +2,19 @@
 // the four Grad-CAM overlays. Plain browser JavaScript, no libraries, no external URLs.
 "use strict";
 
-// Colormaps offered to the user, with colours sampled from matplotlib at 0, 1/6, ..., 1 so that the
-// legend's gradient matches what the service draws.
+// The colormaps the service accepts (app/overlays.py), with colours sampled from matplotlib at 0, 1/6, ..., 1
+// so that the legend's gradient matches what the service draws.
 const COLORMAPS = {
   jet: ["#000080", "#0028ff", "#00d4ff", "#7dff7a", "#ffe600", "#ff4700", "#800000"],
+  turbo: ["#30123b", "#4685fa", "#1ae4b6", "#a4fc3c", "#faba39", "#e4450a", "#7a0403"],
   viridis: ["#440154", "#443983", "#31688e", "#21918c", "#35b779", "#90d743", "#fde725"],
-  plasma: ["#0d0887", "#5c01a6", "#9c179e", "#cc4778", "#ed7953", "#fdb42f", "#f0f921"],
   inferno: ["#000004", "#320a5e", "#781c6d", "#bc3754", "#ed6925", "#fbb61a", "#fcffa4"],
   magma: ["#000004", "#2c115f", "#721f81", "#b73779", "#f1605d", "#feb078", "#fcfdbf"],
-  turbo: ["#30123b", "#4685fa", "#1ae4b6", "#a4fc3c", "#faba39", "#e4450a", "#7a0403"],
+  plasma: ["#0d0887", "#5c01a6", "#9c179e", "#cc4778", "#ed7953", "#fdb42f", "#f0f921"],
+  cividis: ["#00224e", "#2a3f6d", "#575d6d", "#7d7c78", "#a59c74", "#d2c060", "#fee838"],
   hot: ["#0b0000", "#790000", "#ea0000", "#ff5c00", "#ffca00", "#ffff5a", "#ffffff"],
+  coolwarm: ["#3b4cc0", "#6f92f3", "#aac7fd", "#dddcdc", "#f7b89c", "#e7745b", "#b40426"],
+  gray: ["#000000", "#2a2a2a", "#555555", "#808080", "#aaaaaa", "#d5d5d5", "#ffffff"],
 };
 
 const IMAGE_NAMES = ["First image", "Second image"];
