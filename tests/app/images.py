@@ -1,0 +1,32 @@
+"""Test images drawn with Pillow, and the multipart form the endpoints take."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def drawn_image(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """A noisy background with a few coloured shapes: structure for the network to respond to."""
+    generator = np.random.default_rng(seed)
+    width, height = size
+    image = Image.fromarray(generator.integers(0, 120, size=(height, width, 3), dtype=np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x, y = int(generator.integers(0, width - 20)), int(generator.integers(0, height - 20))
+        side = int(generator.integers(10, min(width, height) // 2))
+        colour = tuple(int(v) for v in generator.integers(60, 256, size=3))
+        (draw.ellipse if generator.random() < 0.5 else draw.rectangle)((x, y, x + side, y + side), fill=colour)
+    return image
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def pair_files(first: bytes, second: bytes) -> dict[str, tuple[str, bytes]]:
+    return {"image1": ("image1", first), "image2": ("image2", second)}
