@@ -49,12 +49,12 @@ def _interpolate(value: str, environ: dict[str, str]) -> str:
     return _COMPOSE_VARIABLE.sub(lambda m: environ.get(m.group(1)) or (m.group(2) or ""), value)
 
 
-def compose_balancer_environment(compose_path: Path = COMPOSE_PATH,
-                                 environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The lb service's environment in docker-compose.yml, with ${NAME:-default} resolved as compose would."""
+def compose_environment(service: str = BALANCER_SERVICE, compose_path: Path = COMPOSE_PATH,
+                        environ: dict[str, str] | None = None) -> dict[str, str]:
+    """A service's environment in docker-compose.yml, with ${NAME:-default} resolved as compose would."""
     environ = dict(os.environ) if environ is None else environ
     compose = yaml.safe_load(compose_path.read_text())
-    raw = compose["services"][BALANCER_SERVICE]["environment"]
+    raw = compose["services"][service]["environment"]
     return {name: _interpolate(str(value), environ) for name, value in raw.items()}
 
 
@@ -75,7 +75,7 @@ def with_upstreams(upstream_servers: str, addresses: list[str]) -> str:
 
 def render_for_loopback(replica_ports: list[int], listen_port: int) -> str:
     """The compose configuration, balancing over 127.0.0.1:<replica_ports> and listening on 127.0.0.1."""
-    values = compose_balancer_environment()
+    values = compose_environment()
     values["API_UPSTREAM_SERVERS"] = with_upstreams(values["API_UPSTREAM_SERVERS"],
                                                     [f"127.0.0.1:{port}" for port in replica_ports])
     values["LISTEN_PORT"] = f"127.0.0.1:{listen_port}"

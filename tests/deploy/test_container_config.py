@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.settings import Settings
 from deploy.nginx_config import (
     TEMPLATE_PATH,
     TemplateError,
-    compose_balancer_environment,
+    compose_environment,
     render,
     render_for_loopback,
     template_placeholders,
@@ -94,7 +95,7 @@ def test_compose_runs_replicas_behind_nginx_with_the_template() -> None:
 
 def test_compose_gives_the_template_every_value_it_needs() -> None:
     placeholders = template_placeholders(TEMPLATE_PATH.read_text())
-    assert set(compose_balancer_environment(environ={})) == placeholders
+    assert set(compose_environment(environ={})) == placeholders
 
 
 def test_gpu_override_reserves_an_nvidia_device() -> None:
@@ -118,3 +119,37 @@ def test_rendering_refuses_a_missing_value() -> None:
         render("listen ${LISTEN_PORT};", {})
     with pytest.raises(TemplateError, match="one `server"):
         with_upstreams("server a:1; server b:2;", ["127.0.0.1:1"])
+
+
+def nginx_bytes(size: str) -> int:
+    """nginx size syntax: 512, 64k, 21m, 1g."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    return int(size[:-1]) * units[size[-1].lower()] if size[-1].isalpha() else int(size)
+
+
+def seconds(duration: str) -> float:
+    """The durations used here: 60s, 2m, 45s (nginx and compose agree on these)."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    return float(duration[:-1]) * units[duration[-1]]
+
+
+def test_compose_defaults_are_the_app_defaults() -> None:
+    """The README states the balancer's limits against the app's defaults: compose must not drift from them."""
+    defaults = Settings(_env_file=None)
+    api = compose_environment("api", environ={})
+    assert int(api["MAX_UPLOAD_BYTES"]) == defaults.max_upload_bytes
+    assert float(api["REQUEST_TIMEOUT_S"]) == defaults.request_timeout_s
+    assert float(api["DRAIN_GRACE_S"]) == defaults.drain_grace_s
+
+
+def test_balancer_limits_and_stop_grace_fit_the_app() -> None:
+    compose_api = compose_environment("api", environ={})
+    api = Settings(_env_file=None, max_upload_bytes=compose_api["MAX_UPLOAD_BYTES"],
+                   request_timeout_s=compose_api["REQUEST_TIMEOUT_S"], drain_grace_s=compose_api["DRAIN_GRACE_S"])
+    lb = compose_environment("lb", environ={})
+    # The app, not nginx, answers an oversize upload; nginx cuts off only what the app would refuse anyway.
+    assert api.max_body_bytes < nginx_bytes(lb["CLIENT_MAX_BODY_SIZE"]) <= 2 * api.max_body_bytes
+    # A healthy replica answers (200, or its own 504) before nginx gives up on it.
+    assert seconds(lb["PROXY_TIMEOUT"]) >= api.request_timeout_s + 15
+    stop_grace = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["api"]["stop_grace_period"]
+    assert seconds(stop_grace.split(":-")[1].rstrip("}")) >= api.drain_grace_s + 10

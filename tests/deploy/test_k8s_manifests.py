@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
+import prometheus_client
 import pytest
 import yaml
+
+import app.metrics  # noqa: F401  (registers the app's metrics with prometheus_client)
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.37"
@@ -139,3 +142,8 @@ def test_prometheus_adapter_publishes_the_metric_the_hpa_uses() -> None:
     assert re.match(rf"^{metric}\{{", rule["seriesQuery"])
     assert rule["name"]["as"] == metric
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+def test_the_hpa_scales_on_a_gauge_the_app_exports() -> None:
+    metric = hpa_queue_metric()
+    assert f"# TYPE {metric} gauge" in prometheus_client.generate_latest().decode()
