@@ -186,7 +186,7 @@ function describeProblem(response, body) {
       return "The service could not use these images or settings.";
     case 503: {
       const seconds = response.headers.get("Retry-After");
-      const when = seconds ? `in ${seconds} seconds` : "in a moment";
+      const when = !seconds ? "in a moment" : seconds === "1" ? "in 1 second" : `in ${seconds} seconds`;
       return `The service is busy right now. Please retry ${when}.`;
     }
     case 504:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -54,11 +55,17 @@ def served_model(request: pytest.FixtureRequest) -> tuple[Path, str]:
 
 @pytest.fixture(scope="session")
 def service_url(served_model: tuple[Path, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of the real service, started with uvicorn on loopback like a user would start it."""
-    store, name = served_model
+    """Base URL of the real service with its default settings."""
+    with running_service(*served_model, tmp_path_factory.mktemp("service")) as url:
+        yield url
+
+
+@contextmanager
+def running_service(store: Path, name: str, log_dir: Path, **settings: str) -> Iterator[str]:
+    """The service started with uvicorn on loopback, as a user would start it; ``settings`` are extra env vars."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("service") / "uvicorn.log"
-    env = {**os.environ, "MODEL_STORE": str(store), "MODEL_NAME": name}
+    log_path = log_dir / "uvicorn.log"
+    env = {**os.environ, "MODEL_STORE": str(store), "MODEL_NAME": name, **settings}
     command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -4,32 +4,44 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
+from tests.web.conftest import running_service
+
 RESULT_TIMEOUT_MS = 120_000  # /explain on CPU while a training run may share the two cores
+BATCH_WAIT_S = 6  # long enough for the browser to be refused while another request waits, short enough to wait out
 OVERLAYS = "#overlays figure.factual img, #overlays figure.counterfactual img"
 
 
-@pytest.fixture
-def page(browser: Browser, service_url: str) -> Iterator[Page]:
-    """A fresh desktop-sized tab on the page; fails the test on any script error or request leaving the service."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+@contextmanager
+def opened(browser: Browser, url: str, **context_options: object) -> Iterator[Page]:
+    """A fresh tab on the page; fails the test on any script error or any request that leaves the service."""
+    context = browser.new_context(**context_options)
     tab = context.new_page()
     script_errors: list[str] = []
     foreign_requests: list[str] = []
     tab.on("pageerror", lambda error: script_errors.append(str(error)))
     tab.on("request", lambda request: foreign_requests.append(request.url)
-           if not request.url.startswith((service_url, "data:", "blob:")) else None)
-    tab.goto(f"{service_url}/")
+           if not request.url.startswith((url, "data:", "blob:")) else None)
+    tab.goto(f"{url}/")
     yield tab
     context.close()
     assert script_errors == [], "the page raised JavaScript errors"
     assert foreign_requests == [], "the page must work offline: it asked for something other than the service"
+
+
+@pytest.fixture
+def page(browser: Browser, service_url: str) -> Iterator[Page]:
+    with opened(browser, service_url, viewport={"width": 1280, "height": 900}) as tab:
+        yield tab
 
 
 def compare(page: Page, first: Path, second: Path) -> None:
@@ -126,21 +138,57 @@ def test_a_refused_upload_shows_the_services_message_in_plain_words(
     expect(page.locator("#result")).to_be_hidden()
 
 
+@pytest.fixture
+def busy_service_url(served_model: tuple[Path, str], tmp_path: Path) -> Iterator[str]:
+    """A service whose queue holds one pair, which waits there BATCH_WAIT_S for others to join its batch:
+    while one request waits, the next one is refused as busy (503)."""
+    settings = {"QUEUE_CAPACITY": "1", "MAX_BATCH_WAIT_MS": str(BATCH_WAIT_S * 1000), "DRAIN_GRACE_S": "0"}
+    with running_service(*served_model, tmp_path, **settings) as url:
+        yield url
+
+
+def test_a_busy_service_asks_to_retry_and_retry_works(
+    browser: Browser, busy_service_url: str, two_images: tuple[Path, Path]
+) -> None:
+    with opened(browser, busy_service_url) as page, ThreadPoolExecutor(1) as other_client:
+        waiting = other_client.submit(post_files, f"{busy_service_url}/explain", *two_images)
+        wait_for_queue_depth(busy_service_url, 1)
+
+        compare(page, *two_images)
+        error = page.locator("#error")
+        expect(error).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+        expect(error).to_contain_text("busy")
+        expect(error).to_contain_text("retry in 1 second")
+        assert waiting.result().status_code == 200, "the other client was served meanwhile"
+
+        page.click("#retry")
+        expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+        expect(error).to_be_hidden()
+
+
+def wait_for_queue_depth(url: str, depth: int) -> None:
+    """Until the service's /metrics shows `depth` pairs waiting in the explain queue."""
+    line = f'siamcam_queue_depth{{queue="explain"}} {float(depth)}'
+    deadline = time.monotonic() + BATCH_WAIT_S
+    while line not in httpx.get(f"{url}/metrics").text:
+        assert time.monotonic() < deadline, f"the explain queue never held {depth} pair(s)"
+        time.sleep(0.05)
+
+
 def test_a_phone_sized_screen_fits_without_sideways_scrolling(
     browser: Browser, service_url: str, two_images: tuple[Path, Path], artifacts: Path
 ) -> None:
-    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True)
-    phone = context.new_page()
-    phone.goto(f"{service_url}/")
-    compare(phone, *two_images)
-    expect(phone.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+    phone_sized = {"viewport": {"width": 375, "height": 740}, "is_mobile": True, "has_touch": True}
+    with opened(browser, service_url, **phone_sized) as phone:
+        compare(phone, *two_images)
+        expect(phone.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
 
-    assert phone.evaluate("document.documentElement.scrollWidth") <= 375
-    # Original, factual and counterfactual stay side by side, one row per image.
-    tops = [round(figure.bounding_box()["y"]) for figure in phone.locator("#overlays .row").first.locator("figure").all()]
-    assert len(tops) == 3 and len(set(tops)) == 1
-    phone.screenshot(path=artifacts / "result-phone.png", full_page=True)
-    context.close()
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 375
+        # Original, factual and counterfactual stay side by side, one row per image.
+        figures = phone.locator("#overlays .row").first.locator("figure").all()
+        tops = {round(figure.bounding_box()["y"]) for figure in figures}
+        assert len(figures) == 3 and len(tops) == 1
+        phone.screenshot(path=artifacts / "result-phone.png", full_page=True)
 
 
 def test_every_control_is_labelled_and_reachable_with_the_keyboard(
