@@ -71,10 +71,15 @@ class ProofSettings:
 class DrainCheck:
     port: int
     after_answers: int = 0
+    # Of the proof's direct requests still unanswered when SIGTERM was sent: answered correctly (they had been
+    # admitted, the drain finished them), refused with 503 + Retry-After (they arrived after the signal: the
+    # right answer while draining), or anything else (a problem: admitted work lost).
     in_flight_at_sigterm: int = 0
-    in_flight_answered: int = 0
-    in_flight_problems: list[str] = field(default_factory=list)
+    drained: int = 0
+    refused: int = 0
+    problems: list[str] = field(default_factory=list)
     new_request_after_sigterm: str = ""
+    new_request_refused: bool = False
     exit_code: int | None = None
     exit_after_s: float | None = None
 
@@ -114,12 +119,14 @@ class ProofReport:
         if len(self.outcomes) != expected:
             found.append(f"{len(self.outcomes)} requests were sent, expected {expected}")
         drain, limit = self.drain, self.settings.drain_grace_s + EXIT_SLACK_S
-        if drain.in_flight_at_sigterm == 0:
-            found.append("no direct request was still in flight when SIGTERM was sent: the drain was not exercised")
-        if drain.in_flight_problems:
-            found.append(f"the SIGTERMed replica dropped work it had accepted: {drain.in_flight_problems[0]}")
-        if drain.new_request_after_sigterm.startswith("200"):
-            found.append("the SIGTERMed replica still accepted new work (200) instead of refusing it")
+        if drain.drained == 0:
+            found.append("no request in flight at SIGTERM was answered by the draining replica: the drain was not "
+                         "exercised")
+        if drain.problems:
+            found.append(f"the SIGTERMed replica lost work it had accepted: {drain.problems[0]}")
+        if not drain.new_request_refused:
+            found.append(f"the SIGTERMed replica answered a new request with {drain.new_request_after_sigterm}, "
+                         "not 503 + Retry-After or a refused connection")
         if drain.exit_code is None:
             found.append(f"the SIGTERMed replica did not exit within {limit:.0f} s")
         elif drain.exit_code not in CLEAN_EXIT_CODES:
@@ -147,7 +154,8 @@ class ProofReport:
             f"requests on to another replica; final answers per replica: "
             + ", ".join(f"{address} {count}" for address, count in sorted(self.answers_per_replica.items())),
             f"SIGTERM to replica :{drain.port} after {drain.after_answers} answers: {drain.in_flight_at_sigterm} of "
-            f"{DIRECT_IN_FLIGHT} direct /explain still in flight, {drain.in_flight_answered} answered correctly; "
+            f"{DIRECT_IN_FLIGHT} direct /explain in flight, {drain.drained} answered correctly by the draining "
+            f"replica, {drain.refused} refused with 503 (sent too late to be admitted); "
             f"new request after SIGTERM: {drain.new_request_after_sigterm}; {exit_text} "
             f"(limit {s.drain_grace_s + EXIT_SLACK_S:.0f} s = DRAIN_GRACE_S {s.drain_grace_s:.0f} + {EXIT_SLACK_S:.0f})",
             f"SIGKILL to replica :{kill.port} after {kill.after_answers} answers: exit status {kill.exit_code}",
@@ -157,6 +165,10 @@ class ProofReport:
         problems = self.problems()
         lines.append("PROOF HOLDS" if not problems else "PROOF FAILED: " + "; ".join(problems))
         return "\n".join(lines)
+
+
+def _is_draining_refusal(response: httpx.Response) -> bool:
+    return response.status_code == 503 and "retry-after" in response.headers
 
 
 def _wait_exit(process: subprocess.Popen, since: float, timeout_s: float) -> tuple[int | None, float | None]:
@@ -173,25 +185,31 @@ async def _terminate_while_busy(replica: Replica, pairs: list[Pair], expected: l
     async with httpx.AsyncClient(base_url=replica.url, trust_env=False, timeout=120.0) as direct:
         in_flight = [asyncio.create_task(direct.post("/explain", files=pairs[i % len(pairs)].files()))
                      for i in range(DIRECT_IN_FLIGHT)]
-        await asyncio.sleep(0.2)  # long enough for them to reach the replica's queue, short of being answered
-        check.in_flight_at_sigterm = sum(not task.done() for task in in_flight)
+        await asyncio.sleep(0.1)  # long enough for the replica to admit them, short of answering them
+        unanswered = [not task.done() for task in in_flight]
+        check.in_flight_at_sigterm = sum(unanswered)
         sent_at = time.monotonic()
         replica.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.2)  # let the replica handle the signal
         try:
             late = await direct.post("/similarity", files=pairs[0].files())
             check.new_request_after_sigterm = f"{late.status_code} (Retry-After: {late.headers.get('retry-after')})"
+            check.new_request_refused = _is_draining_refusal(late)
         except httpx.TransportError as error:
-            check.new_request_after_sigterm = f"not accepted ({type(error).__name__})"
-        for index, task in enumerate(in_flight):
+            check.new_request_after_sigterm = f"connection refused or closed ({type(error).__name__})"
+            check.new_request_refused = True
+        for index, (task, was_in_flight) in enumerate(zip(in_flight, unanswered)):
             try:
-                problem = check_answer("/explain", await task, expected[index % len(pairs)])
+                response = await task
             except httpx.HTTPError as error:
-                problem = f"{type(error).__name__}: {error}"
-            if problem is None:
-                check.in_flight_answered += 1
-            else:
-                check.in_flight_problems.append(problem)
+                check.problems.append(f"{type(error).__name__}: {error}")
+                continue
+            if _is_draining_refusal(response):
+                check.refused += 1
+            elif (problem := check_answer("/explain", response, expected[index % len(pairs)])) is not None:
+                check.problems.append(problem)
+            elif was_in_flight:
+                check.drained += 1
     check.exit_code, check.exit_after_s = await asyncio.to_thread(
         _wait_exit, replica.process, sent_at, settings.drain_grace_s + EXIT_SLACK_S)
 

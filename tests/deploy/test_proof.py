@@ -36,7 +36,8 @@ def test_every_request_is_answered_while_replicas_die(proof_model: tuple[Path, s
     print(report.summary())  # the figures bench/RESULTS.md records; shown with `pytest -s`
     assert len(report.outcomes) == settings.similarity + settings.explain
     assert report.failures == []
-    assert report.drain.in_flight_at_sigterm > 0 and report.drain.in_flight_problems == []
+    assert report.drain.drained > 0 and report.drain.problems == []
+    assert report.drain.new_request_refused
     assert report.drain.exit_code in CLEAN_EXIT_CODES
     assert report.drain.exit_after_s is not None and report.drain.exit_after_s <= settings.drain_grace_s + EXIT_SLACK_S
     assert report.problems() == []
