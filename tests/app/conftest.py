@@ -29,7 +29,7 @@ def test_settings(model_store: Path) -> Callable[..., Settings]:
     return make
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -38,7 +38,7 @@ def _free_port() -> int:
 @contextmanager
 def _uvicorn_in_thread(settings: Settings) -> Iterator[str]:
     """The app served by a real uvicorn server on loopback, in this process (quick to start: torch is loaded)."""
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
