@@ -147,9 +147,9 @@ class ProofReport:
             f"load: {s.similarity} /similarity + {s.explain} /explain, {s.concurrency} concurrent, "
             f"{s.distinct_pairs} distinct pairs of {self.images}",
             f"sent {sent}, answered {sent - len(self.failures)} (correct 200), failed {len(self.failures)}",
-            f"latency ms: all p50 {self.latency_ms(0.5):.0f} p99 {self.latency_ms(0.99):.0f}; "
-            f"/similarity p50 {self.latency_ms(0.5, '/similarity'):.0f} p99 {self.latency_ms(0.99, '/similarity'):.0f}; "
-            f"/explain p50 {self.latency_ms(0.5, '/explain'):.0f} p99 {self.latency_ms(0.99, '/explain'):.0f}",
+            "latency ms: " + "; ".join(
+                f"{endpoint or 'all'} p50 {self.latency_ms(0.5, endpoint):.0f} "
+                f"p99 {self.latency_ms(0.99, endpoint):.0f}" for endpoint in (None, "/similarity", "/explain")),
             f"wall {self.wall_s:.1f} s ({sent / self.wall_s:.1f} requests/s); nginx sent {self.retried_by_nginx} "
             f"requests on to another replica; final answers per replica: "
             + ", ".join(f"{address} {count}" for address, count in sorted(self.answers_per_replica.items())),
@@ -157,7 +157,8 @@ class ProofReport:
             f"{DIRECT_IN_FLIGHT} direct /explain in flight, {drain.drained} answered correctly by the draining "
             f"replica, {drain.refused} refused with 503 (sent too late to be admitted); "
             f"new request after SIGTERM: {drain.new_request_after_sigterm}; {exit_text} "
-            f"(limit {s.drain_grace_s + EXIT_SLACK_S:.0f} s = DRAIN_GRACE_S {s.drain_grace_s:.0f} + {EXIT_SLACK_S:.0f})",
+            f"(limit {s.drain_grace_s + EXIT_SLACK_S:.0f} s = DRAIN_GRACE_S {s.drain_grace_s:.0f} "
+            f"+ {EXIT_SLACK_S:.0f})",
             f"SIGKILL to replica :{kill.port} after {kill.after_answers} answers: exit status {kill.exit_code}",
         ]
         failures = self.failures[:5]
