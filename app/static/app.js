@@ -24,6 +24,7 @@ const state = {
   files: [null, null],   // the chosen File objects
   previews: [null, null], // their object URLs, shown as previews and as the "Original" in the result
   request: null,          // AbortController of the /explain request in flight, if any
+  progressTimer: null,    // updates the seconds shown while waiting
 };
 
 // ---------------------------------------------------------------- model information
@@ -51,7 +52,8 @@ function setFile(index, file) {
   preview.alt = `${IMAGE_NAMES[index]}: ${file.name}`;
   preview.hidden = false;
   hintOf(index).textContent = "Choose or drop another image";
-  // An old result no longer matches the images.
+  // An old result, or one on its way, no longer matches the images.
+  cancelRequest();
   $("result").hidden = true;
   hideError();
   $("compare").disabled = !(state.files[0] && state.files[1]);
@@ -121,7 +123,7 @@ function redrawIfShown() {
 
 async function explain(progressLabel) {
   if (!(state.files[0] && state.files[1])) return;
-  if (state.request) state.request.abort(); // only the latest request's answer is shown
+  cancelRequest(); // only the latest request's answer is shown
   const controller = new AbortController();
   state.request = controller;
 
@@ -132,21 +134,25 @@ async function explain(progressLabel) {
   form.append("colormap", $("colormap").value);
 
   hideError();
-  const stopProgress = showProgress(progressLabel);
+  showProgress(progressLabel);
   try {
     const response = await fetch("/explain", { method: "POST", body: form, signal: controller.signal });
     const body = await readBody(response);
     if (response.ok) showResult(body);
     else showError(describeProblem(response, body), problemDetail(body), retryable(response.status));
   } catch (error) {
-    if (error.name === "AbortError") return; // replaced by a newer request
+    if (error.name === "AbortError") return; // cancelled: new images or a newer request
     showError("Could not reach the service. Check that it is running, then retry.", error.message, true);
   } finally {
     if (state.request === controller) {
       state.request = null;
-      stopProgress();
+      hideProgress();
     }
   }
+}
+
+function cancelRequest() {
+  if (state.request) state.request.abort();
 }
 
 async function readBody(response) {
@@ -161,18 +167,20 @@ async function readBody(response) {
 // ---------------------------------------------------------------- progress and errors
 
 function showProgress(label) {
+  clearInterval(state.progressTimer);
+  $("progress-text").textContent = label;
   const started = Date.now();
-  const text = $("progress-text");
   const tick = () => {
-    text.textContent = `${label} ${Math.floor((Date.now() - started) / 1000)} s`;
+    $("progress-seconds").textContent = `${Math.floor((Date.now() - started) / 1000)} s`;
   };
   tick();
   $("progress").hidden = false;
-  const timer = setInterval(tick, 1000);
-  return () => {
-    clearInterval(timer);
-    $("progress").hidden = true;
-  };
+  state.progressTimer = setInterval(tick, 1000);
+}
+
+function hideProgress() {
+  clearInterval(state.progressTimer);
+  $("progress").hidden = true;
 }
 
 // One plain sentence per kind of failure; the service's own words follow underneath.
