@@ -6,6 +6,7 @@ import logging
 import sys
 from contextvars import ContextVar
 
+from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
 
 # Set by the request middleware; "-" outside any request (start-up, the inference worker).
@@ -25,6 +26,7 @@ def configure_logging(level: str) -> None:
     handler.setFormatter(JsonFormatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+        reserved_attrs=[*RESERVED_ATTRS, "color_message"],  # uvicorn's copy of the message with ANSI colours
     ))
     root = logging.getLogger()
     root.handlers = [handler]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from PIL import Image
 from torchvision.transforms import v2 as transforms
 
 from app.gradcam import PairExplanations, explain_batch, score_batch
-from app.torchscript import load_torchscript
+from app.torchscript import load_torchscript, sha256_of
 
 SUPPORTED_FORMAT_VERSION = 1
 
@@ -61,14 +60,6 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_manifest(model_dir: Path) -> dict[str, Any]:
     manifest_path = model_dir / "manifest.json"
     if not manifest_path.is_file():
@@ -94,7 +85,7 @@ def load_model(model_dir: Path, device: str) -> ServedModel:
     model_path = model_dir / "model.pt"
     if not model_path.is_file():
         raise ModelLoadError(f"{model_path} is missing; re-export the model")
-    actual = _sha256(model_path)
+    actual = sha256_of(model_path)
     if actual != manifest.get("sha256"):
         raise ModelLoadError(
             f"{model_path} does not match its manifest (sha256 {actual[:12]}..., manifest says "

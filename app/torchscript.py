@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,3 +24,12 @@ def load_torchscript(path: Path, device: torch.device | str = "cpu") -> torch.ji
     with quiet_torchscript():
         module = torch.jit.load(str(path), map_location=device)
     return module.eval()
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file, read in blocks: what manifest.json records for model.pt."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
