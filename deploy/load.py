@@ -18,7 +18,8 @@ from deploy.nginx_config import REPO_ROOT
 
 # The shared datasets sit next to the repository (../shared/datasets); CI machines may not have them.
 FLOWERS_DIR = REPO_ROOT.parent / "shared" / "datasets" / "flowers"
-# Batched and unbatched scores of one pair agree to ~1e-6; anything beyond this is a wrong answer.
+# Pairs in a batch never influence each other (model_store/README.md), so a pair's score through the balancer
+# differs from its direct, unbatched score by float rounding only; more than this is a wrong answer.
 SCORE_TOLERANCE = 1e-4
 
 
