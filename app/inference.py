@@ -19,7 +19,7 @@ from app.decode import decode_image
 from app.errors import CLIENT_CLOSED_REQUEST, Problem, service_unavailable
 from app.gradcam import PairExplanations
 from app.model import ServedModel
-from app.overlays import MEDIA_TYPES, render_overlay
+from app.overlays import MEDIA_TYPES, ColormapName, OverlayFormat, render_overlay
 from app.schemas import Explanation, Explanations, Overlay, Target
 from app.service import Service
 from app.settings import Settings
@@ -33,9 +33,9 @@ class DecodedPair:
 
 @dataclass(frozen=True)
 class OverlayOptions:
-    format: str
+    format: OverlayFormat
     opacity: float
-    colormap: str
+    colormap: ColormapName
     max_side: int
     include_heatmaps: bool
 
@@ -57,9 +57,11 @@ def _decode_pair(contents: list[bytes], fields: list[str], model: ServedModel, m
     return DecodedPair((first, second), (model.preprocess(first), model.preprocess(second)))
 
 
-async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: DecodedPair, deadline: float,
+async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: DecodedPair, arrived: float,
                        settings: Settings) -> Outcome:
-    """Queue the pair and wait for its result, until `deadline` (time.monotonic) or the client leaves."""
+    """Queue the pair and wait for its result, until REQUEST_TIMEOUT_S after it `arrived` (time.monotonic)
+    or until the client leaves."""
+    deadline = arrived + settings.request_timeout_s
     try:
         job = batcher.submit(kind, *pair.inputs)
     except QueueFull:
@@ -118,7 +120,7 @@ def render_explanations(pair: DecodedPair, result: PairExplanations, options: Ov
 def _overlay(original: Image.Image, heatmap: torch.Tensor, options: OverlayOptions) -> Overlay:
     values = heatmap.numpy()
     encoded, width, height = render_overlay(
-        original, values, options.colormap, options.opacity, options.max_side, options.format  # type: ignore[arg-type]
+        original, values, options.colormap, options.opacity, options.max_side, options.format
     )
     return Overlay(
         media_type=MEDIA_TYPES[options.format],

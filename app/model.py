@@ -57,6 +57,8 @@ def pick_device(requested: str) -> torch.device:
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"DEVICE={requested} but no CUDA device is visible; set DEVICE=auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ModelLoadError(f"DEVICE={requested} but only {torch.cuda.device_count()} CUDA devices are visible")
     return device
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
@@ -14,8 +14,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app.inference import (
     OverlayOptions, read_pair, render_explanations, require_ready, run_in_batch, timings_ms,
 )
-from app.overlays import ColormapName
-from app.schemas import INFERENCE_ERRORS, ExplainResponse, ModelInfo, ModelRef, ProblemDetails, SimilarityResponse, Status
+from app.overlays import ColormapName, OverlayFormat
+from app.schemas import (
+    INFERENCE_ERRORS, ExplainResponse, ModelInfo, ModelRef, ProblemDetails, SimilarityResponse, Status,
+)
 from app.service import Service
 from app.settings import Settings
 
@@ -31,13 +33,14 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 
 
 @router.post("/similarity", response_model=SimilarityResponse, responses=INFERENCE_ERRORS, tags=["inference"])
-async def similarity(request: Request, image1: UploadFile, image2: UploadFile, service: ServiceDep) -> SimilarityResponse:
+async def similarity(
+    request: Request, image1: UploadFile, image2: UploadFile, service: ServiceDep
+) -> SimilarityResponse:
     """How similar two images are: a score in [0, 1] and the decision against the model's threshold."""
     arrived = time.monotonic()
     model, batcher = require_ready(service)
     pair = await read_pair(image1, image2, model, service.settings)
-    outcome = await run_in_batch(request, batcher, "similarity", pair,
-                                 arrived + service.settings.request_timeout_s, service.settings)
+    outcome = await run_in_batch(request, batcher, "similarity", pair, arrived, service.settings)
     score = float(outcome.value)
     return SimilarityResponse(score=score, similar=score >= model.threshold, threshold=model.threshold,
                               model=_model_ref(service), timings_ms=timings_ms(outcome, arrived))
@@ -49,7 +52,7 @@ async def explain(
     image1: UploadFile,
     image2: UploadFile,
     service: ServiceDep,
-    format: Annotated[Literal["png", "jpeg", "webp"], Form(description="overlay image format")] = "png",
+    overlay_format: Annotated[OverlayFormat, Form(alias="format", description="overlay image format")] = "png",
     opacity: Annotated[float, Form(ge=0, le=1, description="heatmap opacity over the image")] = 0.5,
     colormap: Annotated[ColormapName, Form(description="matplotlib colormap of the heatmap")] = "jet",
     max_side: Annotated[int, Form(ge=16, description="longest side of the overlays, in pixels; capped by "
@@ -62,8 +65,9 @@ async def explain(
     settings: Settings = service.settings
     model, batcher = require_ready(service)
     pair = await read_pair(image1, image2, model, settings)
-    outcome = await run_in_batch(request, batcher, "explain", pair, arrived + settings.request_timeout_s, settings)
-    options = OverlayOptions(format, opacity, colormap, min(max_side, settings.max_overlay_side), include_heatmaps)
+    outcome = await run_in_batch(request, batcher, "explain", pair, arrived, settings)
+    max_side = min(max_side, settings.max_overlay_side)
+    options = OverlayOptions(overlay_format, opacity, colormap, max_side, include_heatmaps)
     explanations = await asyncio.to_thread(render_explanations, pair, outcome.value, options)
     score = float(outcome.value.scores)
     return ExplainResponse(score=score, similar=bool(outcome.value.similar), threshold=model.threshold,
@@ -90,7 +94,8 @@ async def readyz(service: ServiceDep) -> Response:
     if service.ready:
         return JSONResponse({"status": "ready"})
     status = "draining" if service.drain.draining else "loading"
-    return JSONResponse({"status": status}, status_code=503, headers={"Retry-After": str(service.settings.retry_after_s)})
+    retry_after = {"Retry-After": str(service.settings.retry_after_s)}
+    return JSONResponse({"status": status}, status_code=503, headers=retry_after)
 
 
 @router.get("/metrics", tags=["operations"], response_class=Response)

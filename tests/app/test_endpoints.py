@@ -146,3 +146,13 @@ def test_explain_real_photos(client: httpx.Client) -> None:
     for original, key in zip(originals, ("image1", "image2"), strict=True):
         overlay = response.json()["explanations"]["factual"][key]
         assert overlay["width"] / overlay["height"] == pytest.approx(original.width / original.height, rel=0.02)
+
+
+def test_every_offered_colormap_is_drawn(client: httpx.Client) -> None:
+    files = pair_files(encode(drawn_image(9, (32, 32))), encode(drawn_image(10, (32, 32))))
+    overlays = set()
+    for colormap in COLORMAPS:
+        response = client.post("/explain", files=files, data={"colormap": colormap, "opacity": "1"})
+        assert response.status_code == 200, f"{colormap}: {response.text}"
+        overlays.add(response.json()["explanations"]["factual"]["image1"]["overlay"])
+    assert len(overlays) == len(COLORMAPS)  # each one colours the map differently
