@@ -5,14 +5,14 @@ from __future__ import annotations
 import base64
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, Request, expect
 
 from tests.web.conftest import running_service
 
@@ -28,12 +28,18 @@ def opened(browser: Browser, url: str, **context_options: object) -> Iterator[Pa
     tab = context.new_page()
     script_errors: list[str] = []
     foreign_requests: list[str] = []
+
+    def check_request(request: Request) -> None:
+        if not request.url.startswith((f"{url}/", "data:", "blob:")):  # blob: the previews of chosen files
+            foreign_requests.append(request.url)
+
     tab.on("pageerror", lambda error: script_errors.append(str(error)))
-    tab.on("request", lambda request: foreign_requests.append(request.url)
-           if not request.url.startswith((url, "data:", "blob:")) else None)
+    tab.on("request", check_request)
     tab.goto(f"{url}/")
-    yield tab
-    context.close()
+    try:
+        yield tab
+    finally:
+        context.close()
     assert script_errors == [], "the page raised JavaScript errors"
     assert foreign_requests == [], "the page must work offline: it asked for something other than the service"
 
@@ -95,17 +101,22 @@ def test_result_shows_the_services_score_four_overlays_and_the_model(
     page.screenshot(path=artifacts / "result.png", full_page=True)
 
 
-def test_changing_the_colormap_redraws_the_overlays(
-    page: Page, two_images: tuple[Path, Path]
-) -> None:
+def test_changing_colours_or_opacity_redraws_the_overlays(page: Page, two_images: tuple[Path, Path]) -> None:
     compare(page, *two_images)
     expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+
+    expect_redrawn_after(page, lambda: page.select_option("#colormap", "viridis"))
+    # fill fires "input" then "change", as dragging and releasing the slider does.
+    expect_redrawn_after(page, lambda: page.fill("#opacity", "0.9"))
+    expect(page.locator("#opacity-value")).to_have_text("0.90")
+
+
+def expect_redrawn_after(page: Page, change: Callable[[], None]) -> None:
+    """`change` makes the first overlay show another picture: the page asked the service to redraw it."""
     before = page.locator(OVERLAYS).first.get_attribute("src")
-
-    page.select_option("#colormap", "viridis")
-
+    change()
     page.wait_for_function(
-        "before => document.querySelector('#overlays figure.factual img').src !== before",
+        f"before => document.querySelector('{OVERLAYS}').getAttribute('src') !== before",
         arg=before,
         timeout=RESULT_TIMEOUT_MS,
     )
