@@ -77,6 +77,7 @@ class Replica:
 class LocalCluster:
     """N replicas of `uvicorn app.main:app` and one nginx in front, rendered from the compose configuration."""
 
+    nginx_binary: str  # from ensure_nginx()
     model_store: Path
     model_name: str
     replica_count: int = 3
@@ -109,12 +110,11 @@ class LocalCluster:
         self.close()
 
     def start(self) -> None:
-        nginx_binary = ensure_nginx()
         for index in range(self.replica_count):
             self.replicas.append(self._start_replica(index))
         for replica in self.replicas:
             self._wait_ready(replica)
-        self._start_nginx(nginx_binary)
+        self._start_nginx()
 
     def _start_replica(self, index: int) -> Replica:
         port = free_port()
@@ -154,7 +154,7 @@ class LocalCluster:
         raise ClusterError(f"replica on port {replica.port} was not ready after {READY_TIMEOUT_S:.0f} s; "
                            f"its log ends with:\n{replica.log_tail()}")
 
-    def _start_nginx(self, nginx_binary: str) -> None:
+    def _start_nginx(self) -> None:
         self.lb_port = free_port()
         (self.workdir / "siamcam.conf").write_text(
             render_for_loopback([replica.port for replica in self.replicas], self.lb_port))
@@ -176,7 +176,7 @@ http {{
 """)
         # As root, nginx's workers run as `nobody` and must reach the temp folders under workdir.
         self.workdir.chmod(0o755)
-        command = [nginx_binary, "-p", str(self.workdir), "-c", str(self.workdir / "nginx.conf"),
+        command = [self.nginx_binary, "-p", str(self.workdir), "-c", str(self.workdir / "nginx.conf"),
                    "-e", str(self.workdir / "nginx-error.log")]
         check = subprocess.run([*command, "-t"], capture_output=True, text=True)
         if check.returncode != 0:

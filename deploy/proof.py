@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import signal
 import subprocess
@@ -38,7 +37,7 @@ from deploy.load import (
     reference_scores,
     run_load,
 )
-from deploy.local_cluster import LocalCluster, Replica
+from deploy.local_cluster import LocalCluster, NginxUnavailable, Replica, ensure_nginx
 from deploy.nginx_config import REPO_ROOT
 
 DEFAULT_MODEL_STORE = REPO_ROOT / "model_store"
@@ -266,12 +265,12 @@ def run_proof(settings: ProofSettings) -> ProofReport:
     """
     manifest = settings.model_store / settings.model_name / "manifest.json"
     if not manifest.is_file():
-        raise FileNotFoundError(f"no model at {manifest.parent}: pass --model-store/--model-name, or train and "
-                                "export the default model (README, Training)")
-    cluster = LocalCluster(settings.model_store, settings.model_name, replica_count=REPLICAS,
+        raise FileNotFoundError(f"no model at {manifest.parent}: pass --model-store/--model-name, or train the "
+                                "default model with `python -m training train`")
+    cluster = LocalCluster(ensure_nginx(), settings.model_store, settings.model_name, replica_count=REPLICAS,
                            threads_per_replica=settings.threads_per_replica,
                            app_env={"DRAIN_GRACE_S": str(settings.drain_grace_s)})
-    report = None
+    report: ProofReport | None = None
     try:
         with cluster:
             pairs = make_pairs(settings.distinct_pairs)
@@ -295,21 +294,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-grace", type=float, default=defaults.drain_grace_s, help="DRAIN_GRACE_S, seconds")
     parser.add_argument("--model-store", type=Path, default=defaults.model_store)
     parser.add_argument("--model-name", default=defaults.model_name)
-    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = parser.parse_args(argv)
-    report = run_proof(ProofSettings(
+    settings = ProofSettings(
         similarity=args.similarity, explain=args.explain, concurrency=args.concurrency,
         threads_per_replica=args.threads, drain_grace_s=args.drain_grace,
         model_store=args.model_store.resolve(), model_name=args.model_name,
-    ))
+    )
+    try:
+        report = run_proof(settings)
+    except (FileNotFoundError, NginxUnavailable) as error:
+        print(f"cannot run the proof: {error}", file=sys.stderr)
+        return 2
     print(report.summary())
-    if args.json:
-        print(json.dumps({
-            "sent": len(report.outcomes), "failed": len(report.failures),
-            "p50_ms": round(report.latency_ms(0.5), 1), "p99_ms": round(report.latency_ms(0.99), 1),
-            "wall_s": round(report.wall_s, 1), "retried_by_nginx": report.retried_by_nginx,
-            "drain_exit_code": report.drain.exit_code, "drain_exit_after_s": report.drain.exit_after_s,
-        }))
     return 0 if not report.problems() else 1
 
 
