@@ -11,6 +11,7 @@ from pythonjsonlogger.json import JsonFormatter
 
 # Set by the request middleware; "-" outside any request (start-up, the inference worker).
 request_id: ContextVar[str] = ContextVar("request_id", default="-")
+_HANDLER_NAME = "siamcam-json"
 
 
 class _RequestIdFilter(logging.Filter):
@@ -22,6 +23,7 @@ class _RequestIdFilter(logging.Filter):
 def configure_logging(level: str) -> None:
     """JSON logs on stderr for the app and uvicorn alike; requests are logged once, by our middleware."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(JsonFormatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
@@ -29,7 +31,9 @@ def configure_logging(level: str) -> None:
         reserved_attrs=[*RESERVED_ATTRS, "color_message"],  # uvicorn's copy of the message with ANSI colours
     ))
     root = logging.getLogger()
-    root.handlers = [handler]
+    # Replace only our own handler (create_app may run more than once), never one installed by someone else.
+    root.handlers = [existing for existing in root.handlers if existing.get_name() != _HANDLER_NAME]
+    root.addHandler(handler)
     root.setLevel(level)
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers = []
