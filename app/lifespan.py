@@ -28,6 +28,11 @@ def _load_and_warm_up(settings: Settings) -> ServedModel:
     return model
 
 
+def _report_worker_failure(worker: asyncio.Task[None]) -> None:
+    if not worker.cancelled() and worker.exception() is not None:
+        logger.critical("the inference worker stopped: requests will time out", exc_info=worker.exception())
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
@@ -49,6 +54,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         queue_capacity=settings.queue_capacity,
     )
     worker = asyncio.create_task(batcher.run(), name="inference-worker")
+    worker.add_done_callback(_report_worker_failure)
     service.batcher = batcher
     service.model = model
     logger.info("ready", extra={
