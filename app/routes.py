@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Form, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -30,11 +30,13 @@ def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+FirstImage = Annotated[UploadFile, File(description="the first image: JPEG, PNG, WebP, GIF, BMP or TIFF")]
+SecondImage = Annotated[UploadFile, File(description="the second image, compared with the first")]
 
 
 @router.post("/similarity", response_model=SimilarityResponse, responses=INFERENCE_ERRORS, tags=["inference"])
 async def similarity(
-    request: Request, image1: UploadFile, image2: UploadFile, service: ServiceDep
+    request: Request, image1: FirstImage, image2: SecondImage, service: ServiceDep
 ) -> SimilarityResponse:
     """How similar two images are: a score in [0, 1] and the decision against the model's threshold."""
     arrived = time.monotonic()
@@ -49,8 +51,8 @@ async def similarity(
 @router.post("/explain", response_model=ExplainResponse, responses=INFERENCE_ERRORS, tags=["inference"])
 async def explain(
     request: Request,
-    image1: UploadFile,
-    image2: UploadFile,
+    image1: FirstImage,
+    image2: SecondImage,
     service: ServiceDep,
     overlay_format: Annotated[OverlayFormat, Form(alias="format", description="overlay image format")] = "png",
     opacity: Annotated[float, Form(ge=0, le=1, description="heatmap opacity over the image")] = 0.5,
