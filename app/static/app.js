@@ -287,7 +287,7 @@ function fillFigure(figure, key, index, kind, explanation, caption) {
   img.height = overlay.height;
   img.alt = `${IMAGE_NAMES[index]} with its ${kind} heat map: regions that count for "${explanation.target}"`;
   figure.querySelector("figcaption").textContent = overlay.no_positive_evidence
-    ? `${caption} (no region counts for it)`
+    ? `${caption} (no region argues for it)`
     : caption;
 
   const link = figure.querySelector("a.download");
