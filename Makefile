@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HOST ?= 0.0.0.0
 PORT ?= 8000
 
-.PHONY: install serve test system-deps
+.PHONY: install serve test system-deps default-model
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,8 @@ system-deps:
 	else \
 		echo "chromium or nginx is missing and this is not root: their tests will skip"; \
 	fi
+
+# The bundled model_store/flowers: the recipe and its measured numbers are in model_store/README.md.
+default-model: install
+	$(BIN)/python -m training train --data ../shared/datasets/flowers --classify-epochs 40 --epochs 12 \
+		--freeze-backbone --patience 10 --loss bce

@@ -1,4 +1,6 @@
-"""Command line: `python -m training train ...` and `python -m training evaluate ...`."""
+"""Train a Siamese similarity model on an image-folder dataset, or evaluate an exported one.
+
+Run `python -m training train --help` or `python -m training evaluate --help` for every option."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from training.train import add_train_arguments, train
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     train_parser = commands.add_parser(
         "train", help="train on an image-folder dataset and export model.pt + manifest.json",

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
@@ -68,6 +69,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--pair-lr", type=float, default=1e-3, help="peak one-cycle learning rate of the pair stage")
     optim.add_argument("--weight-decay", type=float, default=0.05)
     optim.add_argument("--label-smoothing", type=float, default=0.1)
+    optim.add_argument("--loss", choices=("contrastive", "bce"), default="contrastive",
+                       help="pair-stage loss: the paper's contrastive loss on embedding distances, or binary "
+                            "cross-entropy on the score's own logit a * <e1, e2> / D + b (a, b trained too)")
     optim.add_argument("--margin", type=float, default=1.0,
                        help="contrastive margin on the embedding distance divided by sqrt(embedding-dim)")
     optim.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, default=False,
@@ -88,12 +92,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class Trainee(nn.Module):
-    """The SiameseNet plus the warm-up's classifier; one module so DistributedDataParallel syncs both."""
+    """The SiameseNet plus what only training needs (the warm-up's classifier, the bce loss's logit scale and
+    bias); one module so DistributedDataParallel syncs them all."""
 
     def __init__(self, net: SiameseNet, num_classes: int) -> None:
         super().__init__()
         self.net = net
         self.classifier = nn.Linear(net.embedding_dim, num_classes)
+        # plain parameters, not nn.Linear: drawing no random numbers keeps the warm-up's augmentation stream
+        # the same whichever loss the pair stage uses
+        self.pair_scale = nn.Parameter(net.scale.clone())
+        self.pair_bias = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: torch.Tensor, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and class logits of images, or of pooled backbone features when ``pooled``."""
@@ -108,6 +117,14 @@ def contrastive_loss(e1: torch.Tensor, e2: torch.Tensor, target: torch.Tensor, m
     loss = target * distance.pow(2) + (1 - target) * F.relu(margin - distance).pow(2)
     correct = (distance < margin / 2) == (target > 0.5)
     return loss.mean(), correct
+
+
+def score_logit_loss(e1: torch.Tensor, e2: torch.Tensor, target: torch.Tensor, scale: torch.Tensor,
+                     bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary cross-entropy on scale * <e1, e2> / D + bias: the quantity the exported score is built on."""
+    logit = scale * (e1 * e2).float().sum(dim=1) / e1.shape[1] + bias
+    correct = (logit > 0) == (target > 0.5)
+    return F.binary_cross_entropy_with_logits(logit, target), correct
 
 
 def batches(count: int, size: int, runtime: distributed.Runtime, generator: np.random.Generator) -> list[np.ndarray]:
@@ -163,10 +180,10 @@ class Trainer:
         size = (args.input_size, args.input_size)
         self.augmentation = build_augmentation(size, args.crop_scale, args.hflip, args.vflip, args.rotation,
                                                args.color_jitter)
-        self.eval_size = size
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(3, 1, 1)
         self.checkpoint_path = args.checkpoint_dir / "checkpoint.pt"
+        self.pooled: torch.Tensor | None = None  # a frozen backbone's features of this epoch's training views
         self.state: dict[str, Any] = {"stage": 0, "epoch": 0, "stale": 0, "best_auc": -1.0, "best": None,
                                       "history": [], "optimizer": None, "scheduler": None}
 
@@ -178,11 +195,15 @@ class Trainer:
     def validation_auc(self) -> float:
         net = self.trainee.net
         embeddings = embed_images(net, self.validation_images, self.device, self.args.batch_size, self.amp)
-        raw = raw_similarity(embeddings, self.validation_pairs)
-        return pair_metrics(self.validation_pairs[2], raw, float(np.median(raw)))["roc_auc"]
+        return float(roc_auc_score(self.validation_pairs[2], raw_similarity(embeddings, self.validation_pairs)))
 
-    def classify_steps(self, model: nn.Module, epoch_seed: np.random.Generator) -> list[tuple[Any, ...]]:
-        return [(chunk,) for chunk in batches(len(self.train_labels), self.args.batch_size, self.runtime, epoch_seed)]
+    def samples_per_epoch(self, stage: str) -> int:
+        """Images per warm-up epoch; pairs (two per image) per pair-stage epoch."""
+        return len(self.train_labels) * (1 if stage == "classify" else 2)
+
+    def classify_steps(self, generator: np.random.Generator) -> list[tuple[Any, ...]]:
+        chunks = batches(self.samples_per_epoch("classify"), self.args.batch_size, self.runtime, generator)
+        return [(chunk,) for chunk in chunks]
 
     def classify_step(self, model: nn.Module, chunk: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         _, logits = model(self.augmented(chunk))
@@ -190,15 +211,14 @@ class Trainer:
         loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.args.label_smoothing)
         return loss, logits.argmax(dim=1) == targets
 
-    def pair_steps(self, model: nn.Module, generator: np.random.Generator) -> list[tuple[Any, ...]]:
+    def pair_steps(self, generator: np.random.Generator) -> list[tuple[Any, ...]]:
         first, second, target = make_pairs(self.train_labels.tolist(), generator)
-        self.pooled = None
         if self.args.freeze_backbone:
             # The frozen backbone sees each (augmented) training image once per epoch, not once per pair.
             views = augment_batch(self.train_images, self.augmentation)
             self.pooled = embed_images(self.trainee.net, views, self.device, self.args.batch_size, self.amp,
                                        pooled_only=True)
-        chunks = batches(len(target), self.args.batch_size, self.runtime, generator)
+        chunks = batches(self.samples_per_epoch("pairs"), self.args.batch_size, self.runtime, generator)
         return [(first[chunk], second[chunk], target[chunk]) for chunk in chunks]
 
     def pair_step(self, model: nn.Module, first: np.ndarray, second: np.ndarray,
@@ -211,7 +231,10 @@ class Trainer:
             embeddings, _ = model(self.augmented(unique))
         inverse = torch.from_numpy(inverse).to(self.device)
         e1, e2 = embeddings[inverse[: len(first)]], embeddings[inverse[len(first):]]
-        return contrastive_loss(e1, e2, torch.from_numpy(target).to(self.device), self.args.margin)
+        target_tensor = torch.from_numpy(target).to(self.device)
+        if self.args.loss == "bce":
+            return score_logit_loss(e1, e2, target_tensor, self.trainee.pair_scale, self.trainee.pair_bias)
+        return contrastive_loss(e1, e2, target_tensor, self.args.margin)
 
     # -- stages ---------------------------------------------------------------------------------------------
     def prepare(self, stage: str) -> tuple[nn.Module, list[nn.Parameter]]:
@@ -221,6 +244,8 @@ class Trainer:
         for parameter in self.trainee.parameters():
             parameter.requires_grad_(True)
         self.trainee.classifier.requires_grad_(stage == "classify")
+        for parameter in (self.trainee.pair_scale, self.trainee.pair_bias):
+            parameter.requires_grad_(stage == "pairs" and self.args.loss == "bce")
         net.backbone.requires_grad_(not frozen_backbone)
         self.trainee.train()
         if frozen_backbone:
@@ -238,7 +263,8 @@ class Trainer:
         steps_of, step = (self.classify_steps, self.classify_step) if stage == "classify" else (self.pair_steps, self.pair_step)
         lr = args.lr if stage == "classify" else args.pair_lr
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
-        steps_per_epoch = len(steps_of(model, np.random.default_rng([args.seed, STAGES.index(stage), 0])))
+        steps_per_epoch = len(batches(self.samples_per_epoch(stage), args.batch_size, self.runtime,
+                                      np.random.default_rng(0)))
         scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch)
         if self.state["optimizer"] is not None:
             optimizer.load_state_dict(self.state["optimizer"])
@@ -247,7 +273,7 @@ class Trainer:
             epoch = self.state["epoch"]
             started = time.perf_counter()
             generator = np.random.default_rng([args.seed, STAGES.index(stage), epoch])
-            steps = steps_of(model, generator)
+            steps = steps_of(generator)
             loss_sum, correct, seen = 0.0, 0, 0
             progress = tqdm(steps, desc=f"{stage} {epoch + 1}/{epochs}", disable=not self.runtime.is_main,
                             mininterval=2.0, dynamic_ncols=True)
@@ -295,7 +321,8 @@ class Trainer:
         if self.runtime.is_main:
             self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.checkpoint_path.with_suffix(".partial")
-            torch.save({**self.state, "model": self.trainee.state_dict()}, partial)
+            # the RNG drives augmentation: restoring it makes a resumed run match an uninterrupted one
+            torch.save({**self.state, "model": self.trainee.state_dict(), "rng": torch.get_rng_state()}, partial)
             partial.replace(self.checkpoint_path)  # a crash mid-write never leaves a broken checkpoint
 
     def load_checkpoint(self) -> None:
@@ -303,9 +330,12 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}; drop --resume to start afresh")
         saved = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
         self.trainee.load_state_dict(saved.pop("model"))
+        torch.set_rng_state(saved.pop("rng").cpu())
         self.state.update(saved)
         if self.runtime.is_main:
-            print(f"resuming {STAGES[self.state['stage']]} stage at epoch {self.state['epoch'] + 1}", flush=True)
+            where = (f"the {STAGES[self.state['stage']]} stage at epoch {self.state['epoch'] + 1}"
+                     if self.state["stage"] < len(STAGES) else "a finished run: calibrating and exporting")
+            print(f"resuming {where}", flush=True)
 
     def run(self) -> None:
         stage_epochs = {"classify": self.args.classify_epochs, "pairs": self.args.epochs}
