@@ -34,4 +34,4 @@ system-deps:
 # The bundled model_store/flowers: the recipe and its measured numbers are in model_store/README.md.
 default-model: install
 	$(BIN)/python -m training train --data ../shared/datasets/flowers --classify-epochs 40 --epochs 12 \
-		--freeze-backbone --patience 10 --loss bce
+		--freeze-backbone --patience 10
