@@ -111,7 +111,8 @@ def split_by_image(labels: list[int], validation_fraction: float, test_fraction:
             f"cannot split {len(labels)} images into train/validation/test with every class in each ({error}); "
             "add images to the smallest class or change --validation-fraction/--test-fraction"
         ) from error
-    return Split({"train": sorted(train.tolist()), "validation": sorted(validation.tolist()), "test": sorted(test.tolist())})
+    parts = {"train": train, "validation": validation, "test": test}
+    return Split({name: sorted(indices.tolist()) for name, indices in parts.items()})
 
 
 def make_pairs(labels: list[int], generator: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

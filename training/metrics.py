@@ -39,7 +39,8 @@ def platt_scaling(targets: np.ndarray, raw: np.ndarray) -> tuple[float, float]:
 
 def format_table(metrics: dict[str, dict[str, Any]]) -> str:
     """A plain-text table, one row per split."""
-    header = f"{'split':<11} {'pairs':>6} {'accuracy':>8} {'roc_auc':>8} {'precision':>9} {'recall':>7}  confusion [[TN FP] [FN TP]]"
+    header = (f"{'split':<11} {'pairs':>6} {'accuracy':>8} {'roc_auc':>8} {'precision':>9} {'recall':>7}"
+              "  confusion [[TN FP] [FN TP]]")
     rows = [header]
     for split, row in metrics.items():
         rows.append(

@@ -52,7 +52,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=True)
     data.add_argument("--vflip", action=argparse.BooleanOptionalAction, default=False)
     data.add_argument("--rotation", type=float, default=15.0, help="maximum random rotation in degrees; 0 disables")
-    data.add_argument("--color-jitter", type=float, default=0.3, help="brightness/contrast/saturation jitter; 0 disables")
+    data.add_argument("--color-jitter", type=float, default=0.3,
+                      help="brightness/contrast/saturation jitter; 0 disables")
 
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", choices=BACKBONES, default="resnet18")
@@ -110,7 +111,8 @@ class Trainee(nn.Module):
         return embeddings, self.classifier(embeddings)
 
 
-def contrastive_loss(e1: torch.Tensor, e2: torch.Tensor, target: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+def contrastive_loss(e1: torch.Tensor, e2: torch.Tensor, target: torch.Tensor,
+                     margin: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Hadsell et al.'s loss, as in the paper; distances are divided by sqrt(D) so the margin does not depend on D.
     Also returns whether each pair is on the right side of margin / 2."""
     distance = (e1 - e2).float().pow(2).sum(dim=1).add(1e-9).sqrt() / e1.shape[1] ** 0.5
@@ -260,7 +262,10 @@ class Trainer:
     def run_stage(self, stage: str, epochs: int) -> None:
         args = self.args
         model, parameters = self.prepare(stage)
-        steps_of, step = (self.classify_steps, self.classify_step) if stage == "classify" else (self.pair_steps, self.pair_step)
+        if stage == "classify":
+            steps_of, step = self.classify_steps, self.classify_step
+        else:
+            steps_of, step = self.pair_steps, self.pair_step
         lr = args.lr if stage == "classify" else args.pair_lr
         optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=args.weight_decay)
         steps_per_epoch = len(batches(self.samples_per_epoch(stage), args.batch_size, self.runtime,
