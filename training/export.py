@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import torch
 import torchvision
 
-from app.torchscript import load_torchscript, quiet_torchscript
+from app.torchscript import load_torchscript, quiet_torchscript, sha256_of
 from training.model import SiameseNet
 
 MANIFEST_FORMAT_VERSION = 1
@@ -21,14 +20,6 @@ EXPORT_TOLERANCE = 1e-5
 
 class ExportMismatchError(RuntimeError):
     pass
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_reproduces(eager: SiameseNet, scripted: torch.jit.ScriptModule, input_size: tuple[int, int]) -> float:
