@@ -77,7 +77,7 @@ class Replica:
 class LocalCluster:
     """N replicas of `uvicorn app.main:app` and one nginx in front, rendered from the compose configuration."""
 
-    nginx_binary: str  # from ensure_nginx()
+    nginx_binary: str | None  # from ensure_nginx(); None: the replicas only, no nginx (e.g. bench/)
     model_store: Path
     model_name: str
     replica_count: int = 3
@@ -114,7 +114,8 @@ class LocalCluster:
             self.replicas.append(self._start_replica(index))
         for replica in self.replicas:
             self._wait_ready(replica)
-        self._start_nginx()
+        if self.nginx_binary is not None:
+            self._start_nginx()
 
     def _start_replica(self, index: int) -> Replica:
         port = free_port()

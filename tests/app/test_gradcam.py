@@ -7,12 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from torch import nn
 
 from app.gradcam import explain_batch
 from app.model import ServedModel, load_model
+from bench.gradcam_reference import pytorch_grad_cam_maps
 
 from tests.app.conftest import TEST_MODEL_NAME
 from tests.app.images import drawn_image
@@ -43,34 +41,6 @@ def test_a_pair_is_explained_the_same_alone_and_in_a_batch(served: ServedModel, 
             assert difference <= 1e-5, f"{name} of pair {index} differs by {difference:.2e}"
 
 
-class _ScoreAgainstFixedImage(nn.Module):
-    """pytorch-grad-cam's view of the Siamese model: one image in, [dissimilar, similar] out, the other image
-    fixed. Its target layer, `features`, outputs exactly the feature maps our Grad-CAM uses."""
-
-    def __init__(self, served: ServedModel, other_image: torch.Tensor, other_first: bool) -> None:
-        super().__init__()
-        self.features = _Features(served.module)
-        self.module = served.module
-        with torch.no_grad():
-            self.other_embedding = served.module.embed(served.module.features(other_image))
-        self.other_first = other_first
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        embedding = self.module.embed(self.features(x))
-        pair = (self.other_embedding, embedding) if self.other_first else (embedding, self.other_embedding)
-        score = self.module.similarity(*pair)
-        return torch.stack([1 - score, score], dim=1)
-
-
-class _Features(nn.Module):
-    def __init__(self, module: torch.jit.ScriptModule) -> None:
-        super().__init__()
-        self.module = module
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module.features(x)
-
-
 def _pearson(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
     return float(np.corrcoef(np.asarray(a).ravel(), np.asarray(b).ravel())[0, 1])
 
@@ -80,22 +50,16 @@ def test_maps_match_pytorch_grad_cam(served: ServedModel, batch) -> None:
     ours = explain_batch(served.module, x1, x2, served.threshold)
     compared = 0
     for index in range(3):
-        similar = bool(ours.similar[index])
-        targets = {"factual": int(similar), "counterfactual": int(not similar)}  # class 1 is "similar"
-        for image, other, other_first in ((1, x2, False), (2, x1, True)):
-            this = (x1 if image == 1 else x2)[index:index + 1]
-            wrapper = _ScoreAgainstFixedImage(served, other[index:index + 1], other_first)
-            with GradCAM(model=wrapper, target_layers=[wrapper.features]) as reference:
-                for kind, category in targets.items():
-                    theirs = reference(input_tensor=this, targets=[ClassifierOutputTarget(category)])[0]
-                    mine = getattr(ours, f"{kind}{image}")[index].numpy()
-                    assert theirs.shape == mine.shape
-                    if mine.max() == 0:  # no positive evidence: theirs must be blank too
-                        assert theirs.max() < 1e-3, f"pair {index} image {image} {kind}"
-                        continue
-                    correlation = _pearson(mine, theirs)
-                    assert correlation >= 0.99, f"pair {index} image {image} {kind}: r = {correlation:.4f}"
-                    compared += 1
+        pair = (x1[index:index + 1], x2[index:index + 1])
+        for name, theirs in pytorch_grad_cam_maps(served, *pair, bool(ours.similar[index])).items():
+            mine = getattr(ours, name)[index].numpy()
+            assert theirs.shape == mine.shape
+            if mine.max() == 0:  # no positive evidence: theirs must be blank too
+                assert theirs.max() < 1e-3, f"pair {index} {name}"
+                continue
+            correlation = _pearson(mine, theirs)
+            assert correlation >= 0.99, f"pair {index} {name}: r = {correlation:.4f}"
+            compared += 1
     # The comparison means something only if real maps were compared, factual and counterfactual alike.
     assert compared >= 6
 
