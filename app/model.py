@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +37,20 @@ class ServedModel:
     def threshold(self) -> float:
         return float(self.manifest["threshold"])
 
+    @cached_property
+    def _transform(self) -> transforms.Compose:
+        # `resize_policy: stretch`: the whole image, no crop, so every heatmap pixel maps back onto the original.
+        normalization = self.manifest["normalization"]
+        return transforms.Compose([
+            transforms.PILToTensor(),
+            transforms.Resize(self.input_size, antialias=True),
+            transforms.ToDtype(torch.float32, scale=True),
+            transforms.Normalize(normalization["mean"], normalization["std"]),
+        ])
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """An RGB image as the normalized float tensor [3, H, W] the model expects (on the CPU)."""
-        return _transform(self.input_size, self.manifest["normalization"])(image)
-
-
-def _transform(input_size: tuple[int, int], normalization: dict[str, list[float]]) -> transforms.Compose:
-    # `resize_policy: stretch`: the whole image, no crop, so every heatmap pixel maps back onto the original.
-    return transforms.Compose([
-        transforms.PILToTensor(),
-        transforms.Resize(input_size, antialias=True),
-        transforms.ToDtype(torch.float32, scale=True),
-        transforms.Normalize(normalization["mean"], normalization["std"]),
-    ])
+        return self._transform(image)
 
 
 def pick_device(requested: str) -> torch.device:
