@@ -96,7 +96,9 @@ def _wait_until_ready(url: str, process: subprocess.Popen, log_path: Path) -> No
     pytest.fail(f"the service was not ready after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()}")
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop running until it stops, and tests
+# collected after the browser tests call asyncio.run(), which refuses to start inside a running loop.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (`make system-deps` as root) to run the browser tests")
