@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from training.errors import UsageError
 from training.evaluate import add_evaluate_arguments, evaluate
 from training.train import add_train_arguments, train
 
@@ -32,9 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     args.argv = argv  # recorded in the manifest: the exact command that made the model
-    args.handler(args)
+    try:
+        args.handler(args)
+    except UsageError as error:
+        parser.exit(2, f"{parser.prog} {argv[0]}: error: {error}\n")
 
 
 if __name__ == "__main__":

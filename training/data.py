@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +17,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
+from training.errors import UsageError
+
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError):
     """The folder cannot be used as an image-folder dataset; the message says how to fix it."""
 
 
@@ -76,11 +79,16 @@ def scan_image_folder(root: Path) -> ImageFolder:
     return ImageFolder(root, classes, paths, labels, skipped)
 
 
+# A class needs an image in each of the three splits; smaller ones go wholly to training, where they still pair.
+MIN_IMAGES_TO_SPLIT = 3
+
+
 @dataclass
 class Split:
     """Indices into an ImageFolder's images for each of train, validation and test."""
 
     indices: dict[str, list[int]]
+    training_only: list[int] = field(default_factory=list)  # labels of classes too small to split
 
     def fingerprint(self, folder: ImageFolder) -> str:
         """sha256 over (split, class, relative path) of every image: two models share it iff their splits match."""
@@ -93,26 +101,31 @@ class Split:
 
 
 def split_by_image(labels: list[int], validation_fraction: float, test_fraction: float, seed: int) -> Split:
-    """Stratified, seeded split of images (not pairs), so no image can appear in two splits' pairs."""
+    """Stratified, seeded split of images (not pairs), so no image can appear in two splits' pairs. Classes of
+    fewer than MIN_IMAGES_TO_SPLIT images cannot be stratified: all their images go to train."""
     if not (0 < validation_fraction < 1 and 0 < test_fraction < 1 and validation_fraction + test_fraction < 1):
         raise DatasetError("validation and test fractions must be in (0, 1) and sum to less than 1")
-    everything = np.arange(len(labels))
+    counts = Counter(labels)
+    training_only = sorted(label for label, count in counts.items() if count < MIN_IMAGES_TO_SPLIT)
+    splittable = np.array([i for i, label in enumerate(labels) if counts[label] >= MIN_IMAGES_TO_SPLIT], dtype=int)
     try:
-        rest, test = train_test_split(everything, test_size=test_fraction, stratify=labels, random_state=seed)
-        rest_labels = [labels[i] for i in rest]
+        rest, test = train_test_split(splittable, test_size=test_fraction, stratify=[labels[i] for i in splittable],
+                                      random_state=seed)
         train, validation = train_test_split(
             rest,
             test_size=validation_fraction / (1 - test_fraction),
-            stratify=rest_labels,
+            stratify=[labels[i] for i in rest],
             random_state=seed,
         )
     except ValueError as error:
         raise DatasetError(
-            f"cannot split {len(labels)} images into train/validation/test with every class in each ({error}); "
-            "add images to the smallest class or change --validation-fraction/--test-fraction"
+            f"cannot split {len(splittable)} images of classes with at least {MIN_IMAGES_TO_SPLIT} images into "
+            f"train/validation/test with every class in each ({error}); add images to the smallest class or "
+            "change --validation-fraction/--test-fraction"
         ) from error
+    train = np.concatenate([train, [i for i, label in enumerate(labels) if label in training_only]]).astype(int)
     parts = {"train": train, "validation": validation, "test": test}
-    return Split({name: sorted(indices.tolist()) for name, indices in parts.items()})
+    return Split({name: sorted(indices.tolist()) for name, indices in parts.items()}, training_only)
 
 
 def make_pairs(labels: list[int], generator: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from training.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -29,7 +31,7 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but torch sees no CUDA device; use --device cpu or auto")
+        raise UsageError("--device cuda was requested but torch sees no CUDA device; use --device cpu or auto")
     return torch.device(requested)
 
 

@@ -16,6 +16,7 @@ import torch
 from app.torchscript import load_torchscript
 from training.augment import normalize
 from training.data import DatasetError, decode_images, make_pairs, scan_image_folder, split_by_image
+from training.errors import UsageError
 from training.metrics import format_table, pair_metrics
 from training.train import fixed_pairs_generator, score_pairs
 
@@ -32,6 +33,9 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    if not (args.model / "manifest.json").is_file():
+        raise UsageError(f"{args.model} holds no manifest.json; pass a folder written by `python -m training train`, "
+                         "such as model_store/flowers")
     manifest = json.loads((args.model / "manifest.json").read_text())
     module = load_torchscript(args.model / "model.pt")
     seed = manifest["training"]["seed"] if args.seed is None else args.seed

@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import random
 import shlex
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +33,21 @@ from tqdm import tqdm
 
 from training import distributed
 from training.augment import IMAGENET_MEAN, IMAGENET_STD, augment_batch, build_augmentation, normalize
-from training.data import SPLITS, decode_images, make_pairs, scan_image_folder, split_by_image
+from training.data import MIN_IMAGES_TO_SPLIT, SPLITS, decode_images, make_pairs, scan_image_folder, split_by_image
+from training.errors import UsageError
 from training.export import export_model
 from training.metrics import best_threshold, format_table, pair_metrics, platt_scaling
 from training.model import BACKBONES, SiameseNet, build_siamese
 
 STAGES: tuple[str, ...] = ("classify", "pairs")
+# Arguments a resumed run may change: where its outputs go and what hardware it runs on. Every other argument
+# shapes the run itself (its schedule, data, model), so resuming with a different value would silently mix two runs.
+CHANGEABLE_ON_RESUME: frozenset[str] = frozenset(
+    {"resume", "output", "checkpoint_dir", "device", "amp", "name", "model_version", "handler", "argv"})
+
+
+class CheckpointError(UsageError):
+    """--resume cannot continue from the checkpoint it found."""
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,8 +98,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--checkpoint-dir", type=Path, help="checkpoint folder (default: runs/<name>)")
     run.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                     help="bfloat16 mixed precision on CUDA (ignored on CPU)")
+    run.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                     help="bfloat16 mixed precision (default: on with CUDA; off on CPU, where it is rarely faster)")
     run.add_argument("--seed", type=int, default=0)
 
 
@@ -164,13 +175,27 @@ def raw_similarity(embeddings: torch.Tensor, pairs: tuple[np.ndarray, np.ndarray
     return ((e1 * e2).sum(dim=1) / embeddings.shape[1]).cpu().numpy()
 
 
+def run_identity(args: argparse.Namespace, split_sha256: str, processes: int) -> dict[str, Any]:
+    """What a checkpoint must share with the command that resumes it: the run-shaping arguments, the data split
+    and the number of processes (together they fix the steps of every epoch)."""
+    identity = {"--" + k.replace("_", "-"): (str(v.resolve()) if isinstance(v, Path) else v)
+                for k, v in vars(args).items() if k not in CHANGEABLE_ON_RESUME}
+    return {**identity, "data split sha256": split_sha256, "processes": processes}
+
+
+def identity_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [f"{key} {saved.get(key)!r} in the checkpoint, {current.get(key)!r} now"
+            for key in sorted(saved.keys() | current.keys()) if saved.get(key) != current.get(key)]
+
+
 class Trainer:
     """Holds what every epoch needs; ``run`` goes through the stages, checkpointing after each epoch."""
 
     def __init__(self, args: argparse.Namespace, runtime: distributed.Runtime, trainee: Trainee,
                  train_images: torch.Tensor, train_labels: list[int], validation_images: torch.Tensor,
-                 validation_pairs: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+                 validation_pairs: tuple[np.ndarray, np.ndarray, np.ndarray], identity: dict[str, Any]) -> None:
         self.args = args
+        self.identity = identity
         self.runtime = runtime
         self.device = runtime.device
         self.trainee = trainee
@@ -178,7 +203,7 @@ class Trainer:
         self.train_labels = torch.tensor(train_labels)
         self.validation_images = validation_images
         self.validation_pairs = validation_pairs
-        self.amp = args.amp and self.device.type == "cuda"
+        self.amp = self.device.type == "cuda" if args.amp is None else args.amp
         size = (args.input_size, args.input_size)
         self.augmentation = build_augmentation(size, args.crop_scale, args.hflip, args.vflip, args.rotation,
                                                args.color_jitter)
@@ -327,13 +352,20 @@ class Trainer:
             self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.checkpoint_path.with_suffix(".partial")
             # the RNG drives augmentation: restoring it makes a resumed run match an uninterrupted one
-            torch.save({**self.state, "model": self.trainee.state_dict(), "rng": torch.get_rng_state()}, partial)
+            torch.save({**self.state, "model": self.trainee.state_dict(), "rng": torch.get_rng_state(),
+                        "identity": self.identity}, partial)
             partial.replace(self.checkpoint_path)  # a crash mid-write never leaves a broken checkpoint
 
     def load_checkpoint(self) -> None:
         if not self.checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path}; drop --resume to start afresh")
+            raise CheckpointError(f"no checkpoint at {self.checkpoint_path}; drop --resume to start afresh, or pass "
+                                  "the --checkpoint-dir of the run to continue")
         saved = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        differences = identity_differences(saved.pop("identity", {}), self.identity)
+        if differences:
+            raise CheckpointError(
+                f"{self.checkpoint_path} was written by a different run ({'; '.join(differences)}); resume with the "
+                "original command plus --resume, or drop --resume (or pick another --checkpoint-dir) to start afresh")
         self.trainee.load_state_dict(saved.pop("model"))
         torch.set_rng_state(saved.pop("rng").cpu())
         self.state.update(saved)
@@ -355,9 +387,17 @@ class Trainer:
 def train(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train, calibrate, evaluate and export; returns the manifest (on the main process)."""
     started = time.perf_counter()
+    args.name = args.name or args.data.resolve().name
+    args.output = args.output or Path("model_store") / args.name
+    args.checkpoint_dir = args.checkpoint_dir or Path("runs") / args.name
     runtime = distributed.start(args.device)
     try:
         return _train(args, runtime, started)
+    except KeyboardInterrupt:
+        if runtime.is_main:
+            print(f"\ninterrupted: every finished epoch is saved in {args.checkpoint_dir}; run the same command "
+                  "with --resume to continue from the last one", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     finally:
         distributed.stop(runtime)
 
@@ -366,12 +406,14 @@ def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: floa
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    name = args.name or args.data.resolve().name
-    args.output = args.output or Path("model_store") / name
-    args.checkpoint_dir = args.checkpoint_dir or Path("runs") / name
 
     folder = scan_image_folder(args.data)
     split = split_by_image(folder.labels, args.validation_fraction, args.test_fraction, args.seed)
+    training_only = [folder.classes[label] for label in split.training_only]
+    if training_only:
+        warnings.warn(f"class(es) {', '.join(training_only)} have fewer than {MIN_IMAGES_TO_SPLIT} images, too few "
+                      "for every split: all their images are used for training, none for validation or test",
+                      stacklevel=2)
     paths = {s: [folder.paths[i] for i in split.indices[s]] for s in SPLITS}
     labels = {s: [folder.labels[i] for i in split.indices[s]] for s in SPLITS}
     pairs = {s: make_pairs(labels[s], fixed_pairs_generator(args.seed, s)) for s in ("validation", "test")}
@@ -386,8 +428,9 @@ def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: floa
 
     net = build_siamese(args.backbone, args.embedding_dim, args.pretrained_weights, args.torchvision_weights)
     trainee = Trainee(net, len(folder.classes)).to(runtime.device)
+    split_sha256 = split.fingerprint(folder)
     trainer = Trainer(args, runtime, trainee, train_images, labels["train"], evaluation_images["validation"],
-                      pairs["validation"])
+                      pairs["validation"], run_identity(args, split_sha256, runtime.world_size))
     if args.resume:
         trainer.load_checkpoint()
     trainer.run()
@@ -404,7 +447,7 @@ def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: floa
     metrics = {s: pair_metrics(pairs[s][2], scores[s], threshold) for s in pairs}
     print(format_table(metrics), flush=True)
     manifest = {
-        "name": name,
+        "name": args.name,
         "version": args.model_version,
         "backbone": args.backbone,
         "input_size": list(size),
@@ -420,7 +463,8 @@ def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: floa
             "pairs": {s: int(len(pairs[s][2])) for s in pairs},
             "skipped_files": folder.skipped,
             "split": {"seed": args.seed, "validation_fraction": args.validation_fraction,
-                      "test_fraction": args.test_fraction, "sha256": split.fingerprint(folder)},
+                      "test_fraction": args.test_fraction, "sha256": split_sha256,
+                      "training_only_classes": training_only},
         },
         "training": {
             "command": "python -m training " + shlex.join(args.argv),
@@ -429,6 +473,7 @@ def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: floa
                           if k not in ("handler", "argv")},
             "processes": runtime.world_size,
             "device": runtime.device.type,
+            "mixed_precision": trainer.amp,
             "wall_time_s": round(time.perf_counter() - started, 1),
             "history": trainer.state["history"],
         },

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+
+from training.__main__ import main
 
 SHAPES: dict[str, tuple[int, int, int]] = {"circle": (220, 40, 40), "square": (40, 200, 60), "triangle": (50, 70, 230)}
 IMAGES_PER_CLASS = 30
@@ -44,3 +48,13 @@ TINY_TRAIN_ARGS: list[str] = [
     "--input-size", "32", "--classify-epochs", "4", "--epochs", "2", "--batch-size", "16",
     "--validation-fraction", "0.2", "--test-fraction", "0.2", "--device", "cpu",
 ]
+
+
+@pytest.fixture(scope="session")
+def trained(shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """One uninterrupted tiny run: its exported folder and manifest (checkpoints beside it, in checkpoints/)."""
+    work = tmp_path_factory.mktemp("trained")
+    main(["train", "--data", str(shapes_dataset), "--name", "shapes", "--output", str(work / "shapes"),
+          "--checkpoint-dir", str(work / "checkpoints"), *TINY_TRAIN_ARGS])
+    model_dir = work / "shapes"
+    return model_dir, json.loads((model_dir / "manifest.json").read_text())

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from tests.training.conftest import IMAGES_PER_CLASS, SHAPES, draw_shapes_dataset
-from training.data import SPLITS, DatasetError, make_pairs, scan_image_folder, split_by_image
+from training.data import MIN_IMAGES_TO_SPLIT, SPLITS, DatasetError, make_pairs, scan_image_folder, split_by_image
+
+AIRBNB = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "airbnb"
 
 
 def test_split_is_by_image_disjoint_stratified_and_seeded(shapes_dataset: Path) -> None:
@@ -83,10 +85,34 @@ def test_single_class_is_a_clear_error(tmp_path: Path) -> None:
         scan_image_folder(root)
 
 
-def test_class_too_small_to_split_is_a_clear_error(tmp_path: Path) -> None:
-    root = draw_shapes_dataset(tmp_path / "data", images_per_class=IMAGES_PER_CLASS)
-    for extra in sorted((root / "triangle").iterdir())[1:]:
+def test_classes_too_small_to_split_are_used_for_training_only(tmp_path: Path) -> None:
+    root = draw_shapes_dataset(tmp_path / "data", images_per_class=10)
+    for extra in sorted((root / "triangle").iterdir())[2:]:
         extra.unlink()
     folder = scan_image_folder(root)
+    split = split_by_image(folder.labels, 0.2, 0.2, seed=0)
+    triangle = folder.classes.index("triangle")
+    assert split.training_only == [triangle]
+    triangles = {i for i, label in enumerate(folder.labels) if label == triangle}
+    assert len(triangles) == 2 and triangles <= set(split.indices["train"])
+    for name in ("validation", "test"):
+        assert Counter(folder.labels[i] for i in split.indices[name]) == {0: 2, 1: 2}
+    assert sorted(sum(split.indices.values(), [])) == list(range(len(folder.paths)))
+
+
+def test_classes_too_small_for_the_fractions_are_a_clear_error(tmp_path: Path) -> None:
+    """Three images in each of three classes leave a test split of two images: not one per class."""
+    folder = scan_image_folder(draw_shapes_dataset(tmp_path / "data", images_per_class=3))
     with pytest.raises(DatasetError, match="add images to the smallest class"):
         split_by_image(folder.labels, 0.2, 0.2, seed=0)
+
+
+@pytest.mark.skipif(not AIRBNB.is_dir(), reason=f"the paper's AirBnB dataset is not at {AIRBNB}")
+def test_the_papers_airbnb_rooms_split_with_their_rare_rooms_in_training() -> None:
+    folder = scan_image_folder(AIRBNB)
+    split = split_by_image(folder.labels, 0.15, 0.15, seed=0)
+    rare = {name for name, count in folder.counts().items() if count < MIN_IMAGES_TO_SPLIT}
+    assert rare and {folder.classes[label] for label in split.training_only} == rare
+    for name in ("validation", "test"):
+        classes = {folder.classes[folder.labels[i]] for i in split.indices[name]}
+        assert not classes & rare and len(classes) >= 2, classes

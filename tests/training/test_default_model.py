@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from app.torchscript import load_torchscript
+from training.data import scan_image_folder, split_by_image
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "model_store" / "flowers"
+FLOWERS = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "flowers"
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_MODEL / "model.pt").exists(),
@@ -37,3 +39,12 @@ def test_default_model_matches_its_manifest_and_keeps_the_contract() -> None:
     assert bool(torch.isfinite(feature_maps.grad).all()) and float(feature_maps.grad.abs().max()) > 0
     for split in ("validation", "test"):
         assert set(manifest["metrics"][split]) >= {"accuracy", "roc_auc", "precision", "recall", "confusion_matrix"}
+
+
+@pytest.mark.skipif(not FLOWERS.is_dir(), reason=f"the flowers dataset is not at {FLOWERS}")
+def test_default_models_split_is_made_again_exactly() -> None:
+    """`evaluate --split test` re-makes the model's split from its manifest: the splitter must not drift."""
+    recorded = json.loads((DEFAULT_MODEL / "manifest.json").read_text())["dataset"]["split"]
+    folder = scan_image_folder(FLOWERS)
+    split = split_by_image(folder.labels, recorded["validation_fraction"], recorded["test_fraction"], recorded["seed"])
+    assert split.fingerprint(folder) == recorded["sha256"]

@@ -15,15 +15,6 @@ from tests.training.conftest import TINY_TRAIN_ARGS
 from training.__main__ import main
 
 
-@pytest.fixture(scope="module")
-def trained(shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    work = tmp_path_factory.mktemp("trained")
-    main(["train", "--data", str(shapes_dataset), "--name", "shapes", "--output", str(work / "shapes"),
-          "--checkpoint-dir", str(work / "checkpoints"), *TINY_TRAIN_ARGS])
-    model_dir = work / "shapes"
-    return model_dir, json.loads((model_dir / "manifest.json").read_text())
-
-
 def test_manifest_describes_the_file_and_the_run(trained: tuple[Path, dict[str, Any]]) -> None:
     model_dir, manifest = trained
     assert manifest["sha256"] == hashlib.sha256((model_dir / "model.pt").read_bytes()).hexdigest()
@@ -88,13 +79,24 @@ def test_evaluate_reproduces_the_recorded_test_metrics(trained: tuple[Path, dict
     assert measured["roc_auc"] == pytest.approx(manifest["metrics"]["test"]["roc_auc"], abs=1e-6)
 
 
-def test_resume_restores_the_trained_state(trained: tuple[Path, dict[str, Any]], shapes_dataset: Path,
-                                           tmp_path: Path) -> None:
-    """Resuming a finished run trains nothing more and must export the very same model (same best weights)."""
-    model_dir, manifest = trained
-    main(["train", "--data", str(shapes_dataset), "--name", "shapes", "--output", str(tmp_path / "again"),
-          "--checkpoint-dir", str(model_dir.parent / "checkpoints"), "--resume", *TINY_TRAIN_ARGS])
-    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
-    assert again["training"]["history"] == manifest["training"]["history"]
-    assert again["metrics"] == manifest["metrics"]
-    assert again["threshold"] == manifest["threshold"]
+
+def test_mixed_precision_trains_and_exports_a_float32_model(trained: tuple[Path, dict[str, Any]],
+                                                            shapes_dataset: Path, tmp_path: Path) -> None:
+    """`--amp` runs the steps under bfloat16 autocast (the CUDA default; asked for here on CPU, so this path is
+    tested without a GPU). The exported file must still be a float32 model that keeps the contract."""
+    _, float32_manifest = trained
+    assert float32_manifest["training"]["mixed_precision"] is False  # the default on CPU
+    main(["train", "--data", str(shapes_dataset), "--name", "shapes", "--output", str(tmp_path / "shapes"),
+          "--checkpoint-dir", str(tmp_path / "checkpoints"), *TINY_TRAIN_ARGS, "--amp"])
+    manifest = json.loads((tmp_path / "shapes" / "manifest.json").read_text())
+    assert manifest["training"]["mixed_precision"] is True
+    history = manifest["training"]["history"]
+    assert all(torch.isfinite(torch.tensor(record["loss"])) for record in history)
+    assert manifest["metrics"]["test"]["roc_auc"] > 0.75, manifest["metrics"]
+    module = load_torchscript(tmp_path / "shapes" / "model.pt")
+    x = torch.randn(2, 3, *manifest["input_size"], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        feature_maps = module.features(x)
+        scores = module(x, x.flip(0))
+    assert feature_maps.dtype == torch.float32 and scores.dtype == torch.float32
+    assert bool(((scores >= 0) & (scores <= 1)).all())

@@ -1,0 +1,90 @@
+"""Resumable runs: a run interrupted mid-way and resumed makes the very model an uninterrupted run makes, and
+`--resume` refuses, with a message that says what to do, a checkpoint the command cannot continue."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.training.conftest import TINY_TRAIN_ARGS
+from training.__main__ import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def train_command(dataset: Path, work: Path, *extra: str) -> list[str]:
+    return ["train", "--data", str(dataset), "--name", "shapes", "--output", str(work / "shapes"),
+            "--checkpoint-dir", str(work / "checkpoints"), *TINY_TRAIN_ARGS, *extra]
+
+
+def without_timings(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(trained: tuple[Path, dict[str, Any]],
+                                                             shapes_dataset: Path, tmp_path: Path) -> None:
+    _, uninterrupted = trained
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "training", *train_command(shapes_dataset, tmp_path)],
+                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        checkpoint = tmp_path / "checkpoints" / "checkpoint.pt"
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists():  # appears when the first epoch has finished
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+    message = log.read_text()
+    assert "--resume" in message and "Traceback" not in message, message[-3000:]
+    assert not (tmp_path / "shapes").exists(), "an interrupted run must not export"
+    finished_epochs = len(torch.load(checkpoint, weights_only=False)["history"])
+    assert 1 <= finished_epochs < len(uninterrupted["training"]["history"])
+
+    main(train_command(shapes_dataset, tmp_path, "--resume"))
+    resumed = json.loads((tmp_path / "shapes" / "manifest.json").read_text())
+    assert without_timings(resumed["training"]["history"]) == without_timings(uninterrupted["training"]["history"])
+    assert resumed["metrics"] == uninterrupted["metrics"]
+    assert resumed["threshold"] == uninterrupted["threshold"]
+
+
+def test_resuming_a_finished_run_exports_the_same_model(trained: tuple[Path, dict[str, Any]], shapes_dataset: Path,
+                                                        tmp_path: Path) -> None:
+    model_dir, manifest = trained
+    main(["train", "--data", str(shapes_dataset), "--name", "shapes", "--output", str(tmp_path / "again"),
+          "--checkpoint-dir", str(model_dir.parent / "checkpoints"), "--resume", *TINY_TRAIN_ARGS])
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert again["training"]["history"] == manifest["training"]["history"]
+    assert again["metrics"] == manifest["metrics"]
+    assert again["threshold"] == manifest["threshold"]
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--epochs", "3"], "--epochs 2 in the checkpoint, 3 now"),
+    (["--test-fraction", "0.3"], "data split sha256"),
+    (["--checkpoint-dir", "{tmp}/nowhere"], "no checkpoint at"),
+], ids=["changed schedule", "changed split", "no checkpoint"])
+def test_resume_refuses_what_it_cannot_continue(trained: tuple[Path, dict[str, Any]], shapes_dataset: Path,
+                                                tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                extra: list[str], expected: str) -> None:
+    model_dir, _ = trained
+    checkpoint = model_dir.parent / "checkpoints" / "checkpoint.pt"
+    before = checkpoint.stat().st_mtime_ns
+    with pytest.raises(SystemExit) as stopped:
+        main(["train", "--data", str(shapes_dataset), "--name", "shapes", "--output", str(tmp_path / "again"),
+              "--checkpoint-dir", str(checkpoint.parent), "--resume", *TINY_TRAIN_ARGS,
+              *(arg.format(tmp=tmp_path) for arg in extra)])
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err
+    assert message.startswith("python -m training train: error: ") and expected in message, message
+    assert "start afresh" in message
+    assert checkpoint.stat().st_mtime_ns == before and not (tmp_path / "again").exists()
