@@ -10,6 +10,9 @@ import torch
 from training.export import export_model
 from training.model import build_siamese
 
+# The paper's datasets (see its README); tests that need them skip, saying so, when they are absent.
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
 TEST_MODEL_NAME = "tiny"
 TEST_INPUT_SIZE = (128, 128)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]

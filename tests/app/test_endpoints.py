@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -14,8 +13,9 @@ from PIL import Image, ImageOps
 
 from app.overlays import COLORMAPS
 from tests.app.images import drawn_image, encode, pair_files
+from tests.conftest import SHARED_DATASETS
 
-FLOWERS = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "flowers"
+FLOWERS = SHARED_DATASETS / "flowers"
 
 
 def _problem(response: httpx.Response, status: int) -> dict:

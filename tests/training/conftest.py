@@ -50,11 +50,16 @@ TINY_TRAIN_ARGS: list[str] = [
 ]
 
 
+def train_command(dataset: Path, work: Path, *extra: str) -> list[str]:
+    """The tiny run's command line, exporting to work/shapes with checkpoints in work/checkpoints."""
+    return ["train", "--data", str(dataset), "--name", "shapes", "--output", str(work / "shapes"),
+            "--checkpoint-dir", str(work / "checkpoints"), *TINY_TRAIN_ARGS, *extra]
+
+
 @pytest.fixture(scope="session")
 def trained(shapes_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """One uninterrupted tiny run: its exported folder and manifest (checkpoints beside it, in checkpoints/)."""
     work = tmp_path_factory.mktemp("trained")
-    main(["train", "--data", str(shapes_dataset), "--name", "shapes", "--output", str(work / "shapes"),
-          "--checkpoint-dir", str(work / "checkpoints"), *TINY_TRAIN_ARGS])
+    main(train_command(shapes_dataset, work))
     model_dir = work / "shapes"
     return model_dir, json.loads((model_dir / "manifest.json").read_text())

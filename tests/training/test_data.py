@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import SHARED_DATASETS
 from tests.training.conftest import IMAGES_PER_CLASS, SHAPES, draw_shapes_dataset
 from training.data import MIN_IMAGES_TO_SPLIT, SPLITS, DatasetError, make_pairs, scan_image_folder, split_by_image
 
-AIRBNB = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "airbnb"
+AIRBNB = SHARED_DATASETS / "airbnb"
 
 
 def test_split_is_by_image_disjoint_stratified_and_seeded(shapes_dataset: Path) -> None:

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from app.torchscript import load_torchscript
+from tests.conftest import SHARED_DATASETS
 from training.data import scan_image_folder, split_by_image
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "model_store" / "flowers"
-FLOWERS = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "flowers"
+FLOWERS = SHARED_DATASETS / "flowers"
 
 pytestmark = pytest.mark.skipif(
     not (DEFAULT_MODEL / "model.pt").exists(),

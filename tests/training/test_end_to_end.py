@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from app.torchscript import load_torchscript
-from tests.training.conftest import TINY_TRAIN_ARGS
+from tests.training.conftest import train_command
 from training.__main__ import main
 
 
@@ -86,8 +86,7 @@ def test_mixed_precision_trains_and_exports_a_float32_model(trained: tuple[Path,
     tested without a GPU). The exported file must still be a float32 model that keeps the contract."""
     _, float32_manifest = trained
     assert float32_manifest["training"]["mixed_precision"] is False  # the default on CPU
-    main(["train", "--data", str(shapes_dataset), "--name", "shapes", "--output", str(tmp_path / "shapes"),
-          "--checkpoint-dir", str(tmp_path / "checkpoints"), *TINY_TRAIN_ARGS, "--amp"])
+    main(train_command(shapes_dataset, tmp_path, "--amp"))
     manifest = json.loads((tmp_path / "shapes" / "manifest.json").read_text())
     assert manifest["training"]["mixed_precision"] is True
     history = manifest["training"]["history"]

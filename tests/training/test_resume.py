@@ -14,15 +14,10 @@ from typing import Any
 import pytest
 import torch
 
-from tests.training.conftest import TINY_TRAIN_ARGS
+from tests.training.conftest import TINY_TRAIN_ARGS, train_command
 from training.__main__ import main
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def train_command(dataset: Path, work: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(dataset), "--name", "shapes", "--output", str(work / "shapes"),
-            "--checkpoint-dir", str(work / "checkpoints"), *TINY_TRAIN_ARGS, *extra]
 
 
 def without_timings(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -16,10 +16,12 @@ import pytest
 from PIL import Image, ImageDraw
 from playwright.sync_api import Browser, sync_playwright
 
+from tests.conftest import SHARED_DATASETS
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_STORE = REPO / "model_store"
 DEFAULT_MODEL_NAME = "flowers"
-FLOWERS = REPO.parent / "shared" / "datasets" / "flowers"
+FLOWERS = SHARED_DATASETS / "flowers"
 CHROMIUM = Path("/usr/bin/chromium")
 # Debian's Chromium, never a downloaded one; these flags keep it from reaching out to the network.
 CHROMIUM_ARGS = [
