@@ -42,8 +42,10 @@ RUN groupadd --system --gid 10001 siamcam \
 
 COPY --from=deps /opt/venv /opt/venv
 WORKDIR /srv
-# The service needs app/ and a model store, nothing else from the repository (it never imports training/).
+# The service needs app/, the artifact contract it reads models with, and a model store; nothing else from the
+# repository (it never imports training/).
 COPY app/ /srv/app/
+COPY contract/ /srv/contract/
 # The default model, baked in. Serve another one by mounting a store and pointing MODEL_STORE/MODEL_NAME at it:
 #   docker run -v /path/to/store:/models:ro -e MODEL_STORE=/models -e MODEL_NAME=mine siamcam
 COPY model_store/flowers/ /srv/model_store/flowers/

@@ -1,6 +1,6 @@
 """One error shape for every failure: RFC 9457 problem details (`application/problem+json`).
 
-Our own errors are `Problem` exceptions; FastAPI's validation errors, Starlette's HTTP errors (404, 405, ...)
+Our own errors are `Problem` exceptions, or the contract's image errors (mapped in `IMAGE_PROBLEMS`); FastAPI's validation errors, Starlette's HTTP errors (404, 405, ...)
 and anything unexpected are rendered in the same shape by the handlers installed here.
 """
 
@@ -13,6 +13,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from contract.images import CorruptImage, ImageError, NotAnImage, TooManyPixels
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 _TYPE_PREFIX = "urn:siamcam:problem:"
@@ -60,6 +62,20 @@ async def _on_problem(_: Request, error: Exception) -> JSONResponse:
     return error.response()
 
 
+# Each kind of image the contract refuses: its status and problem type.
+IMAGE_PROBLEMS: dict[type[ImageError], tuple[int, str]] = {
+    NotAnImage: (415, "not-an-image"),
+    CorruptImage: (422, "corrupt-image"),
+    TooManyPixels: (422, "image-too-large"),
+}
+
+
+async def _on_image_error(_: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ImageError)
+    status, slug = IMAGE_PROBLEMS[type(error)]
+    return problem_response(status, slug, str(error))
+
+
 async def _on_http_error(_: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
     slug = HTTPStatus(error.status_code).phrase.lower().replace(" ", "-")
@@ -86,6 +102,7 @@ async def _on_unexpected(_: Request, error: Exception) -> JSONResponse:
 
 def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _on_problem)
+    app.add_exception_handler(ImageError, _on_image_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(Exception, _on_unexpected)

@@ -15,7 +15,6 @@ from PIL import Image
 
 from app import metrics
 from app.batcher import Batcher, Job, Outcome, QueueFull
-from app.decode import decode_image
 from app.errors import CLIENT_CLOSED_REQUEST, Problem, service_unavailable
 from app.gradcam import PairExplanations
 from app.model import ServedModel
@@ -23,6 +22,7 @@ from app.overlays import MEDIA_TYPES, ColormapName, OverlayFormat, render_overla
 from app.schemas import Explanation, Explanations, Overlay, Target
 from app.service import Service
 from app.settings import Settings
+from contract.images import decode_upright_rgb
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class OverlayOptions:
 
 
 async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, settings: Settings) -> DecodedPair:
-    """Both uploads decoded and preprocessed, off the event loop; 413/415/422 problems for bad files."""
+    """Both uploads decoded and preprocessed, off the event loop; 413 for files over the limit, the contract's
+    image errors (mapped to 415/422 in errors.py) for the rest."""
     uploads = {"image1": image1, "image2": image2}
     for field, upload in uploads.items():
         if upload.size is not None and upload.size > settings.max_upload_bytes:
@@ -53,7 +54,7 @@ async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, 
 
 
 def _decode_pair(contents: list[bytes], fields: list[str], model: ServedModel, max_pixels: int) -> DecodedPair:
-    first, second = (decode_image(data, field, max_pixels) for data, field in zip(contents, fields, strict=True))
+    first, second = (decode_upright_rgb(data, field, max_pixels) for data, field in zip(contents, fields, strict=True))
     return DecodedPair((first, second), (model.preprocess(first), model.preprocess(second)))
 
 

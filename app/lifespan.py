@@ -58,7 +58,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.batcher = batcher
     service.model = model
     logger.info("ready", extra={
-        "model": model.manifest["name"], "version": model.manifest["version"], "device": str(model.device),
+        "model": model.manifest.name, "version": model.manifest.version, "device": str(model.device),
     })
     try:
         with drain_on_signals(service.drain, settings.drain_grace_s):

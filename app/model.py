@@ -1,21 +1,18 @@
-"""Loading a model from the store (model_store/README.md is the contract) and turning images into its input."""
+"""Loading a model from the store (the contract in contract/, documented in model_store/README.md) and running
+batches of pairs through it."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
-from torchvision.transforms import v2 as transforms
 
 from app.gradcam import PairExplanations, explain_batch, score_batch
-from app.torchscript import load_torchscript, sha256_of
-
-SUPPORTED_FORMAT_VERSION = 1
+from contract.manifest import MODEL_FILE, Manifest, ManifestError, read_manifest
+from contract.preprocess import Preprocessing
+from contract.torchscript import TorchScriptError, load_torchscript, sha256_of
 
 
 class ModelLoadError(RuntimeError):
@@ -24,33 +21,23 @@ class ModelLoadError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServedModel:
+    path: Path  # the model.pt it was loaded from
     module: torch.jit.ScriptModule
-    manifest: dict[str, Any]
+    manifest: Manifest
     device: torch.device
+    preprocessing: Preprocessing
 
     @property
     def input_size(self) -> tuple[int, int]:
-        height, width = self.manifest["input_size"]
-        return int(height), int(width)
+        return self.manifest.input_size
 
     @property
     def threshold(self) -> float:
-        return float(self.manifest["threshold"])
-
-    @cached_property
-    def _transform(self) -> transforms.Compose:
-        # `resize_policy: stretch`: the whole image, no crop, so every heatmap pixel maps back onto the original.
-        normalization = self.manifest["normalization"]
-        return transforms.Compose([
-            transforms.PILToTensor(),
-            transforms.Resize(self.input_size, antialias=True),
-            transforms.ToDtype(torch.float32, scale=True),
-            transforms.Normalize(normalization["mean"], normalization["std"]),
-        ])
+        return self.manifest.threshold
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """An RGB image as the normalized float tensor [3, H, W] the model expects (on the CPU)."""
-        return self._transform(image)
+        """An upright RGB picture as the normalized float tensor [3, H, W] the model expects (on the CPU)."""
+        return self.preprocessing(image)
 
 
 def pick_device(requested: str) -> torch.device:
@@ -64,43 +51,27 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
-def read_manifest(model_dir: Path) -> dict[str, Any]:
-    manifest_path = model_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise ModelLoadError(
-            f"no model at {model_dir} ({manifest_path.name} is missing): set MODEL_STORE and MODEL_NAME to a "
-            "folder holding model.pt and manifest.json, or train one with `python -m training train`"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"{manifest_path} is not readable JSON ({error}); re-export the model") from error
-    if manifest.get("format_version") != SUPPORTED_FORMAT_VERSION:
-        raise ModelLoadError(
-            f"{manifest_path} has format_version {manifest.get('format_version')!r}; this service reads "
-            f"version {SUPPORTED_FORMAT_VERSION}"
-        )
-    return manifest
-
-
 def load_model(model_dir: Path, device: str) -> ServedModel:
     """The model in `model_dir` on the chosen device, after checking the file against its manifest."""
-    manifest = read_manifest(model_dir)
-    model_path = model_dir / "model.pt"
+    try:
+        manifest = read_manifest(model_dir)
+    except ManifestError as error:
+        raise ModelLoadError(str(error)) from error
+    model_path = model_dir / MODEL_FILE
     if not model_path.is_file():
         raise ModelLoadError(f"{model_path} is missing; re-export the model")
     actual = sha256_of(model_path)
-    if actual != manifest.get("sha256"):
+    if actual != manifest.sha256:
         raise ModelLoadError(
             f"{model_path} does not match its manifest (sha256 {actual[:12]}..., manifest says "
-            f"{str(manifest.get('sha256'))[:12]}...): the file is corrupt or was replaced; re-export the model"
+            f"{manifest.sha256[:12]}...): the file is corrupt or was replaced; re-export the model"
         )
     chosen = pick_device(device)
     try:
         module = load_torchscript(model_path, chosen)
-    except RuntimeError as error:
-        raise ModelLoadError(f"{model_path} is not a loadable TorchScript model: {error}") from error
-    return ServedModel(module=module, manifest=manifest, device=chosen)
+    except TorchScriptError as error:
+        raise ModelLoadError(str(error)) from error
+    return ServedModel(path=model_path, module=module, manifest=manifest, device=chosen, preprocessing=Preprocessing.of(manifest))
 
 
 def _stack_on(device: torch.device, images: list[torch.Tensor]) -> torch.Tensor:
@@ -129,8 +100,16 @@ _WARM_UP_RUNS = 3
 
 
 def warm_up(model: ServedModel) -> None:
-    """Run both kinds of batch a few times, so that the first requests do not pay for lazy optimisation."""
+    """Run both kinds of batch a few times, so that the first requests do not pay for lazy optimisation; a model
+    that fails here would fail every request, so it is refused at start-up."""
     blank = [torch.zeros(3, *model.input_size)]
-    for _ in range(_WARM_UP_RUNS):
-        score_pairs(model, blank, blank)
-        explain_pairs(model, blank, blank)
+    try:
+        for _ in range(_WARM_UP_RUNS):
+            score_pairs(model, blank, blank)
+            explain_pairs(model, blank, blank)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(
+            f"{model.path} failed its warm-up batch on {model.device} ({reason}); check that it was exported by "
+            f"`python -m training train` for input_size {list(model.input_size)}, or re-export it"
+        ) from error

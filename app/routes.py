@@ -81,7 +81,7 @@ async def explain(
 async def model_info(service: ServiceDep) -> ModelInfo:
     """The served model, from its manifest."""
     model, _ = require_ready(service)
-    return ModelInfo.model_validate(model.manifest)
+    return ModelInfo.model_validate(model.manifest.model_dump())
 
 
 @router.get("/healthz", response_model=Status, tags=["operations"])
@@ -113,4 +113,4 @@ async def web_page() -> FileResponse:
 
 def _model_ref(service: Service) -> ModelRef:
     assert service.model is not None
-    return ModelRef(name=service.model.manifest["name"], version=service.model.manifest["version"])
+    return ModelRef(name=service.model.manifest.name, version=service.model.manifest.version)

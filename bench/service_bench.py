@@ -12,7 +12,6 @@ Clients, server and the in-process runs share this machine's CPU cores, as they 
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 import time
 from collections.abc import Callable
@@ -20,15 +19,15 @@ from dataclasses import dataclass
 
 import httpx
 import torch
-from PIL import Image
 
 from app.gradcam import explain_batch, score_batch
 from app.model import ServedModel, load_model
 from bench.gradcam_reference import pytorch_grad_cam_maps
+from contract.images import decode_upright_rgb
 from deploy.load import FLOWERS_DIR, Pair, Upload, make_jobs, make_pairs, percentile, reference_scores, run_load
 from deploy.local_cluster import LocalCluster
 from deploy.nginx_config import REPO_ROOT
-from tests.app.metrics_reader import metric_value
+from tests.support.metrics import metric_value
 
 MODEL_STORE = REPO_ROOT / "model_store"
 MODEL_NAME = "flowers"
@@ -82,8 +81,7 @@ def model_inputs(served: ServedModel, pairs: list[Pair]) -> tuple[torch.Tensor, 
     """The pairs as the model's x1, x2, preprocessed exactly as the service does."""
 
     def tensor(upload: Upload) -> torch.Tensor:
-        with Image.open(io.BytesIO(upload.content)) as image:
-            return served.preprocess(image.convert("RGB"))
+        return served.preprocess(decode_upright_rgb(upload.content, upload.filename))
 
     return (torch.stack([tensor(pair.image1) for pair in pairs]),
             torch.stack([tensor(pair.image2) for pair in pairs]))
@@ -159,7 +157,7 @@ def main() -> None:
     pairs = load_pairs(PAIR_COUNT)
     x1, x2 = model_inputs(served, pairs)
     images = "flowers JPEG files" if FLOWERS_DIR.is_dir() else "Pillow drawings (JPEG + PNG)"
-    print(f"model {MODEL_NAME} {served.manifest['version']} ({served.manifest['backbone']}, "
+    print(f"model {MODEL_NAME} {served.manifest.version} ({served.manifest.backbone}, "
           f"{served.input_size[0]}x{served.input_size[1]}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads, {PAIR_COUNT} pairs of {images}")
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,9 +62,24 @@ def free_port() -> int:
 
 @dataclass
 class Replica:
+    """One `uvicorn app.main:app` process on loopback, its output in `log_path`."""
+
     port: int
     process: subprocess.Popen
     log_path: Path
+
+    @classmethod
+    def start(cls, env: Mapping[str, str], log_path: Path) -> Replica:
+        """Start the service as a user would (`uvicorn app.main:app`), with `env` added to this environment."""
+        port = free_port()
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "app.main:app", "--host", LOOPBACK, "--port", str(port)],
+                cwd=REPO_ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                # Its own session: a Ctrl-C on the proof reaches the proof, which then stops the replicas itself.
+                start_new_session=True,
+            )
+        return cls(port=port, process=process, log_path=log_path)
 
     @property
     def url(self) -> str:
@@ -71,6 +87,27 @@ class Replica:
 
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Until /readyz answers 200; ClusterError with the log's end if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(trust_env=False, timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise ClusterError(f"replica on port {self.port} exited with {self.process.returncode} "
+                                       f"before it was ready; its log ends with:\n{self.log_tail()}")
+                try:
+                    if client.get(f"{self.url}/readyz").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass  # not listening yet
+                time.sleep(0.25)
+        raise ClusterError(f"replica on port {self.port} was not ready after {timeout_s:.0f} s; "
+                           f"its log ends with:\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM (the service drains), then SIGKILL if it is still there after `grace_s`."""
+        _stop(self.process, signal.SIGTERM, grace_s)
 
 
 @dataclass
@@ -113,15 +150,13 @@ class LocalCluster:
         for index in range(self.replica_count):
             self.replicas.append(self._start_replica(index))
         for replica in self.replicas:
-            self._wait_ready(replica)
+            replica.wait_ready()
         if self.nginx_binary is not None:
             self._start_nginx()
 
     def _start_replica(self, index: int) -> Replica:
-        port = free_port()
         threads = str(self.threads_per_replica)
         env = {
-            **os.environ,
             "MODEL_STORE": str(self.model_store),
             "MODEL_NAME": self.model_name,
             "DEVICE": "cpu",
@@ -129,31 +164,7 @@ class LocalCluster:
             "MKL_NUM_THREADS": threads,
             **self.app_env,
         }
-        log_path = self.workdir / f"replica-{index}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "app.main:app", "--host", LOOPBACK, "--port", str(port)],
-                cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                # Its own session: a Ctrl-C on the proof reaches the proof, which then stops the replicas itself.
-                start_new_session=True,
-            )
-        return Replica(port=port, process=process, log_path=log_path)
-
-    def _wait_ready(self, replica: Replica) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        with httpx.Client(trust_env=False, timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                if replica.process.poll() is not None:
-                    raise ClusterError(f"replica on port {replica.port} exited with {replica.process.returncode} "
-                                       f"before it was ready; its log ends with:\n{replica.log_tail()}")
-                try:
-                    if client.get(f"{replica.url}/readyz").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass  # not listening yet
-                time.sleep(0.25)
-        raise ClusterError(f"replica on port {replica.port} was not ready after {READY_TIMEOUT_S:.0f} s; "
-                           f"its log ends with:\n{replica.log_tail()}")
+        return Replica.start(env, self.workdir / f"replica-{index}.log")
 
     def _start_nginx(self) -> None:
         self.lb_port = free_port()
@@ -198,7 +209,7 @@ http {{
     def close(self) -> None:
         """Stop everything started here: replicas first (SIGTERM, then SIGKILL if they hang), then nginx."""
         for replica in self.replicas:
-            _stop(replica.process, signal.SIGTERM, grace_s=30.0)
+            replica.stop()
         if self.nginx is not None:
             _stop(self.nginx, signal.SIGQUIT, grace_s=5.0)
 

@@ -1,13 +1,16 @@
-"""Training augmentation on cached uint8 image tensors, and the normalization the exported model expects."""
+"""Training augmentation on cached uint8 image tensors, and the normalization of torchvision's backbones."""
 
 from __future__ import annotations
 
 import torch
 from torchvision.transforms import v2
 
+from contract.manifest import Normalization
+
 # ImageNet statistics: the convention of torchvision's backbones, so local torchvision weights fit as they are.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+IMAGENET_NORMALIZATION = Normalization(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def build_augmentation(
@@ -38,8 +41,3 @@ def build_augmentation(
 def augment_batch(images: torch.Tensor, transform: v2.Transform) -> torch.Tensor:
     """Apply ``transform`` to each image separately: v2 would draw one set of random parameters per batch."""
     return torch.stack([transform(image) for image in images])
-
-
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 [N,3,H,W] to the float input of ``features``; mean and std are [3,1,1] on the images' device."""
-    return (images.float() / 255.0 - mean) / std

@@ -17,6 +17,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
+from contract.images import decode_upright_rgb
+from contract.preprocess import resize_to
 from training.errors import UsageError
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -151,10 +153,9 @@ def make_pairs(labels: list[int], generator: np.random.Generator) -> tuple[np.nd
 
 
 def decode_images(paths: list[Path], size: tuple[int, int]) -> torch.Tensor:
-    """Decode RGB images, each stretched to ``size`` (the service's resize policy), into one uint8 [N,3,H,W]."""
+    """Decode images upright and stretch each to ``size`` exactly as the service does (the contract's decoding and
+    resize policy), into one uint8 [N,3,H,W]."""
     out = torch.empty(len(paths), 3, *size, dtype=torch.uint8)
     for index, path in enumerate(paths):
-        with Image.open(path) as image:
-            resized = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
-        out[index] = torch.from_numpy(np.array(resized)).permute(2, 0, 1)
+        out[index] = resize_to(decode_upright_rgb(path, str(path)), size)
     return out

@@ -1,6 +1,8 @@
 """`python -m training evaluate`: score an exported model on an image-folder dataset with the paper's pairs.
 
-It loads model.pt exactly as the service does (app.torchscript.load_torchscript), so it measures what is served.
+It reads the model folder through the contract (contract/) exactly as the service does: the same manifest
+validation, the same TorchScript loading, the same decoding, resize policy and normalisation, so it measures
+what is served.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.torchscript import load_torchscript
-from training.augment import normalize
+from contract.manifest import MODEL_FILE, ManifestError, read_manifest
+from contract.preprocess import Preprocessing
+from contract.torchscript import TorchScriptError, load_torchscript
 from training.data import DatasetError, decode_images, make_pairs, scan_image_folder, split_by_image
 from training.errors import UsageError
 from training.metrics import format_table, pair_metrics
@@ -33,18 +36,19 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    if not (args.model / "manifest.json").is_file():
-        raise UsageError(f"{args.model} holds no manifest.json; pass a folder written by `python -m training train`, "
-                         "such as model_store/flowers")
-    manifest = json.loads((args.model / "manifest.json").read_text())
-    module = load_torchscript(args.model / "model.pt")
-    seed = manifest["training"]["seed"] if args.seed is None else args.seed
+    try:
+        manifest = read_manifest(args.model)
+        module = load_torchscript(args.model / MODEL_FILE)
+    except (ManifestError, TorchScriptError) as error:
+        raise UsageError(str(error)) from error
+    preprocessing = Preprocessing.of(manifest)
+    seed = manifest.training["seed"] if args.seed is None else args.seed
     folder = scan_image_folder(args.data)
     if args.split == "all":
         indices = list(range(len(folder.paths)))
         generator = np.random.default_rng(seed)
     else:
-        recorded = manifest["dataset"]["split"]
+        recorded = manifest.dataset["split"]
         split = split_by_image(folder.labels, recorded["validation_fraction"], recorded["test_fraction"],
                                recorded["seed"])
         if split.fingerprint(folder) != recorded["sha256"]:
@@ -56,17 +60,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         generator = fixed_pairs_generator(seed, args.split)
     labels = [folder.labels[i] for i in indices]
     pairs = make_pairs(labels, generator)
-    images = decode_images([folder.paths[i] for i in indices], tuple(manifest["input_size"]))
-    mean = torch.tensor(manifest["normalization"]["mean"]).view(3, 1, 1)
-    std = torch.tensor(manifest["normalization"]["std"]).view(3, 1, 1)
+    images = decode_images([folder.paths[i] for i in indices], preprocessing.input_size)
     with torch.no_grad():
         embeddings = torch.cat([
-            module.embed(module.features(normalize(images[start:start + args.batch_size], mean, std)))
+            module.embed(module.features(preprocessing.normalize(images[start:start + args.batch_size])))
             for start in range(0, len(images), args.batch_size)
         ])
-    metrics = {args.split: pair_metrics(pairs[2], score_pairs(module, embeddings, pairs), manifest["threshold"])}
-    print(f"{manifest['name']} {manifest['version']} on {args.data} ({len(indices)} images, "
-          f"threshold {manifest['threshold']:.4f})")
+    metrics = {args.split: pair_metrics(pairs[2], score_pairs(module, embeddings, pairs), manifest.threshold)}
+    print(f"{manifest.name} {manifest.version} on {args.data} ({len(indices)} images, "
+          f"threshold {manifest.threshold:.4f})")
     print(format_table(metrics))
     if args.json:
         args.json.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -1,8 +1,7 @@
-"""Export a trained SiameseNet as TorchScript plus manifest.json (the contract in model_store/README.md)."""
+"""Export a trained SiameseNet as TorchScript plus manifest.json (the contract in contract/ and model_store/README.md)."""
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -10,10 +9,10 @@ from typing import Any
 import torch
 import torchvision
 
-from app.torchscript import load_torchscript, quiet_torchscript, sha256_of
+from contract.manifest import MODEL_FILE, Manifest, write_manifest
+from contract.torchscript import load_torchscript, save_torchscript, sha256_of
 from training.model import SiameseNet
 
-MANIFEST_FORMAT_VERSION = 1
 # The reloaded file must reproduce the eager model this closely, or no manifest is written.
 EXPORT_TOLERANCE = 1e-5
 
@@ -41,24 +40,22 @@ def _check_reproduces(eager: SiameseNet, scripted: torch.jit.ScriptModule, input
     return worst
 
 
-def export_model(model: SiameseNet, out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def export_model(model: SiameseNet, out_dir: Path, manifest: dict[str, Any]) -> Manifest:
     """Write out_dir/model.pt and out_dir/manifest.json; return the manifest.
 
-    ``manifest`` carries what only the caller knows (name, version, input_size, resize_policy,
-    normalization, threshold, metrics, dataset, training); this adds what the file itself tells.
+    ``manifest`` carries what only the caller knows (name, version, backbone, input_size, resize_policy,
+    normalization, threshold, metrics, dataset, training); this adds what the file itself tells. The result is
+    validated as the service will validate it, before anything is written beside model.pt.
     """
     model = model.eval().cpu()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = out_dir / "model.pt"
-    with quiet_torchscript():
-        torch.jit.script(model).save(str(model_path))
-    reloaded = load_torchscript(model_path)
+    model_path = out_dir / MODEL_FILE
+    save_torchscript(model, model_path)
     input_size = tuple(manifest["input_size"])
-    _check_reproduces(model, reloaded, input_size)
+    _check_reproduces(model, load_torchscript(model_path), input_size)
     with torch.no_grad():
         _, channels, height, width = model.features(torch.zeros(1, 3, *input_size)).shape
-    full = {
-        "format_version": MANIFEST_FORMAT_VERSION,
+    full = Manifest.model_validate({
         **manifest,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "embedding_dim": model.embedding_dim,
@@ -66,6 +63,6 @@ def export_model(model: SiameseNet, out_dir: Path, manifest: dict[str, Any]) -> 
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "sha256": sha256_of(model_path),
-    }
-    (out_dir / "manifest.json").write_text(json.dumps(full, indent=2) + "\n")
+    })
+    write_manifest(out_dir, full)
     return full

@@ -32,7 +32,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training import distributed
-from training.augment import IMAGENET_MEAN, IMAGENET_STD, augment_batch, build_augmentation, normalize
+from contract.manifest import Manifest, Normalization
+from contract.preprocess import normalize
+from training.augment import IMAGENET_NORMALIZATION, augment_batch, build_augmentation
 from training.data import MIN_IMAGES_TO_SPLIT, SPLITS, decode_images, make_pairs, scan_image_folder, split_by_image
 from training.errors import UsageError
 from training.export import export_model
@@ -151,16 +153,14 @@ def batches(count: int, size: int, runtime: distributed.Runtime, generator: np.r
 
 
 @torch.no_grad()
-def embed_images(net: SiameseNet, images: torch.Tensor, device: torch.device, batch_size: int, amp: bool,
-                 pooled_only: bool = False) -> torch.Tensor:
+def embed_images(net: SiameseNet, images: torch.Tensor, normalization: Normalization, device: torch.device,
+                 batch_size: int, amp: bool, pooled_only: bool = False) -> torch.Tensor:
     """Embeddings (or pooled backbone features) of uint8 images, in eval mode, on ``device``."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
     was_training = net.training
     net.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size].to(device), mean, std)
+        x = normalize(images[start:start + batch_size].to(device), normalization)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             feature_maps = net.features(x)
             out.append((torch.flatten(net.pool(feature_maps), 1) if pooled_only else net.embed(feature_maps)).float())
@@ -207,8 +207,7 @@ class Trainer:
         size = (args.input_size, args.input_size)
         self.augmentation = build_augmentation(size, args.crop_scale, args.hflip, args.vflip, args.rotation,
                                                args.color_jitter)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(3, 1, 1)
+        self.normalization = IMAGENET_NORMALIZATION
         self.checkpoint_path = args.checkpoint_dir / "checkpoint.pt"
         self.pooled: torch.Tensor | None = None  # a frozen backbone's features of this epoch's training views
         self.state: dict[str, Any] = {"stage": 0, "epoch": 0, "stale": 0, "best_auc": -1.0, "best": None,
@@ -217,11 +216,11 @@ class Trainer:
     # -- the pieces of an epoch -------------------------------------------------------------------------
     def augmented(self, indices: np.ndarray) -> torch.Tensor:
         images = augment_batch(self.train_images[torch.from_numpy(indices)], self.augmentation)
-        return normalize(images.to(self.device, non_blocking=True), self.mean, self.std)
+        return normalize(images.to(self.device, non_blocking=True), self.normalization)
 
     def validation_auc(self) -> float:
         net = self.trainee.net
-        embeddings = embed_images(net, self.validation_images, self.device, self.args.batch_size, self.amp)
+        embeddings = embed_images(net, self.validation_images, self.normalization, self.device, self.args.batch_size, self.amp)
         return float(roc_auc_score(self.validation_pairs[2], raw_similarity(embeddings, self.validation_pairs)))
 
     def samples_per_epoch(self, stage: str) -> int:
@@ -243,8 +242,8 @@ class Trainer:
         if self.args.freeze_backbone:
             # The frozen backbone sees each (augmented) training image once per epoch, not once per pair.
             views = augment_batch(self.train_images, self.augmentation)
-            self.pooled = embed_images(self.trainee.net, views, self.device, self.args.batch_size, self.amp,
-                                       pooled_only=True)
+            self.pooled = embed_images(self.trainee.net, views, self.normalization, self.device, self.args.batch_size,
+                                       self.amp, pooled_only=True)
         chunks = batches(self.samples_per_epoch("pairs"), self.args.batch_size, self.runtime, generator)
         return [(first[chunk], second[chunk], target[chunk]) for chunk in chunks]
 
@@ -384,7 +383,7 @@ class Trainer:
             self.save_checkpoint()
 
 
-def train(args: argparse.Namespace) -> dict[str, Any] | None:
+def train(args: argparse.Namespace) -> Manifest | None:
     """Train, calibrate, evaluate and export; returns the manifest (on the main process)."""
     started = time.perf_counter()
     args.name = args.name or args.data.resolve().name
@@ -402,7 +401,7 @@ def train(args: argparse.Namespace) -> dict[str, Any] | None:
         distributed.stop(runtime)
 
 
-def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: float) -> dict[str, Any] | None:
+def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: float) -> Manifest | None:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -438,7 +437,8 @@ def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: floa
         return None
 
     amp = trainer.amp
-    embeddings = {s: embed_images(net, evaluation_images[s], runtime.device, args.batch_size, amp) for s in pairs}
+    embeddings = {s: embed_images(net, evaluation_images[s], trainer.normalization, runtime.device, args.batch_size,
+                                  amp) for s in pairs}
     scale, bias = platt_scaling(pairs["validation"][2], raw_similarity(embeddings["validation"], pairs["validation"]))
     net.scale.fill_(scale)
     net.bias.fill_(bias)
@@ -452,7 +452,7 @@ def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: floa
         "backbone": args.backbone,
         "input_size": list(size),
         "resize_policy": "stretch",
-        "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "normalization": trainer.normalization.model_dump(),
         "threshold": threshold,
         "calibration": {"scale": scale, "bias": bias},
         "metrics": metrics,
@@ -480,7 +480,7 @@ def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: floa
     }
     net = net.cpu()
     exported = export_model(net, args.output, manifest)
-    print(f"exported {args.output / 'model.pt'} (sha256 {exported['sha256'][:12]}...)", flush=True)
+    print(f"exported {args.output / 'model.pt'} (sha256 {exported.sha256[:12]}...)", flush=True)
     return exported
 
 

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
-from app.main import create_app
 from app.settings import Settings
-STARTUP_TIMEOUT_S = 120
+from tests.support.service import serve_in_thread
+
 TEST_MODEL_NAME = "tiny"  # the model that tests/conftest.py's `model_store` fixture exports
 
 
@@ -29,37 +25,12 @@ def test_settings(model_store: Path) -> Callable[..., Settings]:
     return make
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextmanager
-def _uvicorn_in_thread(settings: Settings) -> Iterator[str]:
-    """The app served by a real uvicorn server on loopback, in this process (quick to start: torch is loaded)."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the service did not start; see the log above")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-
-
 @pytest.fixture(scope="session")
 def serve(test_settings: Callable[..., Settings]) -> Callable[..., AbstractContextManager[str]]:
     """`with serve(QUEUE_CAPACITY=...) as url:` a service with those settings, for one test."""
 
     def start(**overrides: object) -> AbstractContextManager[str]:
-        return _uvicorn_in_thread(test_settings(**{key.lower(): value for key, value in overrides.items()}))
+        return serve_in_thread(test_settings(**{key.lower(): value for key, value in overrides.items()}))
 
     return start
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
-from tests.app.images import drawn_image, encode, pair_files
+from tests.support.images import drawn_image, encode, pair_files
 
 GOOD = encode(drawn_image(11), "PNG")
 

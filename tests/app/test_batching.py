@@ -11,8 +11,8 @@ from contextlib import AbstractContextManager
 import httpx
 import numpy as np
 
-from tests.app.images import drawn_image, encode, pair_files
-from tests.app.metrics_reader import metric_value
+from tests.support.images import drawn_image, encode, pair_files
+from tests.support.metrics import metric_value
 
 CONCURRENT = 32
 IMAGES = [encode(drawn_image(100 + seed, (48, 48)), "PNG") for seed in range(CONCURRENT + 1)]

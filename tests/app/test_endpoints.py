@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from app.overlays import COLORMAPS
-from tests.app.images import drawn_image, encode, pair_files
+from tests.support.images import drawn_image, encode, pair_files
 from tests.conftest import SHARED_DATASETS
 
 FLOWERS = SHARED_DATASETS / "flowers"

@@ -13,7 +13,7 @@ from app.model import ServedModel, load_model
 from bench.gradcam_reference import pytorch_grad_cam_maps
 
 from tests.app.conftest import TEST_MODEL_NAME
-from tests.app.images import drawn_image
+from tests.support.images import drawn_image
 
 PAIRS = 8
 

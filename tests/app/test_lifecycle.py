@@ -5,26 +5,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import torch
 from asgi_lifespan import LifespanManager
+from torch import nn
 
 from app.main import create_app
 from app.settings import Settings
-from tests.app.conftest import TEST_MODEL_NAME, free_port
-from tests.app.images import drawn_image, encode, pair_files
-from tests.app.metrics_reader import metric_value
+from deploy.local_cluster import Replica
+from tests.app.conftest import TEST_MODEL_NAME
+from contract.torchscript import save_torchscript, sha256_of
+from tests.support.images import drawn_image, encode, pair_files
+from tests.support.metrics import metric_value
+from tests.support.service import running_service
 
-REPO = Path(__file__).resolve().parents[2]
 PAIR = pair_files(encode(drawn_image(31), "PNG"), encode(drawn_image(32), "JPEG"))
 
 
@@ -46,24 +47,20 @@ def test_ready_only_after_the_model_is_loaded_and_warmed_up(test_settings: Calla
     asyncio.run(check())
 
 
-def _uvicorn(env: dict[str, str], port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    return subprocess.Popen(command, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def _start_fails_with_one_line(model_store: Path, model_name: str, expected: str) -> None:
-    process = _uvicorn({"MODEL_STORE": str(model_store), "MODEL_NAME": model_name}, free_port())
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode not in (0, None)
-    assert "Traceback" not in stderr
-    errors = [json.loads(line) for line in stderr.splitlines() if '"CRITICAL"' in line or '"ERROR"' in line]
-    assert len(errors) == 1, stderr
+def _start_fails_with_one_line(model_store: Path, model_name: str, expected: str, log_path: Path) -> None:
+    env = {"MODEL_STORE": str(model_store), "MODEL_NAME": model_name}
+    with running_service(env, log_path, wait_ready=False) as replica:
+        replica.process.wait(timeout=120)
+    assert replica.process.returncode == 1
+    log = log_path.read_text()
+    assert "Traceback" not in log
+    errors = [json.loads(line) for line in log.splitlines() if '"CRITICAL"' in line or '"ERROR"' in line]
+    assert len(errors) == 1, log
     assert expected in errors[0]["message"]
 
 
-def test_a_missing_model_stops_start_up_with_one_clear_line(model_store: Path) -> None:
-    _start_fails_with_one_line(model_store, "no-such-model", "no model at")
+def test_a_missing_model_stops_start_up_with_one_clear_line(model_store: Path, tmp_path: Path) -> None:
+    _start_fails_with_one_line(model_store, "no-such-model", "no model at", tmp_path / "uvicorn.log")
 
 
 def test_a_corrupt_model_stops_start_up_with_one_clear_line(model_store: Path, tmp_path: Path) -> None:
@@ -71,10 +68,75 @@ def test_a_corrupt_model_stops_start_up_with_one_clear_line(model_store: Path, t
     with (tmp_path / "broken" / "model.pt").open("r+b") as model_file:
         model_file.seek(1000)
         model_file.write(b"\xff\xfe\xfd")
-    _start_fails_with_one_line(tmp_path, "broken", "does not match its manifest")
+    _start_fails_with_one_line(tmp_path, "broken", "does not match its manifest", tmp_path / "uvicorn.log")
 
 
-def _wait_until(condition: Callable[[], bool], timeout_s: float, process: subprocess.Popen) -> None:
+def _copy_of_tiny(model_store: Path, folder: Path, **manifest_changes: object) -> dict[str, object]:
+    """A copy of the test model in `folder` with these manifest fields changed (None: removed); its manifest."""
+    shutil.copytree(model_store / TEST_MODEL_NAME, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for key, value in manifest_changes.items():
+        if value is None:
+            manifest.pop(key)
+        else:
+            manifest[key] = value
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_a_manifest_without_a_required_field_stops_start_up_with_one_clear_line(model_store: Path,
+                                                                               tmp_path: Path) -> None:
+    _copy_of_tiny(model_store, tmp_path / "no-normalization", normalization=None)
+    _copy_of_tiny(model_store, tmp_path / "bad-size", input_size=[0, 128])
+    _start_fails_with_one_line(tmp_path, "no-normalization", "manifest.json is not a valid manifest (normalization: "
+                               "Field required)", tmp_path / "first.log")
+    _start_fails_with_one_line(tmp_path, "bad-size", "input_size.0: Input should be greater than 0",
+                               tmp_path / "second.log")
+
+
+class _OnlyForward(nn.Module):
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return (x1 * x2).mean(dim=(1, 2, 3))
+
+
+class _FailsOnEveryBatch(_OnlyForward):
+    """Every contract method, but `features` fails: the warm-up must refuse it."""
+
+    @torch.jit.export
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this model cannot compute features")
+
+    @torch.jit.export
+    def embed(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        return feature_maps.flatten(1)
+
+    @torch.jit.export
+    def similarity(self, e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((e1 * e2).sum(dim=1))
+
+
+def _with_module(model_store: Path, folder: Path, module: nn.Module) -> None:
+    """A copy of the test model whose model.pt is `module`, scripted, with its manifest's sha256 to match."""
+    manifest = _copy_of_tiny(model_store, folder)
+    save_torchscript(module, folder / "model.pt")
+    manifest["sha256"] = sha256_of(folder / "model.pt")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_model_without_a_contract_method_stops_start_up_with_one_clear_line(model_store: Path,
+                                                                              tmp_path: Path) -> None:
+    _with_module(model_store, tmp_path / "forward-only", _OnlyForward())
+    _start_fails_with_one_line(tmp_path, "forward-only", "model.pt lacks the contract method(s) features, embed, "
+                               "similarity", tmp_path / "uvicorn.log")
+
+
+def test_a_model_failing_its_warm_up_stops_start_up_with_one_clear_line(model_store: Path, tmp_path: Path) -> None:
+    _with_module(model_store, tmp_path / "failing", _FailsOnEveryBatch())
+    _start_fails_with_one_line(tmp_path, "failing", f"{tmp_path / 'failing' / 'model.pt'} failed its warm-up batch",
+                               tmp_path / "uvicorn.log")
+
+
+def _wait_until(condition: Callable[[], bool], timeout_s: float, replica: Replica) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
@@ -82,37 +144,30 @@ def _wait_until(condition: Callable[[], bool], timeout_s: float, process: subpro
                 return
         except httpx.TransportError:
             pass  # not listening yet
-        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert replica.process.poll() is None, replica.log_tail(40)
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
 
 
-def test_sigterm_drains_then_exits(model_store: Path) -> None:
+def test_sigterm_drains_then_exits(model_store: Path, tmp_path: Path) -> None:
     in_flight = 4
-    port = free_port()
     grace_s = 30
     # A long batch window keeps the accepted requests queued when SIGTERM arrives.
-    process = _uvicorn({"MODEL_STORE": str(model_store), "MODEL_NAME": TEST_MODEL_NAME,
-                        "MAX_BATCH_WAIT_MS": "2000", "DRAIN_GRACE_S": str(grace_s)}, port)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False) as client, \
-                ThreadPoolExecutor(in_flight) as pool:
-            _wait_until(lambda: client.get("/readyz").status_code == 200, 180, process)
-            accepted = [pool.submit(client.post, "/explain", files=PAIR) for _ in range(in_flight)]
-            _wait_until(lambda: metric_value(client, "siamcam_queue_depth", queue="explain") == in_flight,
-                        10, process)
-            signalled = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            _wait_until(lambda: client.get("/readyz").status_code == 503, 2, process)
-            late = client.post("/similarity", files=PAIR)
-            assert late.status_code == 503 and late.headers["retry-after"]
-            assert late.headers["content-type"] == "application/problem+json"
-            assert [future.result().status_code for future in accepted] == [200] * in_flight
+    env = {"MODEL_STORE": str(model_store), "MODEL_NAME": TEST_MODEL_NAME, "MAX_BATCH_WAIT_MS": "2000",
+           "DRAIN_GRACE_S": str(grace_s)}
+    with running_service(env, tmp_path / "uvicorn.log") as replica, \
+            httpx.Client(base_url=replica.url, timeout=60, trust_env=False) as client, \
+            ThreadPoolExecutor(in_flight) as pool:
+        accepted = [pool.submit(client.post, "/explain", files=PAIR) for _ in range(in_flight)]
+        _wait_until(lambda: metric_value(client, "siamcam_queue_depth", queue="explain") == in_flight, 10, replica)
+        signalled = time.monotonic()
+        replica.process.send_signal(signal.SIGTERM)
+        _wait_until(lambda: client.get("/readyz").status_code == 503, 2, replica)
+        late = client.post("/similarity", files=PAIR)
+        assert late.status_code == 503 and late.headers["retry-after"]
+        assert late.headers["content-type"] == "application/problem+json"
+        assert [future.result().status_code for future in accepted] == [200] * in_flight
         # It exits by itself once drained: uvicorn re-raises the SIGTERM it handled, or exits with 0.
-        assert process.wait(timeout=grace_s + 10) in (0, -signal.SIGTERM)
+        assert replica.process.wait(timeout=grace_s + 10) in (0, -signal.SIGTERM)
         assert time.monotonic() - signalled < grace_s
-        assert "drained" in process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        assert "drained" in replica.log_path.read_text()

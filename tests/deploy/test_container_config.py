@@ -3,6 +3,7 @@ machine has no Docker engine; deploy/proof.py runs the nginx part for real."""
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import re
 from pathlib import Path
@@ -54,6 +55,21 @@ def test_dockerfile_bakes_in_the_default_model() -> None:
     assert ["model_store/flowers/", "/srv/model_store/flowers/"] in copies
     env = " ".join(args for op, args in dockerfile_instructions() if op == "ENV")
     assert "MODEL_STORE=/srv/model_store" in env and "MODEL_NAME=flowers" in env
+
+
+def test_dockerfile_copies_every_repository_package_the_service_imports() -> None:
+    """A package of ours that app/ imports but the image lacks would fail only when the container starts."""
+    imported = set()
+    for module in (REPO / "app").rglob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            imported.update(name.split(".")[0] for name in names)
+    ours = {name for name in imported if (REPO / name / "__init__.py").is_file() or (REPO / name).is_dir()}
+    assert "contract" in ours and "training" not in ours
+    copies = [args.split() for op, args in dockerfile_instructions() if op == "COPY"]
+    for package in ours:
+        assert [f"{package}/", f"/srv/{package}/"] in copies, package
 
 
 def dockerignored(path: str) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.torchscript import load_torchscript
+from contract.torchscript import load_torchscript
 from tests.conftest import SHARED_DATASETS
 from training.data import scan_image_folder, split_by_image
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from app.torchscript import load_torchscript
+from contract.torchscript import load_torchscript
 from tests.training.conftest import train_command
 from training.__main__ import main
 

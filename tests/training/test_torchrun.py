@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.torchscript import load_torchscript
+from contract.torchscript import load_torchscript
 from tests.training.conftest import TINY_TRAIN_ARGS
 
 REPO = Path(__file__).resolve().parents[2]

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
-from PIL import Image, ImageDraw
 from playwright.sync_api import Browser, sync_playwright
 
 from tests.conftest import SHARED_DATASETS
+from tests.support import service
+from tests.support.images import drawn_image
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_STORE = REPO / "model_store"
@@ -33,13 +28,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-quic",
 ]
-STARTUP_TIMEOUT_S = 180  # loading and warming up the model on a busy 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -65,37 +53,9 @@ def service_url(served_model: tuple[Path, str], tmp_path_factory: pytest.TempPat
 @contextmanager
 def running_service(store: Path, name: str, log_dir: Path, **settings: str) -> Iterator[str]:
     """The service started with uvicorn on loopback, as a user would start it; ``settings`` are extra env vars."""
-    port = _free_port()
-    log_path = log_dir / "uvicorn.log"
-    env = {**os.environ, "MODEL_STORE": str(store), "MODEL_NAME": name, **settings}
-    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_ready(url, process, log_path)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_until_ready(url: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the service exited with {process.returncode} while starting:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass  # not listening yet
-        time.sleep(0.5)
-    pytest.fail(f"the service was not ready after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()}")
+    env = {"MODEL_STORE": str(store), "MODEL_NAME": name, **settings}
+    with service.running_service(env, log_dir / "uvicorn.log") as replica:
+        yield replica.url
 
 
 # Module scope, not session: Playwright's sync API keeps an event loop running until it stops, and tests
@@ -116,16 +76,10 @@ def two_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     if FLOWERS.is_dir():
         return sorted((FLOWERS / "Rose").glob("*.jpg"))[0], sorted((FLOWERS / "Daisy").glob("*.jpg"))[0]
     folder = tmp_path_factory.mktemp("images")
-    first, second = folder / "sun.jpg", folder / "leaf.png"
-    _drawing("#4a90d9", "ellipse", "#f5c400").save(first, "JPEG", quality=90)
-    _drawing("#e8e0d0", "rectangle", "#2f8f3f").save(second, "PNG")
+    first, second = folder / "first.jpg", folder / "second.png"
+    drawn_image(1, (320, 240)).save(first, "JPEG", quality=90)
+    drawn_image(2, (320, 240)).save(second, "PNG")
     return first, second
-
-
-def _drawing(background: str, shape: str, colour: str) -> Image.Image:
-    image = Image.new("RGB", (320, 240), background)
-    getattr(ImageDraw.Draw(image), shape)((80, 40, 240, 200), fill=colour)
-    return image
 
 
 @pytest.fixture(scope="session")

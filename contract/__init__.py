@@ -1,0 +1,12 @@
+"""The artifact contract between training and the service: what a model folder holds and how to read it.
+
+`training/` writes model folders and `app/` serves them; both import this package and never each other, so
+that what training evaluates is exactly what the service serves:
+
+- `manifest`: `manifest.json` as a pydantic model, one format version, validated on load;
+- `torchscript`: saving and loading `model.pt` (TorchScript), its sha256, and the methods it must provide;
+- `images`: decoding any supported upload or file into an upright RGB picture, with domain errors;
+- `preprocess`: the manifest's resize policy and normalisation, from a picture to the model's input tensor.
+
+model_store/README.md documents the contract for people; this package is its code.
+"""

@@ -1,0 +1,47 @@
+"""From an upright RGB picture to the model's input, as the manifest prescribes: resize policy, then normalisation.
+
+Training caches resized uint8 pictures and normalises batches of them; the service does both per image. Both go
+through the two steps here, so a picture becomes the same tensor on either side.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+from contract.manifest import Manifest, Normalization
+
+
+def resize_to(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """The `stretch` resize policy: the whole picture to `size` ([height, width]), no crop, antialiased; uint8
+    [3, H, W]. Nothing is cut off, so every heatmap cell maps back onto the whole original."""
+    return F.resize(F.pil_to_tensor(image), list(size), antialias=True)
+
+
+def normalize(images: torch.Tensor, normalization: Normalization) -> torch.Tensor:
+    """uint8 pictures [..., 3, H, W] to float32 model input: RGB in [0, 1], then (x - mean) / std per channel."""
+    mean = torch.tensor(normalization.mean, device=images.device).view(3, 1, 1)
+    std = torch.tensor(normalization.std, device=images.device).view(3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+class Preprocessing:
+    """A manifest's preprocessing: `preprocessing(picture)` is the [3, H, W] float tensor the model expects."""
+
+    def __init__(self, input_size: tuple[int, int], normalization: Normalization) -> None:
+        self.input_size = input_size
+        self.normalization = normalization
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> Preprocessing:
+        return cls(manifest.input_size, manifest.normalization)
+
+    def resize(self, image: Image.Image) -> torch.Tensor:
+        return resize_to(image, self.input_size)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize(images, self.normalization)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.resize(image))

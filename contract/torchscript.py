@@ -1,0 +1,61 @@
+"""The one place that touches TorchScript files: `model.pt` saved by training and loaded by the service."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+# What every exported model provides (model_store/README.md):
+#   features(x) -> feature maps, embed(f) -> embeddings, similarity(e1, e2) -> scores,
+#   forward(x1, x2) == similarity(embed(features(x1)), embed(features(x2))).
+CONTRACT_METHODS: tuple[str, ...] = ("features", "embed", "similarity", "forward")
+
+
+class TorchScriptError(ValueError):
+    """`model.pt` is not a model this contract can serve; the message names the file and what to do."""
+
+
+@contextmanager
+def quiet_torchscript() -> Iterator[None]:
+    """torch 2.14 warns that TorchScript is deprecated on every script/load; our users asked for TorchScript,
+    and the warning would only clutter their logs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        yield
+
+
+def save_torchscript(module: torch.nn.Module, path: Path) -> None:
+    with quiet_torchscript():
+        torch.jit.script(module).save(str(path))
+
+
+def load_torchscript(path: Path, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
+    """`path` loaded in eval mode on `device`, after checking it has every contract method."""
+    try:
+        with quiet_torchscript():
+            module = torch.jit.load(str(path), map_location=device)
+    except (RuntimeError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TorchScriptError(f"{path} is not a loadable TorchScript model ({first_line}); re-export the model") \
+            from error
+    missing = [name for name in CONTRACT_METHODS if not hasattr(module, name)]
+    if missing:
+        raise TorchScriptError(
+            f"{path} lacks the contract method(s) {', '.join(missing)}: it was not exported by `python -m training "
+            "train`; re-export the model with it"
+        )
+    return module.eval()
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file, read in blocks: what manifest.json records for model.pt."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
