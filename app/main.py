@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from starlette.middleware.cors import CORSMiddleware
 
 from app.errors import install_problem_handlers
+from app.headers import SecurityHeadersMiddleware, cors_options
 from app.lifespan import lifespan
 from app.logs import configure_logging
 from app.middleware import AdmissionMiddleware, RequestContextMiddleware
+from app.ratelimit import RateLimitMiddleware, TokenBuckets
 from app.routes import STATIC_DIR, router
+from app.security import PROTECTED_PATHS, AccessControlMiddleware, KeyRing, load_keys, metrics_token_ring
 from app.service import Service
 from app.settings import Settings
 
@@ -31,6 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Middleware runs from the last added (outermost) to the first: a request is checked for its key, then its
+    # rate, then admitted, all before its body is read.
     app.add_middleware(
         AdmissionMiddleware,
         drain=app.state.service.drain,
@@ -38,7 +46,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         retry_after_s=settings.retry_after_s,
     )
-    app.add_middleware(RequestContextMiddleware)  # added last: outermost, so it sees every answer
+    if settings.rate_limit_per_s is not None:
+        burst = settings.rate_limit_burst or max(1, math.ceil(settings.rate_limit_per_s))
+        buckets = TokenBuckets(settings.rate_limit_per_s, burst, settings.rate_limit_clients)
+        app.add_middleware(RateLimitMiddleware, buckets=buckets, paths=PROTECTED_PATHS)
+    app.add_middleware(AccessControlMiddleware, api_keys=KeyRing(load_keys(settings)),
+                       metrics_token=metrics_token_ring(settings))
+    # Outside the key check: preflights carry no key, and a 401 or 429 must be readable by an allowed page.
+    app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origin_list))
+    app.add_middleware(RequestContextMiddleware)  # sees every answer: logs and counts it
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: on every answer, the request log's own included
     return app
 
 
