@@ -16,7 +16,9 @@ from app.logs import configure_logging
 from app.middleware import AdmissionMiddleware, RequestContextMiddleware
 from app.ratelimit import RateLimitMiddleware, TokenBuckets
 from app.routes import STATIC_DIR, router
-from app.security import PROTECTED_PATHS, AccessControlMiddleware, KeyRing, load_keys, metrics_token_ring
+from app.security import (
+    PROTECTED_PATHS, AccessControlMiddleware, KeyRing, document_api_keys, load_keys, metrics_token_ring,
+)
 from app.service import Service
 from app.settings import Settings
 
@@ -50,8 +52,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         burst = settings.rate_limit_burst or max(1, math.ceil(settings.rate_limit_per_s))
         buckets = TokenBuckets(settings.rate_limit_per_s, burst, settings.rate_limit_clients)
         app.add_middleware(RateLimitMiddleware, buckets=buckets, paths=PROTECTED_PATHS)
-    app.add_middleware(AccessControlMiddleware, api_keys=KeyRing(load_keys(settings)),
-                       metrics_token=metrics_token_ring(settings))
+    api_keys = KeyRing(load_keys(settings))
+    if api_keys.enabled:
+        document_api_keys(app)
+    app.add_middleware(AccessControlMiddleware, api_keys=api_keys, metrics_token=metrics_token_ring(settings))
     # Outside the key check: preflights carry no key, and a 401 or 429 must be readable by an allowed page.
     app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origin_list))
     app.add_middleware(RequestContextMiddleware)  # sees every answer: logs and counts it

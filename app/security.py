@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -167,3 +168,22 @@ class AccessControlMiddleware:
 def metrics_token_ring(settings: Settings) -> KeyRing:
     token = settings.metrics_token.get_secret_value()
     return KeyRing([ApiKey(METRICS_TOKEN_ID, sha256(token))] if token else [])
+
+
+def document_api_keys(app: FastAPI) -> None:
+    """Names the two ways to send a key in the OpenAPI schema, so that /docs can send one ("Authorize")."""
+    plain_openapi = app.openapi
+
+    def openapi_with_keys() -> dict[str, object]:
+        if app.openapi_schema is None:
+            schema = plain_openapi()  # cached by FastAPI in app.openapi_schema: amended once
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+            for path in PROTECTED_PATHS:
+                for operation in schema["paths"].get(path, {}).values():
+                    operation["security"] = [{"bearer": []}, {"apiKeyHeader": []}]
+        return app.openapi_schema
+
+    app.openapi = openapi_with_keys  # type: ignore[method-assign]

@@ -78,6 +78,11 @@ def test_without_a_valid_key_the_api_answers_401_with_a_bearer_challenge(serve: 
             assert http.get(path).status_code == 200, path
         # Refused requests did not stop the service.
         assert http.get("/model", headers=_bearer(KEY)).status_code == 200
+        # /docs can send a key: the schema names both ways, on the protected operations only.
+        schema = http.get("/openapi.json").json()
+        assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKeyHeader"}
+        assert schema["paths"]["/similarity"]["post"]["security"] == [{"bearer": []}, {"apiKeyHeader": []}]
+        assert "security" not in schema["paths"]["/healthz"]["get"]
 
 
 def test_the_right_key_is_served_as_bearer_or_x_api_key(serve: Serve) -> None:
@@ -240,6 +245,13 @@ def test_cors_preflight_is_allowed_for_a_listed_origin_only(serve: Serve) -> Non
         exposed = answer.headers["access-control-expose-headers"].lower()
         assert {"x-request-id", "retry-after", "ratelimit", "ratelimit-policy"} <= set(re.split(r",\s*", exposed))
         assert "access-control-allow-origin" not in http.get("/model", headers={"Origin": "https://x.test"}).headers
+
+
+def test_by_default_the_api_is_open_and_documented_without_keys(client: httpx.Client) -> None:
+    assert client.get("/model").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert "securitySchemes" not in schema.get("components", {})
+    assert "security" not in schema["paths"]["/similarity"]["post"]
 
 
 def test_by_default_no_other_origin_may_call_the_api(client: httpx.Client) -> None:
