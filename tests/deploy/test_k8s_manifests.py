@@ -167,6 +167,11 @@ def test_api_keys_come_from_a_generated_secret_that_holds_no_key() -> None:
     (mount,) = [mount for mount in container["volumeMounts"]
                 if volumes[mount["name"]].get("secret", {}).get("secretName") == generator["name"]]
     assert mount["readOnly"] is True
+    # Readable by the app's user: through its group when the file is not world-readable.
+    pod_security = deployment["spec"]["template"]["spec"]["securityContext"]
+    keys_volume = volumes[mount["name"]]
+    if not keys_volume["secret"].get("defaultMode", 0o644) & 0o004:
+        assert keys_volume["secret"]["defaultMode"] & 0o040 and pod_security["fsGroup"] == pod_security["runAsGroup"]
     assert env_of(container)["API_KEYS_FILE"] == f"{mount['mountPath']}/{file_name}"
     (token,) = [item for item in container["env"] if item["name"] == "METRICS_TOKEN"]
     assert "value" not in token and token["valueFrom"]["secretKeyRef"]["optional"] is True
