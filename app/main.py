@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import sys
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
@@ -17,12 +19,14 @@ from app.middleware import AdmissionMiddleware, RequestContextMiddleware
 from app.ratelimit import RateLimitMiddleware, TokenBuckets
 from app.routes import STATIC_DIR, router
 from app.security import (
-    PROTECTED_PATHS, AccessControlMiddleware, KeyRing, document_api_keys, load_keys, metrics_token_ring,
+    PROTECTED_PATHS, AccessControlMiddleware, KeyConfigError, KeyRing, document_api_keys, load_keys,
+    metrics_token_ring,
 )
 from app.service import Service
 from app.settings import Settings
 
 INFERENCE_PATHS = ("/similarity", "/explain")
+EXIT_BAD_KEYS = 1
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -63,4 +67,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-app = create_app()
+def _app_from_environment() -> FastAPI:
+    """The app uvicorn serves. Keys it cannot use end the process with one line saying what to fix, as a bad
+    model does (lifespan.py), rather than a traceback through uvicorn's import of this module."""
+    try:
+        return create_app()
+    except KeyConfigError as error:
+        logging.getLogger(__name__).critical(f"cannot start: {error}")
+        sys.exit(EXIT_BAD_KEYS)
+
+
+app = _app_from_environment()

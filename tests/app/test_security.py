@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +25,7 @@ from app.ratelimit import TokenBuckets
 from app.routes import STATIC_DIR
 from app.security import KeyConfigError, hashed_key_line
 from app.settings import Settings
+from tests.app.conftest import TEST_MODEL_NAME, free_port
 from tests.app.images import drawn_image, encode, pair_files
 
 Serve = Callable[..., AbstractContextManager[str]]
@@ -134,6 +138,19 @@ def test_an_unusable_keys_file_stops_start_up_saying_what_to_fix(
         create_app(test_settings(api_keys_file=keys_file))
     with pytest.raises(KeyConfigError, match="cannot read API_KEYS_FILE"):
         create_app(test_settings(api_keys_file=tmp_path / "missing"))
+
+
+def test_uvicorn_stops_with_one_clear_line_when_the_keys_file_holds_no_key(model_store: Path, tmp_path: Path) -> None:
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text("# no key yet\n")
+    env = {**os.environ, "MODEL_STORE": str(model_store), "MODEL_NAME": TEST_MODEL_NAME,
+           "API_KEYS_FILE": str(keys_file)}
+    command = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(free_port())]
+    finished = subprocess.run(command, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert finished.returncode == 1 and "Traceback" not in finished.stderr, finished.stderr
+    (critical,) = [json.loads(line) for line in finished.stderr.splitlines() if '"CRITICAL"' in line]
+    assert "holds no key" in critical["message"] and str(keys_file) in critical["message"]
 
 
 def test_metrics_need_their_own_token_when_one_is_set(serve: Serve) -> None:
