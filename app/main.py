@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import sys
 
 from fastapi import FastAPI
@@ -53,8 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         retry_after_s=settings.retry_after_s,
     )
     if settings.rate_limit_per_s is not None:
-        burst = settings.rate_limit_burst or max(1, math.ceil(settings.rate_limit_per_s))
-        buckets = TokenBuckets(settings.rate_limit_per_s, burst, settings.rate_limit_clients)
+        buckets = TokenBuckets(settings.rate_limit_per_s, settings.rate_limit_bucket_size,
+                               settings.rate_limit_clients)
         app.add_middleware(RateLimitMiddleware, buckets=buckets, paths=PROTECTED_PATHS)
     api_keys = KeyRing(load_keys(settings))
     if api_keys.enabled:

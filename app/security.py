@@ -75,8 +75,7 @@ def parse_keys_file(text: str, source: str) -> list[ApiKey]:
 
 def load_keys(settings: Settings) -> list[ApiKey]:
     """The keys of API_KEYS and API_KEYS_FILE together; none means the API is open."""
-    keys = [plain_key(secret.strip()) for secret in settings.api_keys.get_secret_value().split(",")
-            if secret.strip()]
+    keys = [plain_key(secret) for secret in settings.api_key_list]
     if settings.api_keys_file is not None:
         path = settings.api_keys_file
         try:

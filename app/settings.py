@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from functools import cached_property
 from pathlib import Path
@@ -74,6 +75,15 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return _split(self.cors_origins)
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return _split(self.api_keys.get_secret_value())
+
+    @property
+    def rate_limit_bucket_size(self) -> int:
+        """RATE_LIMIT_BURST, or one second's worth of RATE_LIMIT_PER_S (at least one request)."""
+        return self.rate_limit_burst or max(1, math.ceil(self.rate_limit_per_s or 1))
 
     @property
     def max_body_bytes(self) -> int:
