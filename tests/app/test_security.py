@@ -237,6 +237,12 @@ def test_buckets_are_bounded_and_idle_callers_are_forgotten() -> None:
     assert len(buckets) == 1
 
 
+def test_the_burst_defaults_to_one_seconds_worth() -> None:
+    assert Settings(_env_file=None, rate_limit_per_s=2.5).rate_limit_bucket_size == 3
+    assert Settings(_env_file=None, rate_limit_per_s=0.1).rate_limit_bucket_size == 1
+    assert Settings(_env_file=None, rate_limit_per_s=2.5, rate_limit_burst=7).rate_limit_bucket_size == 7
+
+
 # ---------------------------------------------------------------- CORS
 
 
@@ -346,8 +352,3 @@ def test_the_page_has_no_inline_script_or_style() -> None:
     probe.feed('<div style="color:red" onclick="x()"><script>1</script><style>p{}</style></div>')
     assert len(probe.found) == 4
 
-
-def test_the_burst_defaults_to_one_seconds_worth() -> None:
-    assert Settings(_env_file=None, rate_limit_per_s=2.5).rate_limit_bucket_size == 3
-    assert Settings(_env_file=None, rate_limit_per_s=0.1).rate_limit_bucket_size == 1
-    assert Settings(_env_file=None, rate_limit_per_s=2.5, rate_limit_burst=7).rate_limit_bucket_size == 7
