@@ -56,7 +56,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     MODEL_STORE=/srv/model_store \
     MODEL_NAME=flowers \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/tmp/matplotlib \
+    FORWARDED_ALLOW_IPS=127.0.0.1
 
 USER siamcam:siamcam
 EXPOSE 8000
@@ -67,6 +68,7 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 
 # Exec form: uvicorn is PID 1 and receives SIGTERM itself, which starts the app's graceful drain.
-# --forwarded-allow-ips: the replica sits behind a load balancer whose address is not known in advance; trust
-# its X-Forwarded-For so that logs show the client's address.
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--forwarded-allow-ips", "*"]
+# --proxy-headers: the client's address comes from X-Forwarded-For (logs, rate limits per address), but only
+# from the addresses in FORWARDED_ALLOW_IPS (uvicorn reads it from the environment): set it to the balancer's
+# address (compose) or network (Kubernetes); anyone else's X-Forwarded-For is ignored.
+CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]

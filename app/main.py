@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from starlette.middleware.cors import CORSMiddleware
 
 from app.errors import install_problem_handlers
+from app.headers import SecurityHeadersMiddleware, cors_options
 from app.lifespan import lifespan
 from app.logs import configure_logging
 from app.middleware import AdmissionMiddleware, RequestContextMiddleware
+from app.ratelimit import RateLimitMiddleware, TokenBuckets
 from app.routes import STATIC_DIR, router
+from app.security import (
+    PROTECTED_PATHS, AccessControlMiddleware, KeyConfigError, KeyRing, document_api_keys, load_keys,
+    metrics_token_ring,
+)
 from app.service import Service
 from app.settings import Settings
 
 INFERENCE_PATHS = ("/similarity", "/explain")
+EXIT_BAD_KEYS = 1
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -31,6 +42,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Middleware runs from the last added (outermost) to the first: a request is checked for its key, then its
+    # rate, then admitted, all before its body is read.
     app.add_middleware(
         AdmissionMiddleware,
         drain=app.state.service.drain,
@@ -38,8 +51,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         retry_after_s=settings.retry_after_s,
     )
-    app.add_middleware(RequestContextMiddleware)  # added last: outermost, so it sees every answer
+    if settings.rate_limit_per_s is not None:
+        buckets = TokenBuckets(settings.rate_limit_per_s, settings.rate_limit_bucket_size,
+                               settings.rate_limit_clients)
+        app.add_middleware(RateLimitMiddleware, buckets=buckets, paths=PROTECTED_PATHS)
+    api_keys = KeyRing(load_keys(settings))
+    if api_keys.enabled:
+        document_api_keys(app)
+    app.add_middleware(AccessControlMiddleware, api_keys=api_keys, metrics_token=metrics_token_ring(settings))
+    # Outside the key check: preflights carry no key, and a 401 or 429 must be readable by an allowed page.
+    app.add_middleware(CORSMiddleware, **cors_options(settings.cors_origin_list))
+    app.add_middleware(RequestContextMiddleware)  # sees every answer: logs and counts it
+    app.add_middleware(SecurityHeadersMiddleware)  # outermost: on every answer, the request log's own included
     return app
 
 
-app = create_app()
+def _app_from_environment() -> FastAPI:
+    """The app uvicorn serves. Keys it cannot use end the process with one line saying what to fix, as a bad
+    model does (lifespan.py), rather than a traceback through uvicorn's import of this module."""
+    try:
+        return create_app()
+    except KeyConfigError as error:
+        logging.getLogger(__name__).critical(f"cannot start: {error}")
+        sys.exit(EXIT_BAD_KEYS)
+
+
+app = _app_from_environment()

@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import metrics
 from app.errors import Problem, service_unavailable
 from app.logs import request_id
+from app.security import KEY_ID_SCOPE
 from app.shutdown import Drain
 
 logger = logging.getLogger("app.requests")
@@ -54,7 +55,7 @@ class RequestContextMiddleware:
             metrics.REQUEST_LATENCY.labels(route).observe(elapsed)
             logger.info("request", extra={
                 "method": scope["method"], "path": scope["path"], "status": status,
-                "duration_ms": round(elapsed * 1000, 2),
+                "duration_ms": round(elapsed * 1000, 2), "key_id": scope.get(KEY_ID_SCOPE),
             })
             request_id.reset(token)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_MODEL_STORE = Path(__file__).resolve().parents[1] / "model_store"
@@ -36,12 +38,58 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 answers")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Access control (README, "Security"): all off by default, so that a local `make serve` stays open.
+    api_keys: SecretStr = Field(
+        SecretStr(""), description="comma-separated API keys; when set (or API_KEYS_FILE), the API needs one"
+    )
+    api_keys_file: Path | None = Field(
+        None, description="file of API keys, one a line: the key itself, or `id:sha256-hex-of-the-key`"
+    )
+    metrics_token: SecretStr = Field(SecretStr(""), description="when set, /metrics needs it as a Bearer token")
+    rate_limit_per_s: float | None = Field(
+        None, gt=0, description="requests per second each key (or client address) may make; unset: no limit"
+    )
+    rate_limit_burst: int | None = Field(
+        None, ge=1, description="requests a key may make at once; default: one second's worth (at least 1)"
+    )
+    rate_limit_clients: int = Field(
+        10_000, ge=1, description="most keys or addresses whose rate is tracked at once (memory bound)"
+    )
+    cors_origins: str = Field(
+        "", description="comma-separated origins (scheme://host[:port]) whose pages may call the API"
+    )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_are_exact(cls, value: str) -> str:
+        for origin in _split(value):
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"CORS_ORIGINS entry {origin!r} is not an origin: write scheme://host[:port], "
+                                 "without a path or a trailing slash, e.g. https://app.example.com")
+        return value
 
     @cached_property
     def model_dir(self) -> Path:
         return self.model_store / self.model_name
 
     @property
+    def cors_origin_list(self) -> list[str]:
+        return _split(self.cors_origins)
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return _split(self.api_keys.get_secret_value())
+
+    @property
+    def rate_limit_bucket_size(self) -> int:
+        """RATE_LIMIT_BURST, or one second's worth of RATE_LIMIT_PER_S (at least one request)."""
+        return self.rate_limit_burst or max(1, math.ceil(self.rate_limit_per_s or 1))
+
+    @property
     def max_body_bytes(self) -> int:
         """Two images plus room for the form fields and multipart framing."""
         return 2 * self.max_upload_bytes + 64 * 1024
+
+
+def _split(comma_separated: str) -> list[str]:
+    return [item.strip() for item in comma_separated.split(",") if item.strip()]

@@ -80,9 +80,9 @@ def make_pairs(count: int, seed: int = 0) -> list[Pair]:
     return pairs
 
 
-def reference_scores(base_url: str, pairs: list[Pair]) -> list[float]:
+def reference_scores(base_url: str, pairs: list[Pair], headers: dict[str, str] | None = None) -> list[float]:
     """Each pair's score from one direct, unbatched call: what every answer through the balancer must match."""
-    with httpx.Client(base_url=base_url, trust_env=False, timeout=60.0) as client:
+    with httpx.Client(base_url=base_url, headers=headers, trust_env=False, timeout=60.0) as client:
         scores = []
         for pair in pairs:
             response = client.post("/similarity", files=pair.files())
@@ -138,12 +138,15 @@ async def run_load(
     expected: list[float],
     concurrency: int,
     on_progress: Callable[[int], Awaitable[None]],
+    headers: dict[str, str] | None = None,
 ) -> list[Outcome]:
-    """Send every job through base_url, `concurrency` at a time; await on_progress(done) after each answer."""
+    """Send every job through base_url with `headers` (the API key), `concurrency` at a time; await
+    on_progress(done) after each answer."""
     outcomes: list[Outcome] = []
     next_job = iter(jobs)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, trust_env=False, timeout=120.0, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, trust_env=False, timeout=120.0,
+                                 limits=limits) as client:
 
         async def client_loop() -> None:
             for job in next_job:  # the iterator is shared: each job is taken by exactly one client

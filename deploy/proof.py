@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import shutil
 import signal
 import subprocess
@@ -64,6 +65,19 @@ class ProofSettings:
     sigkill_at: float = 0.5
     model_store: Path = DEFAULT_MODEL_STORE
     model_name: str = DEFAULT_MODEL_NAME
+    # The replicas run with API keys and rate limits on, as deployed; the limits are generous (per key and
+    # replica) so that they shape nothing here: the proof is about replicas dying, not about one client's rate.
+    rate_limit_per_s: float = 500.0
+    rate_limit_burst: int = 500
+
+
+@dataclass
+class AccessCheck:
+    """Through the balancer: a request without the key is refused, one with it carries the rate-limit policy."""
+
+    without_key_status: int | None = None
+    rate_limit_policy: str | None = None
+    logs_with_the_key: list[str] = field(default_factory=list)  # log files that contain the key: must be none
 
 
 @dataclass
@@ -101,6 +115,7 @@ class ProofReport:
     answers_per_replica: dict[str, int]
     drain: DrainCheck
     kill: KillCheck
+    access: AccessCheck
 
     @property
     def failures(self) -> list[Outcome]:
@@ -130,6 +145,12 @@ class ProofReport:
             found.append(f"the SIGTERMed replica did not exit within {limit:.0f} s")
         elif drain.exit_code not in CLEAN_EXIT_CODES:
             found.append(f"the SIGTERMed replica exited with {drain.exit_code}, not cleanly (0 or SIGTERM)")
+        if self.access.without_key_status != 401:
+            found.append(f"a request without the API key got {self.access.without_key_status}, not 401: keys are off")
+        if self.access.logs_with_the_key:
+            found.append(f"the API key was written to {', '.join(self.access.logs_with_the_key)}")
+        if not self.access.rate_limit_policy:
+            found.append("answers carry no RateLimit-Policy: the replicas' rate limits are off")
         if self.kill.exit_code != -signal.SIGKILL:
             found.append(f"the SIGKILLed replica's exit status is {self.kill.exit_code}, expected -9")
         return found
@@ -145,6 +166,8 @@ class ProofReport:
             f"model {self.model}",
             f"load: {s.similarity} /similarity + {s.explain} /explain, {s.concurrency} concurrent, "
             f"{s.distinct_pairs} distinct pairs of {self.images}",
+            f"access: API keys on (without the key: {self.access.without_key_status}); rate limit per key and "
+            f"replica: RateLimit-Policy {self.access.rate_limit_policy}; nginx limits per address as in compose",
             f"sent {sent}, answered {sent - len(self.failures)} (correct 200), failed {len(self.failures)}",
             "latency ms: " + "; ".join(
                 f"{endpoint or 'all'} p50 {self.latency_ms(0.5, endpoint):.0f} "
@@ -180,9 +203,9 @@ def _wait_exit(process: subprocess.Popen, since: float, timeout_s: float) -> tup
 
 
 async def _terminate_while_busy(replica: Replica, pairs: list[Pair], expected: list[float],
-                                settings: ProofSettings, check: DrainCheck) -> None:
+                                settings: ProofSettings, check: DrainCheck, headers: dict[str, str]) -> None:
     """SIGTERM `replica` while /explain requests sent straight to it are in flight; record how it drains."""
-    async with httpx.AsyncClient(base_url=replica.url, trust_env=False, timeout=120.0) as direct:
+    async with httpx.AsyncClient(base_url=replica.url, headers=headers, trust_env=False, timeout=120.0) as direct:
         in_flight = [asyncio.create_task(direct.post("/explain", files=pairs[i % len(pairs)].files()))
                      for i in range(DIRECT_IN_FLIGHT)]
         await asyncio.sleep(0.1)  # long enough for the replica to admit them, short of answering them
@@ -226,34 +249,43 @@ def _nginx_upstreams(access_log: Path) -> tuple[int, Counter[str]]:
     return retried, final
 
 
+def _check_access(lb_url: str, pair: Pair, headers: dict[str, str]) -> AccessCheck:
+    with httpx.Client(base_url=lb_url, trust_env=False, timeout=60.0) as client:
+        without_key = client.post("/similarity", files=pair.files())
+        with_key = client.post("/similarity", files=pair.files(), headers=headers)
+    return AccessCheck(without_key.status_code, with_key.headers.get("ratelimit-policy"))
+
+
 async def _drive(cluster: LocalCluster, pairs: list[Pair], expected: list[float],
-                 settings: ProofSettings) -> ProofReport:
+                 settings: ProofSettings, headers: dict[str, str]) -> ProofReport:
     jobs = make_jobs(settings.similarity, settings.explain, len(pairs))
     terminated, killed = cluster.replicas[0], cluster.replicas[1]
     drain, kill = DrainCheck(terminated.port), KillCheck(killed.port)
+    access = await asyncio.to_thread(_check_access, cluster.lb_url, pairs[0], headers)
     background: list[asyncio.Task] = []
 
     async def on_progress(done: int) -> None:
         if not background and done >= settings.sigterm_at * len(jobs):
             drain.after_answers = done
-            background.append(asyncio.create_task(_terminate_while_busy(terminated, pairs, expected, settings, drain)))
+            background.append(asyncio.create_task(_terminate_while_busy(terminated, pairs, expected, settings, drain,
+                                                                            headers)))
         if kill.after_answers == 0 and done >= settings.sigkill_at * len(jobs):
             kill.after_answers = done
             killed.process.send_signal(signal.SIGKILL)
 
     started = time.perf_counter()
-    outcomes = await run_load(cluster.lb_url, jobs, pairs, expected, settings.concurrency, on_progress)
+    outcomes = await run_load(cluster.lb_url, jobs, pairs, expected, settings.concurrency, on_progress, headers)
     wall_s = time.perf_counter() - started
     await asyncio.gather(*background)
     kill.exit_code = killed.process.wait(timeout=10)
     retried, per_replica = _nginx_upstreams(cluster.access_log)
-    with httpx.Client(trust_env=False) as client:
+    with httpx.Client(headers=headers, trust_env=False) as client:
         model = client.get(f"{cluster.replicas[2].url}/model").json()
     return ProofReport(
         settings=settings, model=f"{model['name']} {model['version']}",
         images="flowers photos" if FLOWERS_DIR.is_dir() else "synthetic Pillow pictures",
         outcomes=outcomes, wall_s=wall_s, retried_by_nginx=retried, answers_per_replica=dict(per_replica),
-        drain=drain, kill=kill,
+        drain=drain, kill=kill, access=access,
     )
 
 
@@ -267,15 +299,26 @@ def run_proof(settings: ProofSettings) -> ProofReport:
     if not manifest.is_file():
         raise FileNotFoundError(f"no model at {manifest.parent}: pass --model-store/--model-name, or train the "
                                 "default model with `python -m training train`")
+    # A fresh key per run, known only to this process and its replicas.
+    api_key = secrets.token_urlsafe(32)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    app_env = {
+        "DRAIN_GRACE_S": str(settings.drain_grace_s),
+        "API_KEYS": api_key,
+        "RATE_LIMIT_PER_S": str(settings.rate_limit_per_s),
+        "RATE_LIMIT_BURST": str(settings.rate_limit_burst),
+    }
     cluster = LocalCluster(ensure_nginx(), settings.model_store, settings.model_name, replica_count=REPLICAS,
-                           threads_per_replica=settings.threads_per_replica,
-                           app_env={"DRAIN_GRACE_S": str(settings.drain_grace_s)})
+                           threads_per_replica=settings.threads_per_replica, app_env=app_env)
     report: ProofReport | None = None
     try:
         with cluster:
             pairs = make_pairs(settings.distinct_pairs)
-            expected = reference_scores(cluster.replicas[0].url, pairs)
-            report = asyncio.run(_drive(cluster, pairs, expected, settings))
+            expected = reference_scores(cluster.replicas[0].url, pairs, headers)
+            report = asyncio.run(_drive(cluster, pairs, expected, settings, headers))
+        # The processes are stopped: every log line is in the files.
+        report.access.logs_with_the_key = [path.name for path in sorted(cluster.workdir.glob("*.log"))
+                                           if api_key in path.read_text(errors="replace")]
     finally:
         if report is not None and not report.problems():
             shutil.rmtree(cluster.workdir, ignore_errors=True)

@@ -18,6 +18,9 @@ const COLORMAPS = {
 };
 
 const IMAGE_NAMES = ["First image", "Second image"];
+// Session storage only: the key lasts as long as this tab, is never written to disk by the page, and is
+// never sent anywhere but this service.
+const KEY_STORAGE = "siamcam.apiKey";
 const $ = (id) => document.getElementById(id);
 
 const state = {
@@ -25,13 +28,52 @@ const state = {
   previews: [null, null], // their object URLs, shown as previews and as the "Original" in the result
   request: null,          // AbortController of the /explain request in flight, if any
   progressTimer: null,    // updates the seconds shown while waiting
+  keyAsked: null,         // the Promise of the key the user is being asked for, shared by every waiting call
 };
+
+// ---------------------------------------------------------------- API key
+
+// fetch, with the API key when there is one; on 401 ask the user for a key, then send the request again.
+async function apiFetch(path, options = {}) {
+  for (;;) {
+    const key = sessionStorage.getItem(KEY_STORAGE);
+    const headers = new Headers(options.headers);
+    if (key) headers.set("Authorization", `Bearer ${key}`);
+    const response = await fetch(path, { ...options, headers });
+    if (response.status !== 401) return response;
+    // Forget the refused key, unless another call has stored a newer one meanwhile.
+    if (key && sessionStorage.getItem(KEY_STORAGE) === key) sessionStorage.removeItem(KEY_STORAGE);
+    await askForKey(key
+      ? "The service did not accept this API key. Enter another one to continue."
+      : "This service needs an API key. Enter yours to continue.");
+  }
+}
+
+function askForKey(message) {
+  if (!state.keyAsked) {
+    state.keyAsked = new Promise((resolve) => {
+      const form = $("key-form");
+      $("key-message").textContent = message;
+      form.hidden = false;
+      $("api-key").focus();
+      form.addEventListener("submit", (event) => {
+        event.preventDefault();
+        sessionStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+        $("api-key").value = "";
+        form.hidden = true;
+        state.keyAsked = null;
+        resolve();
+      }, { once: true });
+    });
+  }
+  return state.keyAsked;
+}
 
 // ---------------------------------------------------------------- model information
 
 async function loadModelInfo() {
   try {
-    const response = await fetch("/model");
+    const response = await apiFetch("/model");
     if (!response.ok) throw new Error(`status ${response.status}`);
     const model = await response.json();
     $("model-info").textContent =
@@ -136,7 +178,7 @@ async function explain(progressLabel) {
   hideError();
   showProgress(progressLabel);
   try {
-    const response = await fetch("/explain", { method: "POST", body: form, signal: controller.signal });
+    const response = await apiFetch("/explain", { method: "POST", body: form, signal: controller.signal });
     const body = await readBody(response);
     if (response.ok) showResult(body);
     else showError(describeProblem(response, body), problemDetail(body), retryable(response.status));
@@ -192,16 +234,20 @@ function describeProblem(response, body) {
       return "One of the files is not an image the service can read. Please choose a JPEG, PNG or similar image.";
     case 422:
       return "The service could not use these images or settings.";
-    case 503: {
-      const seconds = response.headers.get("Retry-After");
-      const when = !seconds ? "in a moment" : seconds === "1" ? "in 1 second" : `in ${seconds} seconds`;
-      return `The service is busy right now. Please retry ${when}.`;
-    }
+    case 429:
+      return `You have sent many requests in a short time. Please retry ${retryWhen(response)}.`;
+    case 503:
+      return `The service is busy right now. Please retry ${retryWhen(response)}.`;
     case 504:
       return "The service took too long to answer. Please retry.";
     default:
       return `Something went wrong (status ${response.status}${problemTitle(body)}).`;
   }
+}
+
+function retryWhen(response) {
+  const seconds = response.headers.get("Retry-After");
+  return !seconds ? "in a moment" : seconds === "1" ? "in 1 second" : `in ${seconds} seconds`;
 }
 
 function problemDetail(body) {
@@ -213,9 +259,9 @@ function problemTitle(body) {
   return typeof body === "object" && body !== null && body.title ? `: ${body.title}` : "";
 }
 
-// Busy, timed out or broken: the same request may work later. A 4xx needs other input instead.
+// Busy, rate limited, timed out or broken: the same request may work later. Other 4xx need other input.
 function retryable(status) {
-  return status >= 500;
+  return status >= 500 || status === 429;
 }
 
 function showError(message, detail, canRetry) {

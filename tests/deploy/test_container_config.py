@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import ipaddress
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from app.security import PROTECTED_PATHS
 from app.settings import Settings
 from deploy.nginx_config import (
     TEMPLATE_PATH,
@@ -169,3 +171,56 @@ def test_balancer_limits_and_stop_grace_fit_the_app() -> None:
     assert seconds(lb["PROXY_TIMEOUT"]) >= api.request_timeout_s + 15
     stop_grace = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["api"]["stop_grace_period"]
     assert seconds(stop_grace.split(":-")[1].rstrip("}")) >= api.drain_grace_s + 10
+
+
+def rate(value: str) -> float:
+    """nginx rates: 50r/s, 600r/m."""
+    number, unit = re.fullmatch(r"(\d+)r/([sm])", value).groups()
+    return int(number) / (1 if unit == "s" else 60)
+
+
+def test_balancer_limits_per_client_sit_above_the_apps_per_key_limits() -> None:
+    compose_api = compose_environment("api", environ={})
+    api = Settings(_env_file=None, rate_limit_per_s=compose_api["RATE_LIMIT_PER_S"],
+                   rate_limit_burst=compose_api["RATE_LIMIT_BURST"])
+    lb = compose_environment("lb", environ={})
+    assert api.rate_limit_per_s is not None and api.rate_limit_burst is not None, "compose turns the app's limits on"
+    # One address may carry several keys: the balancer's share per address is at least one key's.
+    assert rate(lb["LB_RATE_PER_CLIENT"]) >= api.rate_limit_per_s
+    assert int(lb["LB_BURST_PER_CLIENT"]) >= api.rate_limit_burst
+    # A client that waits for its answers never has more requests pending than connections: with the burst
+    # above that, the balancer's rate only paces such a client (limit_req without nodelay), never refuses it.
+    assert int(lb["LB_BURST_PER_CLIENT"]) >= int(lb["LB_CONNECTIONS_PER_CLIENT"])
+    rendered = render_for_loopback([8101], 8100)
+    assert f"rate={lb['LB_RATE_PER_CLIENT']};" in rendered
+    # Ends at the burst: no `nodelay`.
+    assert f"limit_req zone=siamcam_requests burst={lb['LB_BURST_PER_CLIENT']};" in rendered
+    assert f"limit_conn siamcam_connections {lb['LB_CONNECTIONS_PER_CLIENT']};" in rendered
+    # The limited locations are the app's limited endpoints.
+    (limited,) = re.findall(r"location ~ \^/\(([a-z|]+)\)\$", rendered)
+    assert {f"/{path}" for path in limited.split("|")} == set(PROTECTED_PATHS)
+
+
+def compose_default(value: str) -> str:
+    """The default of a compose `${NAME:-default}` value."""
+    return re.fullmatch(r"\$\{[A-Z_]+:-(.*)\}", value).group(1)
+
+
+def test_replicas_trust_forwarded_addresses_from_the_balancer_only() -> None:
+    (cmd,) = [args for op, args in dockerfile_instructions() if op == "CMD"]
+    command = yaml.safe_load(cmd)
+    assert "--proxy-headers" in command and "--forwarded-allow-ips" not in command, \
+        "FORWARDED_ALLOW_IPS comes from the environment, so that compose and Kubernetes can set it"
+    env = " ".join(args for op, args in dockerfile_instructions() if op == "ENV")
+    assert "FORWARDED_ALLOW_IPS=127.0.0.1" in env
+    services = compose()["services"]
+    trusted = compose_environment("api", environ={})["FORWARDED_ALLOW_IPS"]
+    assert services["lb"]["networks"]["default"]["ipv4_address"] == "${LB_ADDRESS:-%s}" % trusted
+    (pool,) = compose()["networks"]["default"]["ipam"]["config"]
+    subnet, dynamic = (ipaddress.ip_network(compose_default(pool[key])) for key in ("subnet", "ip_range"))
+    address = ipaddress.ip_address(trusted)
+    assert address in subnet and address not in dynamic, "the balancer's address cannot go to a replica"
+    rendered = render_for_loopback([8101], 8100)
+    # nginx is the edge: it replaces a client's own X-Forwarded-For instead of appending to it.
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in rendered
+    assert "proxy_set_header X-Real-IP $remote_addr;" in rendered

@@ -14,6 +14,8 @@ import pytest
 import yaml
 
 import app.metrics  # noqa: F401  (registers the app's metrics with prometheus_client)
+from app.security import PROTECTED_PATHS, parse_keys_file
+from deploy.nginx_config import compose_environment
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.37"
@@ -61,8 +63,9 @@ def api_container(deployment: dict[str, Any]) -> dict[str, Any]:
     return container
 
 
-def env_of(container: dict[str, Any]) -> dict[str, str]:
-    return {item["name"]: item["value"] for item in container.get("env", [])}
+def env_of(container: dict[str, Any]) -> dict[str, str | None]:
+    """Literal values; None for those taken from elsewhere (valueFrom: a Secret)."""
+    return {item["name"]: item.get("value") for item in container.get("env", [])}
 
 
 def test_kustomization_lists_every_manifest() -> None:
@@ -72,7 +75,7 @@ def test_kustomization_lists_every_manifest() -> None:
     assert listed == present
 
 
-@pytest.mark.parametrize("kind", ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"])
+@pytest.mark.parametrize("kind", ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "Ingress"])
 def test_base_manifest_validates_against_kubernetes_schema(kind: str) -> None:
     resource = base_resources()[kind]
     kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
@@ -147,3 +150,59 @@ def test_prometheus_adapter_publishes_the_metric_the_hpa_uses() -> None:
 def test_the_hpa_scales_on_a_gauge_the_app_exports() -> None:
     metric = hpa_queue_metric()
     assert f"# TYPE {metric} gauge" in prometheus_client.generate_latest().decode()
+
+
+def test_api_keys_come_from_a_generated_secret_that_holds_no_key() -> None:
+    kustomization = load_yaml(K8S_DIR / "kustomization.yaml")
+    (generator,) = kustomization["secretGenerator"]
+    (file_name,) = generator["files"]
+    lines = [line for line in (K8S_DIR / file_name).read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+:[0-9a-f]{64}", line) for line in lines), \
+        "only `id:sha256` lines may be committed, never a key"
+    assert len(parse_keys_file("\n".join(lines), file_name)) == len(lines)
+    deployment = base_resources()["Deployment"]
+    container = api_container(deployment)
+    volumes = {volume["name"]: volume for volume in deployment["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [mount for mount in container["volumeMounts"]
+                if volumes[mount["name"]].get("secret", {}).get("secretName") == generator["name"]]
+    assert mount["readOnly"] is True
+    # Readable by the app's user: through its group when the file is not world-readable.
+    pod_security = deployment["spec"]["template"]["spec"]["securityContext"]
+    keys_volume = volumes[mount["name"]]
+    if not keys_volume["secret"].get("defaultMode", 0o644) & 0o004:
+        assert keys_volume["secret"]["defaultMode"] & 0o040 and pod_security["fsGroup"] == pod_security["runAsGroup"]
+    assert env_of(container)["API_KEYS_FILE"] == f"{mount['mountPath']}/{file_name}"
+    (token,) = [item for item in container["env"] if item["name"] == "METRICS_TOKEN"]
+    assert "value" not in token and token["valueFrom"]["secretKeyRef"]["optional"] is True
+
+
+def test_ingress_limits_match_the_compose_balancer_and_sit_above_the_app() -> None:
+    annotations = base_resources()["Ingress"]["metadata"]["annotations"]
+    prefix = "nginx.ingress.kubernetes.io/"
+    rps, multiplier = int(annotations[prefix + "limit-rps"]), int(annotations[prefix + "limit-burst-multiplier"])
+    connections = int(annotations[prefix + "limit-connections"])
+    lb = compose_environment("lb", environ={})
+    assert f"{rps}r/s" == lb["LB_RATE_PER_CLIENT"]
+    assert rps * multiplier == int(lb["LB_BURST_PER_CLIENT"])
+    assert connections == int(lb["LB_CONNECTIONS_PER_CLIENT"])
+    assert annotations[prefix + "proxy-body-size"] == lb["CLIENT_MAX_BODY_SIZE"]
+    app_env = env_of(api_container(base_resources()["Deployment"]))
+    compose_api = compose_environment("api", environ={})
+    for name in ("RATE_LIMIT_PER_S", "RATE_LIMIT_BURST"):
+        assert app_env[name] == compose_api[name], f"{name}: Kubernetes and compose differ"
+    assert rps >= float(app_env["RATE_LIMIT_PER_S"]) and rps * multiplier >= int(app_env["RATE_LIMIT_BURST"])
+    assert app_env["FORWARDED_ALLOW_IPS"] not in ("*", None), "forwarded addresses trusted from anyone"
+
+
+def test_ingress_routes_the_public_paths_but_not_metrics() -> None:
+    (rule,) = base_resources()["Ingress"]["spec"]["rules"]
+    paths = {item["path"]: item for item in rule["http"]["paths"]}
+    service = base_resources()["Service"]
+    for path in (*PROTECTED_PATHS, "/", "/healthz", "/readyz", "/static", "/docs", "/redoc"):
+        assert path in paths, path
+        backend = paths[path]["backend"]["service"]
+        assert backend["name"] == service["metadata"]["name"]
+        assert backend["port"]["name"] == service["spec"]["ports"][0]["name"]
+    assert all(not (item["path"] == "/" and item["pathType"] == "Prefix") and not item["path"].startswith("/metrics")
+               for item in paths.values()), "/metrics is scraped per pod, never through the balancer"

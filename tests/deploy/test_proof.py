@@ -40,4 +40,7 @@ def test_every_request_is_answered_while_replicas_die(proof_model: tuple[Path, s
     assert report.drain.new_request_refused
     assert report.drain.exit_code in CLEAN_EXIT_CODES
     assert report.drain.exit_after_s is not None and report.drain.exit_after_s <= settings.drain_grace_s + EXIT_SLACK_S
+    # With API keys and rate limits on, as deployed: a request without the key is refused.
+    assert report.access.without_key_status == 401 and report.access.logs_with_the_key == []
+    assert report.access.rate_limit_policy == f'"default";q={settings.rate_limit_burst};w=1'
     assert report.problems() == []

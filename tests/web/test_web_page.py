@@ -21,13 +21,25 @@ BATCH_WAIT_S = 6  # long enough for the browser to be refused while another requ
 OVERLAYS = "#overlays figure.factual img, #overlays figure.counterfactual img"
 
 
+# Every Content-Security-Policy violation on the page, as the browser reports it to the page itself.
+_RECORD_CSP_VIOLATIONS = """
+    window.cspViolations = [];
+    document.addEventListener("securitypolicyviolation", (event) => {
+        window.cspViolations.push(`${event.effectiveDirective} blocked ${event.blockedURI || "inline code"}`);
+    });
+"""
+
+
 @contextmanager
 def opened(browser: Browser, url: str, **context_options: object) -> Iterator[Page]:
-    """A fresh tab on the page; fails the test on any script error or any request that leaves the service."""
+    """A fresh tab on the page; fails the test on any script error, any request that leaves the service, and
+    any Content-Security-Policy violation (the page is served with the strict policy: that is checked too)."""
     context = browser.new_context(**context_options)
+    context.add_init_script(_RECORD_CSP_VIOLATIONS)
     tab = context.new_page()
     script_errors: list[str] = []
     foreign_requests: list[str] = []
+    console_csp: list[str] = []
 
     def check_request(request: Request) -> None:
         if not request.url.startswith((f"{url}/", "data:", "blob:")):  # blob: the previews of chosen files
@@ -35,13 +47,18 @@ def opened(browser: Browser, url: str, **context_options: object) -> Iterator[Pa
 
     tab.on("pageerror", lambda error: script_errors.append(str(error)))
     tab.on("request", check_request)
-    tab.goto(f"{url}/")
+    tab.on("console", lambda message: console_csp.append(message.text)
+           if "Content Security Policy" in message.text else None)
+    answer = tab.goto(f"{url}/")
+    assert answer is not None and "default-src 'self'" in answer.headers["content-security-policy"]
     try:
         yield tab
+        violations = tab.evaluate("window.cspViolations")
     finally:
         context.close()
     assert script_errors == [], "the page raised JavaScript errors"
     assert foreign_requests == [], "the page must work offline: it asked for something other than the service"
+    assert violations == [] and console_csp == [], f"Content-Security-Policy violations: {violations + console_csp}"
 
 
 @pytest.fixture
@@ -56,9 +73,9 @@ def compare(page: Page, first: Path, second: Path) -> None:
     page.click("#compare")
 
 
-def post_files(url: str, first: Path, second: Path) -> httpx.Response:
+def post_files(url: str, first: Path, second: Path, headers: dict[str, str] | None = None) -> httpx.Response:
     files = {"image1": (first.name, first.read_bytes()), "image2": (second.name, second.read_bytes())}
-    return httpx.post(url, files=files, timeout=RESULT_TIMEOUT_MS / 1000)
+    return httpx.post(url, files=files, headers=headers, timeout=RESULT_TIMEOUT_MS / 1000)
 
 
 def test_result_shows_the_services_score_four_overlays_and_the_model(
@@ -240,3 +257,68 @@ def test_dropping_two_images_on_one_picker_fills_both(page: Page, two_images: tu
         expect(page.locator(preview)).to_be_visible()
         expect(page.locator(preview)).to_have_attribute("alt", re.compile(re.escape(path.name)))
     expect(page.locator("#compare")).to_be_enabled()
+
+
+def test_the_policy_is_enforced_and_a_violation_fails_the_check(browser: Browser, service_url: str) -> None:
+    """The CSP check of `opened` can fail: an inline style injected into the page is blocked and reported."""
+    with pytest.raises(AssertionError, match="Content-Security-Policy violations"):
+        with opened(browser, service_url) as page:
+            page.evaluate("""() => {
+                const style = document.createElement("style");
+                style.textContent = "body { background: red; }";
+                document.head.append(style);
+            }""")
+            page.wait_for_function("window.cspViolations.length > 0")
+            assert page.evaluate("getComputedStyle(document.body).backgroundColor") != "rgb(255, 0, 0)"
+
+
+API_KEY = "web-test-key-0123456789abcdef"
+
+
+@pytest.fixture
+def keyed_service_url(served_model: tuple[Path, str], tmp_path: Path) -> Iterator[str]:
+    with running_service(*served_model, tmp_path, API_KEYS=API_KEY) as url:
+        yield url
+
+
+def test_the_page_asks_for_a_key_keeps_it_for_the_session_and_compares(
+    browser: Browser, keyed_service_url: str, two_images: tuple[Path, Path]
+) -> None:
+    with opened(browser, keyed_service_url) as page:
+        key_form, message = page.locator("#key-form"), page.locator("#key-message")
+        expect(key_form).to_be_visible()  # /model answered 401 as the page loaded
+        expect(message).to_contain_text("needs an API key")
+        page.fill("#api-key", "not-the-key")
+        page.click("#key-submit")
+        expect(message).to_contain_text("did not accept")
+        page.fill("#api-key", API_KEY)
+        page.keyboard.press("Enter")
+        expect(key_form).to_be_hidden()
+        expect(page.locator("#model-info")).to_contain_text("Model ")
+
+        compare(page, *two_images)
+        expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+        expected = post_files(f"{keyed_service_url}/similarity", *two_images,
+                              headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        assert float(page.inner_text("#score")) == pytest.approx(expected["score"], abs=5e-4)
+        expect(page.locator(OVERLAYS)).to_have_count(4)
+        # Kept in this tab's session storage only: nothing persistent, no cookie.
+        assert page.evaluate("sessionStorage.getItem('siamcam.apiKey')") == API_KEY
+        assert page.evaluate("localStorage.length") == 0 and page.context.cookies() == []
+
+
+def test_the_api_documentation_works_in_the_browser(browser: Browser, service_url: str) -> None:
+    """/docs and /redoc are served without the page's CSP (their inline start-up scripts need it) and work."""
+    context = browser.new_context()
+    try:
+        tab = context.new_page()
+        errors: list[str] = []
+        tab.on("pageerror", lambda error: errors.append(str(error)))
+        answer = tab.goto(f"{service_url}/docs")
+        assert answer is not None and answer.headers["x-content-type-options"] == "nosniff"
+        expect(tab.locator(".opblock-summary-path", has_text="/similarity")).to_be_visible()
+        tab.goto(f"{service_url}/redoc")
+        expect(tab.get_by_text("/similarity").first).to_be_attached()
+        assert errors == []
+    finally:
+        context.close()
