@@ -28,6 +28,10 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
             415, "not-an-image",
             f"{field} is not an image Pillow can read; send a JPEG, PNG, WebP, GIF, BMP or TIFF file.",
         ) from error
+    except MemoryError:
+        raise
+    except Exception as error:  # recognised, but its header is damaged: Pillow raises anything (OSError, ...)
+        raise _corrupt(field, error) from error
     width, height = image.size
     # Checked on the header's size, before a single pixel is decoded.
     if width * height > max_pixels:
@@ -37,11 +41,20 @@ def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
         image.load()
         upright = ImageOps.exif_transpose(image)
         return _to_rgb(upright)
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise Problem(
-            422, "corrupt-image",
-            f"{field} could not be decoded ({error}); the file is truncated or damaged, send it again.",
-        ) from error
+    except Image.DecompressionBombError as error:  # a GIF frame larger than the header said
+        raise _too_many_pixels(field, max_pixels) from error
+    except MemoryError:
+        raise
+    except Exception as error:  # Pillow's decoders raise many classes (OSError, struct.error, IndexError, ...)
+        raise _corrupt(field, error) from error
+
+
+def _corrupt(field: str, error: Exception) -> Problem:
+    return Problem(
+        422, "corrupt-image",
+        f"{field} could not be decoded ({str(error) or type(error).__name__}); the file is truncated or damaged, "
+        "send it again.",
+    )
 
 
 def _too_many_pixels(field: str, max_pixels: int, width: int | None = None, height: int | None = None) -> Problem:

@@ -92,12 +92,13 @@ async def healthz() -> Status:
 
 @router.get("/readyz", response_model=Status, responses={503: {"model": Status}}, tags=["operations"])
 async def readyz(service: ServiceDep) -> Response:
-    """Readiness: 200 once the model is loaded and warmed up, 503 before that and while draining."""
-    if service.ready:
-        return JSONResponse({"status": "ready"})
-    status = "draining" if service.drain.draining else "loading"
+    """Readiness: 200 once the model is loaded and warmed up; 503 before that, while draining, and once the
+    inference worker has stopped (the process then exits, to be restarted)."""
+    readiness = service.readiness
+    if readiness == "ready":
+        return JSONResponse({"status": readiness})
     retry_after = {"Retry-After": str(service.settings.retry_after_s)}
-    return JSONResponse({"status": status}, status_code=503, headers=retry_after)
+    return JSONResponse({"status": readiness}, status_code=503, headers=retry_after)
 
 
 @router.get("/metrics", tags=["operations"], response_class=Response)
