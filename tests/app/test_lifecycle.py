@@ -1,5 +1,5 @@
-"""Start-up, readiness and shutdown: ready only once warmed up, a clear exit for a bad model, and a graceful
-drain on SIGTERM with a real uvicorn process."""
+"""Start-up, readiness and shutdown: ready only once warmed up, a clear exit for a bad model, a graceful
+drain on SIGTERM, and an exit with status 1 when the model breaks, with a real uvicorn process."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from asgi_lifespan import LifespanManager
 from app.main import create_app
 from app.settings import Settings
 from tests.app.conftest import TEST_MODEL_NAME, free_port
+from tests.app.failing_model import BLUE, FAILING_MODEL_NAME
 from tests.app.images import drawn_image, encode, pair_files
 from tests.app.metrics_reader import metric_value
 
@@ -112,6 +113,29 @@ def test_sigterm_drains_then_exits(model_store: Path) -> None:
         assert process.wait(timeout=grace_s + 10) in (0, -signal.SIGTERM)
         assert time.monotonic() - signalled < grace_s
         assert "drained" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_broken_model_makes_the_replica_unready_then_exit_with_status_1(failing_model_store: Path) -> None:
+    """Once the inference worker stops (the model fails even on the warm-up pair), the process leaves with
+    status 1, so that the orchestrator restarts it; the request that broke it is answered first."""
+    port = free_port()
+    process = _uvicorn({"MODEL_STORE": str(failing_model_store), "MODEL_NAME": FAILING_MODEL_NAME}, port)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60, trust_env=False) as client:
+            _wait_until(lambda: client.get("/readyz").status_code == 200, 180, process)
+            breaking = client.post("/similarity", files=pair_files(encode(drawn_image(33), "PNG"), BLUE))
+            assert breaking.status_code == 503, breaking.text
+            assert breaking.headers["content-type"] == "application/problem+json"
+        assert process.wait(timeout=30) == 1
+        stderr = process.stderr.read()
+        critical = [json.loads(line) for line in stderr.splitlines() if '"CRITICAL"' in line]
+        assert len(critical) == 1, stderr
+        assert "inference worker stopped" in critical[0]["message"]
+        assert "saw a blue image" in critical[0]["exc_info"]  # why, for the operator
     finally:
         if process.poll() is None:
             process.kill()

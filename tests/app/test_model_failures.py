@@ -1,0 +1,108 @@
+"""When the model fails: a traceable 500 for the pair that failed (and only for it), and a replica that says it
+is not ready, and answers 503 at once, when the model is broken for good. On tests/app/failing_model.py's real
+model, served over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.app.failing_model import BLUE, FAILING_MODEL_NAME, GREEN, RED
+from tests.app.images import drawn_image, encode, pair_files
+from tests.app.metrics_reader import metric_value
+
+GOOD1, GOOD2 = encode(drawn_image(41), "PNG"), encode(drawn_image(42), "JPEG")
+Serve = Callable[..., AbstractContextManager[str]]
+
+
+def _problem(response: httpx.Response, status: int, slug: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["type"] == f"urn:siamcam:problem:{slug}" and body["status"] == status and body["detail"]
+    return body
+
+
+def _client(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=60, trust_env=False)
+
+
+def test_a_failing_model_gets_a_traceable_500_and_the_service_keeps_serving(
+    serve: Serve, failing_model_store: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with serve(model_store=failing_model_store, model_name=FAILING_MODEL_NAME) as url, _client(url) as client:
+        errors_before = metric_value(client, "siamcam_requests_total", route="/similarity", method="POST",
+                                     status="500")
+        failed = client.post("/similarity", files=pair_files(GOOD1, RED), headers={"X-Request-ID": "red-pair-1"})
+        body = _problem(failed, 500, "internal-error")
+        assert failed.headers["X-Request-ID"] == "red-pair-1"
+        assert "red-pair-1" in body["detail"]  # what the user quotes when reporting it
+        assert metric_value(client, "siamcam_requests_total", route="/similarity", method="POST",
+                            status="500") == errors_before + 1
+        # The same keep-alive connection still works, and the model still scores other pairs.
+        assert client.post("/similarity", files=pair_files(GOOD1, GOOD2)).status_code == 200
+        assert client.post("/explain", files=pair_files(GOOD1, GOOD2)).status_code == 200
+        assert client.get("/readyz").status_code == 200
+    logged = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    failure = [line for line in logged if line["message"] == "unexpected error"]
+    assert len(failure) == 1, logged
+    assert failure[0]["request_id"] == "red-pair-1" and failure[0]["level"] == "ERROR"
+    assert "cannot take a red image" in failure[0]["exc_info"]  # the model's own error, for the operator
+    answered = [line for line in logged if line["message"] == "request" and line["request_id"] == "red-pair-1"]
+    assert [line["status"] for line in answered] == [500]
+
+
+def test_one_failing_pair_fails_alone_in_a_batch_of_good_pairs(serve: Serve, failing_model_store: Path) -> None:
+    """A batch that fails (here: the model raises on one pair, or returns a score too many) is run again one
+    pair at a time: only the pairs that fail on their own get a 500, the others their scores."""
+    pairs = {"red": (RED, GOOD1), "green": (GREEN, GOOD2), "good1": (GOOD1, GOOD2), "good2": (GOOD2, GOOD1)}
+    # A long window and a batch of exactly these four: they run together, as one batch.
+    with serve(model_store=failing_model_store, model_name=FAILING_MODEL_NAME, max_batch_size=len(pairs),
+               max_batch_wait_ms=5000) as url, _client(url) as client, ThreadPoolExecutor(len(pairs)) as pool:
+        alone = {name: client.post("/similarity", files=pair_files(*pairs[name])).json()["score"]
+                 for name in ("good1", "good2")}
+        batches_before = metric_value(client, "siamcam_batch_size_count", queue="similarity")
+        futures = {name: pool.submit(client.post, "/similarity", files=pair_files(*pair))
+                   for name, pair in pairs.items()}
+        answers = {name: future.result() for name, future in futures.items()}
+        assert metric_value(client, "siamcam_batch_size_count", queue="similarity") == batches_before + 1
+        _problem(answers["red"], 500, "internal-error")
+        _problem(answers["green"], 500, "internal-error")
+        for name in ("good1", "good2"):
+            assert answers[name].status_code == 200, answers[name].text
+            assert answers[name].json()["score"] == pytest.approx(alone[name], abs=1e-5)
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/similarity", files=pair_files(GOOD1, GOOD2)).status_code == 200
+
+
+def test_a_broken_model_stops_the_worker_and_every_request_gets_503_at_once(
+    serve: Serve, failing_model_store: Path
+) -> None:
+    """Blue breaks the model for good (it then fails even on the warm-up pair): the worker stops, the pairs in
+    its batch and those waiting in the other queue get 503 at once, /readyz turns 503, and so does every new
+    request. (Served in a thread here, the process cannot exit; test_lifecycle checks that it does.)"""
+    timeout_s = 60
+    with serve(model_store=failing_model_store, model_name=FAILING_MODEL_NAME, max_batch_size=8,
+               max_batch_wait_ms=1000, request_timeout_s=timeout_s) as url, _client(url) as client, \
+            ThreadPoolExecutor(5) as pool:
+        assert client.get("/readyz").status_code == 200
+        started = time.monotonic()
+        in_batch = [pool.submit(client.post, "/similarity", files=pair_files(*pair))
+                    for pair in ((GOOD1, BLUE), (GOOD1, GOOD2), (GOOD2, GOOD1))]
+        queued = [pool.submit(client.post, "/explain", files=pair_files(GOOD1, GOOD2)) for _ in range(2)]
+        for future in [*in_batch, *queued]:
+            _problem(future.result(), 503, "service-unavailable")
+        assert time.monotonic() - started < 10 < timeout_s  # not a 504 after REQUEST_TIMEOUT_S
+        readiness = client.get("/readyz")
+        assert readiness.status_code == 503 and readiness.json() == {"status": "failed"}
+        late = client.post("/similarity", files=pair_files(GOOD1, GOOD2))
+        assert "worker has stopped" in _problem(late, 503, "service-unavailable")["detail"]
+        assert late.headers["Retry-After"]
+        assert metric_value(client, "siamcam_rejections_total", reason="worker_stopped") >= 6
