@@ -30,6 +30,14 @@ def _problem(response: httpx.Response, status: int, slug: str) -> dict:
     return body
 
 
+def _local_port(response: httpx.Response) -> int | None:
+    """The client side's port of the connection that carried `response`; None once that connection is closed."""
+    try:
+        return response.extensions["network_stream"].get_extra_info("socket").getsockname()[1]
+    except OSError:
+        return None
+
+
 def _client(url: str) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=60, trust_env=False)
 
@@ -41,13 +49,17 @@ def test_a_failing_model_gets_a_traceable_500_and_the_service_keeps_serving(
         errors_before = metric_value(client, "siamcam_requests_total", route="/similarity", method="POST",
                                      status="500")
         failed = client.post("/similarity", files=pair_files(GOOD1, RED), headers={"X-Request-ID": "red-pair-1"})
+        failed_on = _local_port(failed)
+        assert failed_on is not None, "the connection was closed after the 500"
         body = _problem(failed, 500, "internal-error")
         assert failed.headers["X-Request-ID"] == "red-pair-1"
         assert "red-pair-1" in body["detail"]  # what the user quotes when reporting it
         assert metric_value(client, "siamcam_requests_total", route="/similarity", method="POST",
                             status="500") == errors_before + 1
-        # The same keep-alive connection still works, and the model still scores other pairs.
-        assert client.post("/similarity", files=pair_files(GOOD1, GOOD2)).status_code == 200
+        # The model still scores other pairs, on the same connection: it was not dropped after the 500.
+        scored = client.post("/similarity", files=pair_files(GOOD1, GOOD2))
+        assert scored.status_code == 200
+        assert _local_port(scored) == failed_on
         assert client.post("/explain", files=pair_files(GOOD1, GOOD2)).status_code == 200
         assert client.get("/readyz").status_code == 200
     logged = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
