@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.inference import (
@@ -16,7 +16,8 @@ from app.inference import (
 )
 from app.overlays import ColormapName, OverlayFormat
 from app.schemas import (
-    INFERENCE_ERRORS, ExplainResponse, ModelInfo, ModelRef, ProblemDetails, SimilarityResponse, Status,
+    INFERENCE_ERRORS, MODEL_INFO_ERRORS, RETRY_AFTER_HEADER, ExplainResponse, ModelInfo, ModelRef,
+    SimilarityResponse, Status,
 )
 from app.service import Service
 from app.settings import Settings
@@ -77,7 +78,7 @@ async def explain(
                            explanations=explanations)
 
 
-@router.get("/model", response_model=ModelInfo, responses={503: {"model": ProblemDetails}}, tags=["operations"])
+@router.get("/model", response_model=ModelInfo, responses=MODEL_INFO_ERRORS, tags=["operations"])
 async def model_info(service: ServiceDep) -> ModelInfo:
     """The served model, from its manifest."""
     model, _ = require_ready(service)
@@ -90,7 +91,8 @@ async def healthz() -> Status:
     return Status(status="ok")
 
 
-@router.get("/readyz", response_model=Status, responses={503: {"model": Status}}, tags=["operations"])
+@router.get("/readyz", response_model=Status, tags=["operations"], responses={
+    503: {"model": Status, "description": "loading, draining or failed", "headers": RETRY_AFTER_HEADER}})
 async def readyz(service: ServiceDep) -> Response:
     """Readiness: 200 once the model is loaded and warmed up; 503 before that, while draining, and once the
     inference worker has stopped (the process then exits, to be restarted)."""
@@ -101,7 +103,8 @@ async def readyz(service: ServiceDep) -> Response:
     return JSONResponse({"status": readiness}, status_code=503, headers=retry_after)
 
 
-@router.get("/metrics", tags=["operations"], response_class=Response)
+@router.get("/metrics", tags=["operations"], response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def prometheus_metrics() -> Response:
     """Prometheus metrics (text format)."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
