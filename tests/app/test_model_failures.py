@@ -56,6 +56,7 @@ def test_a_failing_model_gets_a_traceable_500_and_the_service_keeps_serving(
         assert "red-pair-1" in body["detail"]  # what the user quotes when reporting it
         assert metric_value(client, "siamcam_requests_total", route="/similarity", method="POST",
                             status="500") == errors_before + 1
+        _problem(client.post("/explain", files=pair_files(RED, GOOD2)), 500, "internal-error")
         # The model still scores other pairs, on the same connection: it was not dropped after the 500.
         scored = client.post("/similarity", files=pair_files(GOOD1, GOOD2))
         assert scored.status_code == 200
@@ -64,7 +65,7 @@ def test_a_failing_model_gets_a_traceable_500_and_the_service_keeps_serving(
         assert client.get("/readyz").status_code == 200
     logged = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
     failure = [line for line in logged if line["message"] == "unexpected error"]
-    assert len(failure) == 1, logged
+    assert len(failure) == 2, logged  # /similarity's, then /explain's
     assert failure[0]["request_id"] == "red-pair-1" and failure[0]["level"] == "ERROR"
     assert "cannot take a red image" in failure[0]["exc_info"]  # the model's own error, for the operator
     answered = [line for line in logged if line["message"] == "request" and line["request_id"] == "red-pair-1"]
