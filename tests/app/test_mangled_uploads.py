@@ -145,3 +145,19 @@ def test_mangled_images_get_2xx_or_a_4xx_problem(http: httpx.Client, source: str
     assert statuses[422] > 0, f"no mangled {source} file was refused as corrupt: {statuses}"
     assert http.get("/readyz").status_code == 200
     assert http.post("/similarity", files=pair_files(GOOD, SOURCES[source])).status_code == 200
+
+
+@pytest.mark.parametrize("source", ["drawn bmp", "drawn bmp-rle8"])
+def test_every_bmp_compression_field_gets_2xx_or_a_4xx_problem(http: httpx.Client, source: str) -> None:
+    """A header naming each compression BMP knows (RLE4, bit fields, JPEG, PNG, CMYK...) and one it does not."""
+    statuses: Counter[int] = Counter()
+    wrong: list[str] = []
+    for compression in [*range(14), 0xFFFFFFFF]:
+        variant = bytearray(SOURCES[source])
+        variant[_BMP_COMPRESSION_OFFSET:_BMP_COMPRESSION_OFFSET + 4] = struct.pack("<I", compression)
+        status, problem = _status(http, bytes(variant))
+        statuses[status] += 1
+        if problem is not None:
+            wrong.append(f"compression {compression}: {problem}")
+    assert not wrong, "\n".join(wrong)
+    assert statuses[422] > 0, statuses
