@@ -38,6 +38,13 @@ def _local_port(response: httpx.Response) -> int | None:
         return None
 
 
+def _wait_for(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
 def _client(url: str) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=60, trust_env=False)
 
@@ -103,13 +110,17 @@ def test_a_broken_model_stops_the_worker_and_every_request_gets_503_at_once(
     request. (Served in a thread here, the process cannot exit; test_lifecycle checks that it does.)"""
     timeout_s = 60
     with serve(model_store=failing_model_store, model_name=FAILING_MODEL_NAME, max_batch_size=8,
-               max_batch_wait_ms=1000, request_timeout_s=timeout_s) as url, _client(url) as client, \
+               max_batch_wait_ms=2000, request_timeout_s=timeout_s) as url, _client(url) as client, \
             ThreadPoolExecutor(5) as pool:
         assert client.get("/readyz").status_code == 200
+        refused_before = metric_value(client, "siamcam_rejections_total", reason="worker_stopped")
         started = time.monotonic()
         in_batch = [pool.submit(client.post, "/similarity", files=pair_files(*pair))
                     for pair in ((GOOD1, BLUE), (GOOD1, GOOD2), (GOOD2, GOOD1))]
+        _wait_for(lambda: metric_value(client, "siamcam_queue_depth", queue="similarity") == len(in_batch))
+        # Queued after them, so their batch comes second: still waiting when the worker stops.
         queued = [pool.submit(client.post, "/explain", files=pair_files(GOOD1, GOOD2)) for _ in range(2)]
+        _wait_for(lambda: metric_value(client, "siamcam_queue_depth", queue="explain") == len(queued))
         for future in [*in_batch, *queued]:
             _problem(future.result(), 503, "service-unavailable")
         assert time.monotonic() - started < 10 < timeout_s  # not a 504 after REQUEST_TIMEOUT_S
@@ -118,4 +129,5 @@ def test_a_broken_model_stops_the_worker_and_every_request_gets_503_at_once(
         late = client.post("/similarity", files=pair_files(GOOD1, GOOD2))
         assert "worker has stopped" in _problem(late, 503, "service-unavailable")["detail"]
         assert late.headers["Retry-After"]
-        assert metric_value(client, "siamcam_rejections_total", reason="worker_stopped") >= 6
+        refused = len(in_batch) + len(queued) + 1
+        assert metric_value(client, "siamcam_rejections_total", reason="worker_stopped") == refused_before + refused
