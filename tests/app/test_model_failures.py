@@ -82,24 +82,27 @@ def test_a_failing_model_gets_a_traceable_500_and_the_service_keeps_serving(
 def test_one_failing_pair_fails_alone_in_a_batch_of_good_pairs(serve: Serve, failing_model_store: Path) -> None:
     """A batch that fails (here: the model raises on one pair, or returns a score too many) is run again one
     pair at a time: only the pairs that fail on their own get a 500, the others their scores."""
-    pairs = {"red": (RED, GOOD1), "green": (GREEN, GOOD2), "good1": (GOOD1, GOOD2), "good2": (GOOD2, GOOD1)}
-    # A long window and a batch of exactly these four: they run together, as one batch.
-    with serve(model_store=failing_model_store, model_name=FAILING_MODEL_NAME, max_batch_size=len(pairs),
-               max_batch_wait_ms=5000) as url, _client(url) as client, ThreadPoolExecutor(len(pairs)) as pool:
-        alone = {name: client.post("/similarity", files=pair_files(*pairs[name])).json()["score"]
-                 for name in ("good1", "good2")}
-        batches_before = metric_value(client, "siamcam_batch_size_count", queue="similarity")
-        futures = {name: pool.submit(client.post, "/similarity", files=pair_files(*pair))
-                   for name, pair in pairs.items()}
-        answers = {name: future.result() for name, future in futures.items()}
-        assert metric_value(client, "siamcam_batch_size_count", queue="similarity") == batches_before + 1
-        _problem(answers["red"], 500, "internal-error")
-        _problem(answers["green"], 500, "internal-error")
-        for name in ("good1", "good2"):
-            assert answers[name].status_code == 200, answers[name].text
-            assert answers[name].json()["score"] == pytest.approx(alone[name], abs=1e-5)
+    good1, good2 = (GOOD1, GOOD2), (GOOD2, GOOD1)
+    # A long window and batches of exactly four pairs: each four sent together run as one batch.
+    with serve(model_store=failing_model_store, model_name=FAILING_MODEL_NAME, max_batch_size=4,
+               max_batch_wait_ms=5000) as url, _client(url) as client, ThreadPoolExecutor(4) as pool:
+
+        def one_batch(*pairs: tuple[bytes, bytes]) -> list[httpx.Response]:
+            batches_before = metric_value(client, "siamcam_batch_size_count", queue="similarity")
+            futures = [pool.submit(client.post, "/similarity", files=pair_files(*pair)) for pair in pairs]
+            answers = [future.result() for future in futures]
+            assert metric_value(client, "siamcam_batch_size_count", queue="similarity") == batches_before + 1
+            return answers
+
+        reference = one_batch(good1, good2, good1, good2)
+        red, green, mixed1, mixed2 = one_batch((RED, GOOD1), (GREEN, GOOD2), good1, good2)
+        _problem(red, 500, "internal-error")
+        _problem(green, 500, "internal-error")
+        for mixed, expected in ((mixed1, reference[0]), (mixed2, reference[1])):
+            assert mixed.status_code == 200, mixed.text
+            assert mixed.json()["score"] == pytest.approx(expected.json()["score"], abs=1e-5)
         assert client.get("/readyz").status_code == 200
-        assert client.post("/similarity", files=pair_files(GOOD1, GOOD2)).status_code == 200
+        assert [answer.status_code for answer in one_batch(good1, good2, good1, good2)] == [200] * 4
 
 
 def test_a_broken_model_stops_the_worker_and_every_request_gets_503_at_once(
