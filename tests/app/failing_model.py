@@ -15,16 +15,23 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tests.conftest import IMAGENET_MEAN, IMAGENET_STD
 from tests.app.images import encode
+from tests.conftest import IMAGENET_MEAN, IMAGENET_STD
 from training.export import export_model
 from training.model import SiameseNet
 
 FAILING_MODEL_NAME = "failing"
 INPUT_SIZE = (32, 32)
-RED = encode(Image.new("RGB", (40, 30), (255, 0, 0)), "PNG")  # fails this pair only
-BLUE = encode(Image.new("RGB", (40, 30), (0, 0, 255)), "PNG")  # breaks the model for good
-GREEN = encode(Image.new("RGB", (40, 30), (0, 255, 0)), "PNG")  # as image1: one score too many
+_RED, _GREEN, _BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def _single_colour_png(colour: tuple[int, int, int]) -> bytes:
+    return encode(Image.new("RGB", (40, 30), colour), "PNG")
+
+
+RED = _single_colour_png(_RED)  # fails this pair only
+GREEN = _single_colour_png(_GREEN)  # as image1: one score too many
+BLUE = _single_colour_png(_BLUE)  # breaks the model for good
 
 
 def _normalized(colour: tuple[int, int, int]) -> torch.Tensor:
@@ -37,9 +44,9 @@ class FailingSiameseNet(SiameseNet):
     def __init__(self) -> None:
         backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
         super().__init__(backbone, channels=8, embedding_dim=16)
-        self.register_buffer("red", _normalized((255, 0, 0)))
-        self.register_buffer("green", _normalized((0, 255, 0)))
-        self.register_buffer("blue", _normalized((0, 0, 255)))
+        self.register_buffer("red", _normalized(_RED))
+        self.register_buffer("green", _normalized(_GREEN))
+        self.register_buffer("blue", _normalized(_BLUE))
         self.register_buffer("broken", torch.zeros((), dtype=torch.bool))
 
     def _any_is(self, x: torch.Tensor, colour: torch.Tensor) -> bool:
