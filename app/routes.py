@@ -16,7 +16,7 @@ from app.inference import (
 )
 from app.overlays import ColormapName, OverlayFormat
 from app.schemas import (
-    INFERENCE_ERRORS, MODEL_INFO_ERRORS, RETRY_AFTER_HEADER, ExplainResponse, ModelInfo, ModelRef,
+    IMAGE_PAIR_ENCODING, INFERENCE_ERRORS, MODEL_INFO_ERRORS, RETRY_AFTER_HEADER, ExplainResponse, ModelInfo, ModelRef,
     SimilarityResponse, Status,
 )
 from app.service import Service
@@ -35,7 +35,8 @@ FirstImage = Annotated[UploadFile, File(description="the first image: JPEG, PNG,
 SecondImage = Annotated[UploadFile, File(description="the second image, compared with the first")]
 
 
-@router.post("/similarity", response_model=SimilarityResponse, responses=INFERENCE_ERRORS, tags=["inference"])
+@router.post("/similarity", response_model=SimilarityResponse, responses=INFERENCE_ERRORS, tags=["inference"],
+             openapi_extra=IMAGE_PAIR_ENCODING)
 async def similarity(
     request: Request, image1: FirstImage, image2: SecondImage, service: ServiceDep
 ) -> SimilarityResponse:
@@ -49,7 +50,8 @@ async def similarity(
                               model=_model_ref(service), timings_ms=timings_ms(outcome, arrived))
 
 
-@router.post("/explain", response_model=ExplainResponse, responses=INFERENCE_ERRORS, tags=["inference"])
+@router.post("/explain", response_model=ExplainResponse, responses=INFERENCE_ERRORS, tags=["inference"],
+             openapi_extra=IMAGE_PAIR_ENCODING)
 async def explain(
     request: Request,
     image1: FirstImage,
