@@ -3,8 +3,8 @@ invalid), for every operation of /openapi.json. No answer may be a 5xx, and ever
 must have a documented status, content type, headers and body schema.
 
 Repeatable: fixed seed, deterministic generation, no example database. Bounded: at most
-FUZZED_REQUESTS_PER_OPERATION generated requests per operation (about 25 s in all on a shared 2-core CPU), on a server
-of this module with a model that answers in a millisecond. The coverage and stateful phases are off: they
+FUZZED_REQUESTS_PER_OPERATION generated requests per operation (about 25 s in all on a shared 2-core CPU), on
+a server of this module with a model that answers in a millisecond. The coverage and stateful phases are off: they
 would multiply the run time, and this API has no state to walk through.
 """
 
