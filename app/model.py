@@ -134,11 +134,13 @@ def _blank(model: ServedModel) -> list[torch.Tensor]:
 
 def warm_up(model: ServedModel) -> None:
     """Run both kinds of batch a few times, so that the first requests do not pay for lazy optimisation."""
+    blank = _blank(model)
     for _ in range(_WARM_UP_RUNS):
-        score_pairs(model, _blank(model), _blank(model))
-        explain_pairs(model, _blank(model), _blank(model))
+        score_pairs(model, blank, blank)
+        explain_pairs(model, blank, blank)
 
 
 def score_blank_pair(model: ServedModel) -> list[float]:
     """The warm-up's first batch again: a model that fails on it is broken, whatever it was sent."""
-    return score_pairs(model, _blank(model), _blank(model))
+    blank = _blank(model)
+    return score_pairs(model, blank, blank)

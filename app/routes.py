@@ -16,8 +16,8 @@ from app.inference import (
 )
 from app.overlays import ColormapName, OverlayFormat
 from app.schemas import (
-    IMAGE_PAIR_ENCODING, INFERENCE_ERRORS, MODEL_INFO_ERRORS, RETRY_AFTER_HEADER, ExplainResponse, ModelInfo, ModelRef,
-    SimilarityResponse, Status,
+    IMAGE_PAIR_ENCODING, INFERENCE_ERRORS, MODEL_INFO_ERRORS, RETRY_AFTER_HEADER, ExplainResponse, ModelInfo,
+    ModelRef, SimilarityResponse, Status,
 )
 from app.service import Service
 from app.settings import Settings
@@ -105,8 +105,7 @@ async def readyz(service: ServiceDep) -> Response:
     return JSONResponse({"status": readiness}, status_code=503, headers=retry_after)
 
 
-@router.get("/metrics", tags=["operations"], response_class=PlainTextResponse,
-            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+@router.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
 async def prometheus_metrics() -> Response:
     """Prometheus metrics (text format)."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -94,6 +94,14 @@ class ProblemDetails(BaseModel):
     detail: str
 
 
+RETRY_AFTER_HEADER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
+# OpenAPI's `encoding`: what each upload of the multipart form holds (FastAPI only says "a file").
+IMAGE_PAIR_ENCODING: dict[str, Any] = {"requestBody": {"content": {"multipart/form-data": {"encoding": {
+    field: {"contentType": ", ".join(IMAGE_MEDIA_TYPES)} for field in ("image1", "image2")
+}}}}}
+
+
 def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
     # The schema inline, not as `model`: FastAPI would document it under application/json, which no error is.
     documented: dict[str, Any] = {
@@ -103,14 +111,6 @@ def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[st
     return {**documented, "headers": headers} if headers else documented
 
 
-RETRY_AFTER_HEADER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
-
-
-IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
-# OpenAPI's `encoding`: what each upload of the multipart form holds (FastAPI only says "a file").
-IMAGE_PAIR_ENCODING: dict[str, Any] = {"requestBody": {"content": {"multipart/form-data": {"encoding": {
-    field: {"contentType": ", ".join(IMAGE_MEDIA_TYPES)} for field in ("image1", "image2")
-}}}}}
 _UNEXPECTED = _problem("an unexpected failure, logged with the request id (X-Request-ID): retry, quote the id")
 INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _problem("the body is not valid multipart/form-data"),
