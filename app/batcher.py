@@ -4,6 +4,10 @@ Each kind of job (similarity, explain) has its own queue. The worker picks the q
 waited longest, lets that pair wait up to `max_batch_wait_s` for others to join it (or until a full batch is
 there), then runs up to `max_batch_size` pairs as one batch in a worker thread, so the event loop never blocks.
 Pairs stay in their queue while they wait, so a client that gives up can take its pair back out.
+
+A batch that fails is run again one pair at a time, so that only the pairs that fail on their own fail. If the
+model then fails even on the warm-up pair (a broken device, a model that went wrong), the worker stops: every
+pair waiting, and every pair submitted later, fails with WorkerStopped.
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ class QueueFull(Exception):
     pass
 
 
+class WorkerStopped(Exception):
+    """The inference worker has stopped: no pair will be run by this process any more."""
+
+
+class ModelBroken(RuntimeError):
+    """The model fails even on the pair it passed at warm-up: only a restart can help."""
+
+
 @dataclass
 class Outcome:
     """One pair's result, with how long it waited in the queue and how long its batch took."""
@@ -46,19 +58,26 @@ class Job:
 
 class Batcher:
     def __init__(
-        self, runners: dict[str, BatchRunner], max_batch_size: int, max_batch_wait_s: float, queue_capacity: int
+        self, runners: dict[str, BatchRunner], self_check: Callable[[], object], max_batch_size: int,
+        max_batch_wait_s: float, queue_capacity: int,
     ) -> None:
+        """`self_check` runs the model on the warm-up pair, raising if it fails."""
         self._runners = runners
+        self._self_check = self_check
         self._max_batch_size = max_batch_size
         self._max_batch_wait_s = max_batch_wait_s
         self._capacity = queue_capacity
         self._queues: dict[str, deque[Job]] = {kind: deque() for kind in runners}
         self._changed = asyncio.Event()
+        self._running: list[Job] = []  # the batch in progress
+        self.stopped = False
         for kind in runners:
             metrics.QUEUE_DEPTH.labels(kind).set(0)
 
     def submit(self, kind: str, image1: torch.Tensor, image2: torch.Tensor) -> Job:
-        """Queue one pair; raises QueueFull when its queue is at capacity."""
+        """Queue one pair; raises QueueFull when its queue is at capacity, WorkerStopped once the worker is."""
+        if self.stopped:
+            raise WorkerStopped
         queue = self._queues[kind]
         if len(queue) >= self._capacity:
             raise QueueFull(kind)
@@ -81,13 +100,24 @@ class Batcher:
         return sum(len(queue) for queue in self._queues.values())
 
     async def run(self) -> None:
-        """The inference worker: runs until cancelled."""
-        while True:
-            kind = await self._next_ready_queue()
-            queue = self._queues[kind]
-            jobs = [queue.popleft() for _ in range(min(self._max_batch_size, len(queue)))]
-            self._queue_changed(kind)
-            await self._run_batch(kind, jobs)
+        """The inference worker: runs until cancelled, or until it fails (ModelBroken, or a bug)."""
+        try:
+            while True:
+                kind = await self._next_ready_queue()
+                queue = self._queues[kind]
+                self._running = [queue.popleft() for _ in range(min(self._max_batch_size, len(queue)))]
+                self._queue_changed(kind)
+                self._observe_start(kind, self._running)
+                await self._run_batch(kind, self._running)
+        finally:
+            self.stopped = True
+            stranded = [*self._running, *(job for queue in self._queues.values() for job in queue)]
+            for kind, queue in self._queues.items():
+                queue.clear()
+                self._queue_changed(kind)
+            for job in stranded:
+                if not job.future.done():
+                    job.future.set_exception(WorkerStopped())
 
     async def _next_ready_queue(self) -> str:
         """The kind of the next batch, once its oldest pair has waited long enough or a full batch is there."""
@@ -109,23 +139,43 @@ class Batcher:
 
     async def _run_batch(self, kind: str, jobs: list[Job]) -> None:
         started = time.monotonic()
-        for job in jobs:
-            metrics.QUEUE_WAIT.labels(kind).observe(started - job.enqueued_at)
-        metrics.BATCH_SIZE.labels(kind).observe(len(jobs))
         try:
             results = await asyncio.to_thread(
                 self._runners[kind], [job.image1 for job in jobs], [job.image2 for job in jobs]
             )
-        except Exception as error:  # the whole batch failed: every waiting request learns why
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(error)
+            # Inside the `try`: a runner returning the wrong number of results fails its batch, not the worker.
+            handed_out = list(zip(jobs, results, strict=True))
+        except Exception as error:
+            await self._after_failure(kind, jobs, error)
             return
         inference_s = time.monotonic() - started
         metrics.INFERENCE_TIME.labels(kind).observe(inference_s)
-        for job, value in zip(jobs, results, strict=True):
+        for job, value in handed_out:
             if not job.future.done():  # its client may have given up meanwhile
                 job.future.set_result(Outcome(value, started - job.enqueued_at, inference_s))
+
+    async def _after_failure(self, kind: str, jobs: list[Job], error: Exception) -> None:
+        """Stop if the model is broken; else run the pairs of a failed batch again one by one, so that one bad
+        pair fails alone; a pair that fails alone gets the error."""
+        try:
+            await asyncio.to_thread(self._self_check)
+        except Exception as check_error:
+            raise ModelBroken(f"the model fails even on the warm-up pair ({check_error}) after a batch failed "
+                              f"({error}); restart the service") from error
+        if len(jobs) == 1:
+            if not jobs[0].future.done():
+                jobs[0].future.set_exception(error)
+            return
+        for job in jobs:
+            if not job.future.done():
+                await self._run_batch(kind, [job])
+
+    @staticmethod
+    def _observe_start(kind: str, jobs: list[Job]) -> None:
+        started = time.monotonic()
+        for job in jobs:
+            metrics.QUEUE_WAIT.labels(kind).observe(started - job.enqueued_at)
+        metrics.BATCH_SIZE.labels(kind).observe(len(jobs))
 
     def _queue_changed(self, kind: str) -> None:
         metrics.QUEUE_DEPTH.labels(kind).set(len(self._queues[kind]))

@@ -1,12 +1,15 @@
 """One error shape for every failure: RFC 9457 problem details (`application/problem+json`).
 
-Our own errors are `Problem` exceptions, or the contract's image errors (mapped in `IMAGE_PROBLEMS`); FastAPI's validation errors, Starlette's HTTP errors (404, 405, ...)
-and anything unexpected are rendered in the same shape by the handlers installed here.
+Our own errors are `Problem` exceptions, or the contract's image errors (mapped in `IMAGE_PROBLEMS`); FastAPI's
+validation errors and Starlette's HTTP errors (404, 405, ...) are rendered in the same shape by the handlers
+installed here. Anything unexpected is answered with `internal_error()` by app/middleware.py's
+RequestContextMiddleware, which knows the request id: an exception handler for `Exception` would run in
+Starlette's ServerErrorMiddleware, outside our middlewares, which re-raises after answering, so that uvicorn
+closes the connection.
 """
 
 from __future__ import annotations
 
-import logging
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -21,7 +24,6 @@ _TYPE_PREFIX = "urn:siamcam:problem:"
 # nginx's status for a request whose client went away before the answer; HTTPStatus does not know it.
 CLIENT_CLOSED_REQUEST = 499
 _TITLES = {CLIENT_CLOSED_REQUEST: "Client Closed Request"}
-logger = logging.getLogger(__name__)
 
 
 class Problem(StarletteHTTPException):
@@ -95,9 +97,9 @@ async def _on_validation_error(_: Request, error: Exception) -> JSONResponse:
     return problem_response(422, "invalid-request", detail)
 
 
-async def _on_unexpected(_: Request, error: Exception) -> JSONResponse:
-    logger.exception("unexpected error", exc_info=error)
-    return problem_response(500, "internal-error", "The service failed on this request; it has been logged.")
+def internal_error(request_id: str) -> Problem:
+    return Problem(500, "internal-error", f"The service failed on this request; it has been logged with request "
+                   f"id {request_id}: retry, and quote that id if it fails again.")
 
 
 def install_problem_handlers(app: FastAPI) -> None:
@@ -105,4 +107,3 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ImageError, _on_image_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
-    app.add_exception_handler(Exception, _on_unexpected)

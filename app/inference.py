@@ -14,7 +14,7 @@ from fastapi import Request, UploadFile
 from PIL import Image
 
 from app import metrics
-from app.batcher import Batcher, Job, Outcome, QueueFull
+from app.batcher import Batcher, Job, Outcome, QueueFull, WorkerStopped
 from app.errors import CLIENT_CLOSED_REQUEST, Problem, service_unavailable
 from app.gradcam import PairExplanations
 from app.model import ServedModel
@@ -68,6 +68,8 @@ async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: Deco
     except QueueFull:
         metrics.REJECTIONS.labels("queue_full").inc()
         raise service_unavailable("The service is at capacity; retry shortly.", settings.retry_after_s) from None
+    except WorkerStopped:
+        raise _worker_stopped(settings) from None
     client_gone = asyncio.create_task(_wait_for_disconnect(request))
     try:
         await asyncio.wait({job.future, client_gone}, timeout=max(0.0, deadline - time.monotonic()),
@@ -75,7 +77,10 @@ async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: Deco
     finally:
         client_gone.cancel()
     if job.future.done():
-        return job.future.result()
+        try:
+            return job.future.result()
+        except WorkerStopped:
+            raise _worker_stopped(settings) from None
     _give_up(batcher, job)
     if client_gone.done() and not client_gone.cancelled():
         metrics.REJECTIONS.labels("disconnected").inc()
@@ -83,6 +88,12 @@ async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: Deco
     metrics.REJECTIONS.labels("timeout").inc()
     raise Problem(504, "timeout", f"The request took longer than {settings.request_timeout_s:g} s (the service "
                   "is overloaded); retry later or with smaller images.")
+
+
+def _worker_stopped(settings: Settings) -> Problem:
+    metrics.REJECTIONS.labels("worker_stopped").inc()
+    return service_unavailable("This replica's inference worker has stopped and it is restarting; retry, another "
+                               "replica will answer.", settings.retry_after_s)
 
 
 def _give_up(batcher: Batcher, job: Job) -> None:
@@ -136,4 +147,6 @@ def _overlay(original: Image.Image, heatmap: torch.Tensor, options: OverlayOptio
 def require_ready(service: Service) -> tuple[ServedModel, Batcher]:
     if service.model is None or service.batcher is None:
         raise service_unavailable("The model is still loading; retry shortly.", service.settings.retry_after_s)
+    if service.batcher.stopped:
+        raise _worker_stopped(service.settings)
     return service.model, service.batcher

@@ -13,7 +13,9 @@ from functools import partial
 from fastapi import FastAPI
 
 from app.batcher import Batcher
-from app.model import ModelLoadError, ServedModel, explain_pairs, load_model, score_pairs, warm_up
+from app.model import (
+    ModelLoadError, ServedModel, explain_pairs, load_model, score_blank_pair, score_pairs, warm_up,
+)
 from app.service import Service
 from app.settings import Settings
 from app.shutdown import drain_on_signals
@@ -28,9 +30,11 @@ def _load_and_warm_up(settings: Settings) -> ServedModel:
     return model
 
 
-def _report_worker_failure(worker: asyncio.Task[None]) -> None:
-    if not worker.cancelled() and worker.exception() is not None:
-        logger.critical("the inference worker stopped: requests will time out", exc_info=worker.exception())
+def _exit_now(status: int) -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 @contextlib.asynccontextmanager
@@ -41,29 +45,40 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         model = await asyncio.to_thread(_load_and_warm_up, settings)
     except ModelLoadError as error:
         logger.critical(f"cannot start: {error}")
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        sys.stderr.flush()
         # Leave now: through uvicorn, a failed start-up is logged as a traceback plus more lines, and
         # restarting would fail the same way. One clear line and a non-zero status are what an operator needs.
-        os._exit(EXIT_MODEL_UNAVAILABLE)
+        _exit_now(EXIT_MODEL_UNAVAILABLE)
     batcher = Batcher(
         {"similarity": partial(score_pairs, model), "explain": partial(explain_pairs, model)},
+        self_check=partial(score_blank_pair, model),
         max_batch_size=settings.max_batch_size,
         max_batch_wait_s=settings.max_batch_wait_ms / 1000,
         queue_capacity=settings.queue_capacity,
     )
     worker = asyncio.create_task(batcher.run(), name="inference-worker")
-    worker.add_done_callback(_report_worker_failure)
-    service.batcher = batcher
-    service.model = model
-    logger.info("ready", extra={
-        "model": model.manifest.name, "version": model.manifest.version, "device": str(model.device),
-    })
+    restart_requested = False
     try:
-        with drain_on_signals(service.drain, settings.drain_grace_s):
+        with drain_on_signals(service.drain, settings.drain_grace_s) as stop:
+
+            def on_worker_end(task: asyncio.Task[None]) -> None:
+                nonlocal restart_requested
+                if task.cancelled():
+                    return  # shutting down
+                # /readyz is already 503 and requests get 503 (the batcher has stopped); leave, to be restarted.
+                logger.critical("the inference worker stopped: this replica answers 503 and exits with status "
+                                f"{EXIT_MODEL_UNAVAILABLE} to be restarted", exc_info=task.exception())
+                restart_requested = stop()
+
+            worker.add_done_callback(on_worker_end)
+            service.batcher = batcher
+            service.model = model
+            logger.info("ready", extra={
+                "model": model.manifest.name, "version": model.manifest.version, "device": str(model.device),
+            })
             yield
     finally:
         worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # a failed worker has been reported
             await worker
+    if restart_requested:
+        _exit_now(EXIT_MODEL_UNAVAILABLE)  # not the status of the SIGTERM uvicorn would re-raise: we failed

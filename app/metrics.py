@@ -23,6 +23,6 @@ INFERENCE_TIME = Histogram(
 )
 REJECTIONS = Counter(
     "siamcam_rejections_total",
-    "Requests refused or abandoned: queue_full, draining, timeout, disconnected",
+    "Requests refused or abandoned: queue_full, draining, timeout, disconnected, worker_stopped",
     ["reason"],
 )

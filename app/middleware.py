@@ -11,7 +11,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
-from app.errors import Problem, service_unavailable
+from app.errors import Problem, internal_error, service_unavailable
 from app.logs import request_id
 from app.security import KEY_ID_SCOPE
 from app.shutdown import Drain
@@ -23,7 +23,12 @@ _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
 class RequestContextMiddleware:
-    """Gives each request an id (the client's X-Request-ID, or a new one), returns it, logs and counts it."""
+    """Gives each request an id (the client's X-Request-ID, or a new one), returns it, logs and counts it.
+
+    It also answers unexpected errors (500, problem+json), logged with the request's id. It must, rather than an
+    `Exception` handler: Starlette runs that one in its ServerErrorMiddleware, outside this one (no id in the
+    log or the answer), and re-raises after answering, so that uvicorn then drops the connection.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -37,16 +42,22 @@ class RequestContextMiddleware:
         token = request_id.set(current_id)
         started = time.perf_counter()
         status = 500  # what the client gets if the app fails before answering
+        answering = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answering
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answering = message["status"], True
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = current_id
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unexpected error", extra={"method": scope["method"], "path": scope["path"]})
+            if answering:
+                raise  # the answer is half sent: only closing the connection tells the client
+            await internal_error(current_id).response()(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
             # The route's template, never the raw path: unknown paths must not create new series.

@@ -99,10 +99,14 @@ def explain_pairs(
 _WARM_UP_RUNS = 3
 
 
+def _blank(model: ServedModel) -> list[torch.Tensor]:
+    return [torch.zeros(3, *model.input_size)]
+
+
 def warm_up(model: ServedModel) -> None:
     """Run both kinds of batch a few times, so that the first requests do not pay for lazy optimisation; a model
     that fails here would fail every request, so it is refused at start-up."""
-    blank = [torch.zeros(3, *model.input_size)]
+    blank = _blank(model)
     try:
         for _ in range(_WARM_UP_RUNS):
             score_pairs(model, blank, blank)
@@ -113,3 +117,9 @@ def warm_up(model: ServedModel) -> None:
             f"{model.path} failed its warm-up batch on {model.device} ({reason}); check that it was exported by "
             f"`python -m training train` for input_size {list(model.input_size)}, or re-export it"
         ) from error
+
+
+def score_blank_pair(model: ServedModel) -> list[float]:
+    """The warm-up's first batch again: a model that fails on it is broken, whatever it was sent."""
+    blank = _blank(model)
+    return score_pairs(model, blank, blank)

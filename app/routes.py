@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.inference import (
@@ -16,7 +16,8 @@ from app.inference import (
 )
 from app.overlays import ColormapName, OverlayFormat
 from app.schemas import (
-    INFERENCE_ERRORS, ExplainResponse, ModelInfo, ModelRef, ProblemDetails, SimilarityResponse, Status,
+    IMAGE_PAIR_ENCODING, INFERENCE_ERRORS, MODEL_INFO_ERRORS, RETRY_AFTER_HEADER, ExplainResponse, ModelInfo,
+    ModelRef, SimilarityResponse, Status,
 )
 from app.service import Service
 from app.settings import Settings
@@ -34,7 +35,8 @@ FirstImage = Annotated[UploadFile, File(description="the first image: JPEG, PNG,
 SecondImage = Annotated[UploadFile, File(description="the second image, compared with the first")]
 
 
-@router.post("/similarity", response_model=SimilarityResponse, responses=INFERENCE_ERRORS, tags=["inference"])
+@router.post("/similarity", response_model=SimilarityResponse, responses=INFERENCE_ERRORS, tags=["inference"],
+             openapi_extra=IMAGE_PAIR_ENCODING)
 async def similarity(
     request: Request, image1: FirstImage, image2: SecondImage, service: ServiceDep
 ) -> SimilarityResponse:
@@ -48,7 +50,8 @@ async def similarity(
                               model=_model_ref(service), timings_ms=timings_ms(outcome, arrived))
 
 
-@router.post("/explain", response_model=ExplainResponse, responses=INFERENCE_ERRORS, tags=["inference"])
+@router.post("/explain", response_model=ExplainResponse, responses=INFERENCE_ERRORS, tags=["inference"],
+             openapi_extra=IMAGE_PAIR_ENCODING)
 async def explain(
     request: Request,
     image1: FirstImage,
@@ -77,7 +80,7 @@ async def explain(
                            explanations=explanations)
 
 
-@router.get("/model", response_model=ModelInfo, responses={503: {"model": ProblemDetails}}, tags=["operations"])
+@router.get("/model", response_model=ModelInfo, responses=MODEL_INFO_ERRORS, tags=["operations"])
 async def model_info(service: ServiceDep) -> ModelInfo:
     """The served model, from its manifest."""
     model, _ = require_ready(service)
@@ -90,17 +93,19 @@ async def healthz() -> Status:
     return Status(status="ok")
 
 
-@router.get("/readyz", response_model=Status, responses={503: {"model": Status}}, tags=["operations"])
+@router.get("/readyz", response_model=Status, tags=["operations"], responses={
+    503: {"model": Status, "description": "loading, draining or failed", "headers": RETRY_AFTER_HEADER}})
 async def readyz(service: ServiceDep) -> Response:
-    """Readiness: 200 once the model is loaded and warmed up, 503 before that and while draining."""
-    if service.ready:
-        return JSONResponse({"status": "ready"})
-    status = "draining" if service.drain.draining else "loading"
+    """Readiness: 200 once the model is loaded and warmed up; 503 before that, while draining, and once the
+    inference worker has stopped (the process then exits, to be restarted)."""
+    readiness = service.readiness
+    if readiness == "ready":
+        return JSONResponse({"status": readiness})
     retry_after = {"Retry-After": str(service.settings.retry_after_s)}
-    return JSONResponse({"status": status}, status_code=503, headers=retry_after)
+    return JSONResponse({"status": readiness}, status_code=503, headers=retry_after)
 
 
-@router.get("/metrics", tags=["operations"], response_class=Response)
+@router.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
 async def prometheus_metrics() -> Response:
     """Prometheus metrics (text format)."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -69,7 +69,8 @@ class ModelInfo(BaseModel):
     version: str
     backbone: str
     threshold: float
-    input_size: tuple[int, int]
+    # A list, not tuple[int, int]: JSON Schema's tuple form (prefixItems) trips schemathesis' response checks.
+    input_size: list[int] = Field(min_length=2, max_length=2, description="[height, width] the model takes")
     embedding_dim: int
     metrics: dict[str, Any]
     created_at: str
@@ -93,15 +94,35 @@ class ProblemDetails(BaseModel):
     detail: str
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"model": ProblemDetails, "description": description,
-            "content": {"application/problem+json": {}}}
+RETRY_AFTER_HEADER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
+IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
+# OpenAPI's `encoding`: what each upload of the multipart form holds (FastAPI only says "a file").
+IMAGE_PAIR_ENCODING: dict[str, Any] = {"requestBody": {"content": {"multipart/form-data": {"encoding": {
+    field: {"contentType": ", ".join(IMAGE_MEDIA_TYPES)} for field in ("image1", "image2")
+}}}}}
 
 
+def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    # The schema inline, not as `model`: FastAPI would document it under application/json, which no error is.
+    documented: dict[str, Any] = {
+        "description": description,
+        "content": {"application/problem+json": {"schema": ProblemDetails.model_json_schema()}},
+    }
+    return {**documented, "headers": headers} if headers else documented
+
+
+_UNEXPECTED = _problem("an unexpected failure, logged with the request id (X-Request-ID): retry, quote the id")
 INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: _problem("the body is not valid multipart/form-data"),
     413: _problem("an upload is over MAX_UPLOAD_BYTES"),
     415: _problem("a file is not an image"),
     422: _problem("a corrupt or truncated image, an image over MAX_IMAGE_PIXELS, a missing field or a bad option"),
-    503: _problem("queue full, model not ready or replica draining: retry after the Retry-After header"),
+    503: _problem("queue full, model not ready, replica draining or its inference worker stopped: retry after "
+                  "the Retry-After header", RETRY_AFTER_HEADER),
     504: _problem("the request waited longer than REQUEST_TIMEOUT_S"),
+    500: _UNEXPECTED,
+}
+MODEL_INFO_ERRORS: dict[int | str, dict[str, Any]] = {
+    503: _problem("the model is still loading, or the inference worker has stopped", RETRY_AFTER_HEADER),
+    500: _UNEXPECTED,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from app.batcher import Batcher
 from app.model import ServedModel
@@ -18,5 +19,11 @@ class Service:
     batcher: Batcher | None = None
 
     @property
-    def ready(self) -> bool:
-        return self.model is not None and self.batcher is not None and not self.drain.draining
+    def readiness(self) -> Literal["ready", "loading", "draining", "failed"]:
+        if self.batcher is not None and self.batcher.stopped:
+            return "failed"  # the inference worker has stopped: the process is on its way out
+        if self.drain.draining:
+            return "draining"
+        if self.model is None or self.batcher is None:
+            return "loading"
+        return "ready"

@@ -55,8 +55,13 @@ class Drain:
 
 
 @contextmanager
-def drain_on_signals(drain: Drain, grace_s: float) -> Iterator[None]:
-    """While active, SIGTERM/SIGINT drain `drain` before reaching the handlers installed before us."""
+def drain_on_signals(drain: Drain, grace_s: float) -> Iterator[Callable[[], bool]]:
+    """While active, SIGTERM/SIGINT drain `drain` before reaching the handlers installed before us.
+
+    Yields `stop()`, for the service to end itself as a SIGTERM would (drain, then uvicorn shuts down); it
+    returns False, doing nothing, where the signals are not ours (not in the main thread, e.g. a server
+    embedded in a test) or nobody handles SIGTERM.
+    """
     loop = asyncio.get_running_loop()
     originals: dict[int, Any] = {sig: signal.getsignal(sig) for sig in _SIGNALS}
     draining_tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
@@ -81,15 +86,24 @@ def drain_on_signals(drain: Drain, grace_s: float) -> Iterator[None]:
 
         return handler
 
+    def cannot_stop() -> bool:
+        return False
+
     if threading.current_thread() is not threading.main_thread():
         logger.warning("not in the main thread: signals will not drain the service first")
-        yield
+        yield cannot_stop
         return
-    for sig, original in originals.items():
-        if callable(original):  # SIG_DFL / SIG_IGN: nobody to hand over to, leave them alone
-            signal.signal(sig, wrap(original))
+    wrapped = {sig: wrap(original) for sig, original in originals.items()
+               if callable(original)}  # SIG_DFL / SIG_IGN: nobody to hand over to, leave them alone
+    for sig, handler in wrapped.items():
+        signal.signal(sig, handler)
+
+    def stop() -> bool:
+        wrapped[signal.SIGTERM](signal.SIGTERM, None)
+        return True
+
     try:
-        yield
+        yield stop if signal.SIGTERM in wrapped else cannot_stop
     finally:
         for sig, original in originals.items():
             signal.signal(sig, original)

@@ -63,6 +63,8 @@ def decode_upright_rgb(source: bytes | Path, name: str = "image", max_pixels: in
         image.seek(0)
         image.load()
         return _to_rgb(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as error:  # e.g. a GIF frame larger than its header said
+        raise _too_many_pixels(name, max_pixels) from error
     except MemoryError:
         raise
     except Exception as error:  # truncated or damaged data fails in Pillow's decoders with many exception types

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from app.settings import Settings
+from tests.app.failing_model import export_failing_model
 from tests.support.service import serve_in_thread
 
 TEST_MODEL_NAME = "tiny"  # the model that tests/conftest.py's `model_store` fixture exports
@@ -17,10 +18,10 @@ TEST_MODEL_NAME = "tiny"  # the model that tests/conftest.py's `model_store` fix
 
 @pytest.fixture(scope="session")
 def test_settings(model_store: Path) -> Callable[..., Settings]:
-    """Settings for the suite's `tiny` model; keyword arguments override any other setting."""
+    """Settings for the suite's `tiny` model; keyword arguments override any setting, the model's too."""
 
     def make(**overrides: object) -> Settings:
-        return Settings(model_store=model_store, model_name=TEST_MODEL_NAME, **overrides)
+        return Settings(**{"model_store": model_store, "model_name": TEST_MODEL_NAME, **overrides})
 
     return make
 
@@ -33,6 +34,12 @@ def serve(test_settings: Callable[..., Settings]) -> Callable[..., AbstractConte
         return serve_in_thread(test_settings(**{key.lower(): value for key, value in overrides.items()}))
 
     return start
+
+
+@pytest.fixture(scope="session")
+def failing_model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model store holding tests/app/failing_model.py's model, named FAILING_MODEL_NAME."""
+    return export_failing_model(tmp_path_factory.mktemp("failing_model_store"))
 
 
 @pytest.fixture(scope="session")

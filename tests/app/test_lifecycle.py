@@ -1,5 +1,5 @@
-"""Start-up, readiness and shutdown: ready only once warmed up, a clear exit for a bad model, and a graceful
-drain on SIGTERM with a real uvicorn process."""
+"""Start-up, readiness and shutdown: ready only once warmed up, a clear exit for a bad model, a graceful
+drain on SIGTERM, and an exit with status 1 when the model breaks, with a real uvicorn process."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from torch import nn
 
 from app.main import create_app
 from app.settings import Settings
+from contract.torchscript import save_torchscript, sha256_of
 from deploy.local_cluster import Replica
 from tests.app.conftest import TEST_MODEL_NAME
-from contract.torchscript import save_torchscript, sha256_of
+from tests.app.failing_model import BLUE, FAILING_MODEL_NAME
 from tests.support.images import drawn_image, encode, pair_files
 from tests.support.metrics import metric_value
 from tests.support.service import running_service
@@ -171,3 +172,21 @@ def test_sigterm_drains_then_exits(model_store: Path, tmp_path: Path) -> None:
         assert replica.process.wait(timeout=grace_s + 10) in (0, -signal.SIGTERM)
         assert time.monotonic() - signalled < grace_s
         assert "drained" in replica.log_path.read_text()
+
+
+def test_a_broken_model_makes_the_replica_unready_then_exit_with_status_1(failing_model_store: Path,
+                                                                          tmp_path: Path) -> None:
+    """Once the inference worker stops (the model fails even on the warm-up pair), the process leaves with
+    status 1, so that the orchestrator restarts it; the request that broke it is answered first."""
+    env = {"MODEL_STORE": str(failing_model_store), "MODEL_NAME": FAILING_MODEL_NAME}
+    with running_service(env, tmp_path / "uvicorn.log") as replica, \
+            httpx.Client(base_url=replica.url, timeout=60, trust_env=False) as client:
+        breaking = client.post("/similarity", files=pair_files(encode(drawn_image(33), "PNG"), BLUE))
+        assert breaking.status_code == 503, breaking.text
+        assert breaking.headers["content-type"] == "application/problem+json"
+        assert replica.process.wait(timeout=30) == 1
+    log = replica.log_path.read_text()
+    critical = [json.loads(line) for line in log.splitlines() if '"CRITICAL"' in line]
+    assert len(critical) == 1, log
+    assert "inference worker stopped" in critical[0]["message"]
+    assert "saw a blue image" in critical[0]["exc_info"]  # why, for the operator

@@ -1,0 +1,82 @@
+"""A tiny real model that fails on purpose, exported with training's own export: for the failure paths.
+
+Its `features` raises (as TorchScript does: a RuntimeError) for an all-red image, and for every input, the
+warm-up pair included, once it has seen an all-blue image, as a device does after a sticky CUDA error. Its
+`forward` (the /similarity path) returns one score too many for a batch holding an all-green first image, a
+result the batcher cannot hand out. On any other input it is an ordinary, if small and untrained, Siamese
+network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from tests.support.images import encode
+from tests.conftest import IMAGENET_MEAN, IMAGENET_STD
+from training.export import export_model
+from training.model import SiameseNet
+
+FAILING_MODEL_NAME = "failing"
+INPUT_SIZE = (32, 32)
+_RED, _GREEN, _BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def _single_colour_png(colour: tuple[int, int, int]) -> bytes:
+    return encode(Image.new("RGB", (40, 30), colour), "PNG")
+
+
+RED = _single_colour_png(_RED)  # fails this pair only
+GREEN = _single_colour_png(_GREEN)  # as image1: one score too many
+BLUE = _single_colour_png(_BLUE)  # breaks the model for good
+
+
+def _normalized(colour: tuple[int, int, int]) -> torch.Tensor:
+    """How the service hands an image of one colour to the model: [3, 1, 1]."""
+    rgb = torch.tensor(colour, dtype=torch.float32) / 255
+    return ((rgb - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD))[:, None, None]
+
+
+class FailingSiameseNet(SiameseNet):
+    def __init__(self) -> None:
+        backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        super().__init__(backbone, channels=8, embedding_dim=16)
+        self.register_buffer("red", _normalized(_RED))
+        self.register_buffer("green", _normalized(_GREEN))
+        self.register_buffer("blue", _normalized(_BLUE))
+        self.register_buffer("broken", torch.zeros((), dtype=torch.bool))
+
+    def _any_is(self, x: torch.Tensor, colour: torch.Tensor) -> bool:
+        return bool(((x - colour).abs() < 0.05).flatten(1).all(dim=1).any())
+
+    @torch.jit.export
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self._any_is(x, self.blue):
+            self.broken.fill_(True)
+        if bool(self.broken):
+            raise RuntimeError("the model is broken: it saw a blue image")
+        if self._any_is(x, self.red):
+            raise RuntimeError("the model cannot take a red image")
+        return self.backbone(x)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        scores = self.similarity(self.embed(self.features(x1)), self.embed(self.features(x2)))
+        if self._any_is(x1, self.green):
+            return torch.cat([scores, scores[:1]])
+        return scores
+
+
+def export_failing_model(store: Path) -> Path:
+    """The failing model in `store/failing`, made with training.export like any served model."""
+    torch.manual_seed(0)
+    model = FailingSiameseNet()
+    export_model(model, store / FAILING_MODEL_NAME, {
+        "name": FAILING_MODEL_NAME, "version": "0.0.1", "backbone": "tiny-conv", "input_size": list(INPUT_SIZE),
+        "resize_policy": "stretch", "normalization": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+        "threshold": 0.5, "metrics": {}, "dataset": {"name": "none (test model that fails on purpose)"},
+        "training": {"command": "tests/app/failing_model.py", "seed": 0},
+    })
+    return store
