@@ -19,13 +19,43 @@ both images show one class.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
+from training.augment import IMAGENET_MEAN, IMAGENET_STD
+from training.efficientnet_lite import HEAD_CHANNELS, VARIANTS, efficientnet_lite
+from training.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and std applied to RGB values in [0, 1]: the input the backbone's weights expect."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """mean and std as [3,1,1] tensors on ``device``, for training.augment.normalize."""
+        return (torch.tensor(self.mean, device=device).view(3, 1, 1),
+                torch.tensor(self.std, device=device).view(3, 1, 1))
+
+
+IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD)
+# [-1, 1], as TensorFlow's EfficientNet-Lite was trained: measured better than ImageNet statistics for the
+# packaged Lite0 weights (bench/normalization_probe.py; figures in model_store/README.md, "Backbones").
+SIGNED_UNIT = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+# Each backbone's input normalization, used for training and evaluation and recorded in the manifest.
+BACKBONE_NORMALIZATION: dict[str, Normalization] = {
+    "resnet18": IMAGENET, "resnet34": IMAGENET, "resnet50": IMAGENET,
+    "mobilenet_v3_small": IMAGENET, "mobilenet_v3_large": IMAGENET,
+    **{name: SIGNED_UNIT for name in VARIANTS},
+}
+BACKBONES: tuple[str, ...] = tuple(BACKBONE_NORMALIZATION)
 
 # |logit| < 15 keeps sigmoid'(logit) >= 3e-7 in float32: the score never saturates to a zero gradient.
 MAX_LOGIT = 15.0
@@ -34,13 +64,19 @@ MAX_LOGIT = 15.0
 def build_backbone(
     name: str, weights_path: Path | None = None, torchvision_weights: str | None = None
 ) -> tuple[nn.Module, int]:
-    """A torchvision architecture cut before its pooling layer, and its number of output channels.
+    """An ImageNet architecture cut before its pooling layer, and its number of output channels.
 
     Nothing is downloaded unless ``torchvision_weights`` names torchvision's own weights (e.g. "DEFAULT");
-    ``weights_path`` loads a local torchvision state dict for the full architecture.
+    ``weights_path`` loads a local state dict for the full architecture: torchvision's layout for torchvision's
+    architectures, EfficientNet-PyTorch's for EfficientNet-Lite (whose classifier is then dropped).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name in VARIANTS:
+        if torchvision_weights is not None:
+            raise UsageError(f"torchvision has no weights for {name}: use --pretrained (the installed package's "
+                             "ImageNet weights) or --pretrained-weights FILE")
+        return efficientnet_lite(name, weights_path).features, HEAD_CHANNELS
     net = torchvision.models.get_model(name, weights=torchvision_weights)
     if weights_path is not None:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)
