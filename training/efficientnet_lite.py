@@ -27,7 +27,8 @@ from training.errors import UsageError
 
 HEAD_CHANNELS = 1280
 STEM_CHANNELS = 32
-# TensorFlow's BatchNorm epsilon, which the published running statistics go with.
+# TensorFlow's BatchNorm epsilon, which the published running statistics go with. The momentum stays PyTorch's 0.1
+# (TensorFlow trained with 0.01): fine-tuning runs are short, and the statistics must follow the new data.
 BATCH_NORM_EPS = 1e-3
 # (repeats, kernel, stride, expand ratio, output channels) of Lite0's seven stages; the other variants scale them.
 STAGES: tuple[tuple[int, int, int, int, int], ...] = (
