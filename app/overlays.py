@@ -1,19 +1,26 @@
-"""Heatmaps drawn over the original images, encoded as PNG, JPEG or WebP."""
+"""Heatmaps drawn over the original images with OpenCV, encoded as JPEG, WebP or PNG.
+
+Each image's background is decoded once per request at overlay size (`overlay_background`); each of its
+overlays then costs one resize of the small heatmap, one table lookup, one blend and one encode.
+"""
 
 from __future__ import annotations
 
-import io
-from typing import Literal, get_args
+from pathlib import Path
+from typing import Literal
 
-import matplotlib
+import cv2
 import numpy as np
-from PIL import Image
 
-OverlayFormat = Literal["png", "jpeg", "webp"]
+from app.colormaps import BGR_LOOKUP_TABLES, COLORMAPS, ColormapName
+from contract.images import decode_upright_rgb, upright_size
+
+__all__ = ["COLORMAPS", "ColormapName", "MEDIA_TYPES", "OverlayFormat", "overlay_background", "render_overlay"]
+
+OverlayFormat = Literal["jpeg", "webp", "png"]
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-# A short list a client can offer in a menu; every name is one of matplotlib's colormaps.
-ColormapName = Literal["jet", "turbo", "viridis", "inferno", "magma", "plasma", "cividis", "hot", "coolwarm", "gray"]
-COLORMAPS: tuple[str, ...] = get_args(ColormapName)
+_EXTENSIONS: dict[str, str] = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+_QUALITY_FLAGS: dict[str, int] = {"jpeg": cv2.IMWRITE_JPEG_QUALITY, "webp": cv2.IMWRITE_WEBP_QUALITY}
 
 
 def overlay_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -22,21 +29,28 @@ def overlay_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def resize_heatmap(heatmap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A [h, w] float map stretched bilinearly over `size` (width, height): the model saw the whole image."""
-    resized = Image.fromarray(heatmap.astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized), 0.0, 1.0)
+def overlay_background(source: bytes | Path, name: str, max_pixels: int | None, max_side: int) -> np.ndarray:
+    """The upright original at overlay size, [height, width, 3] uint8 in OpenCV's BGR order: decoded only as
+    large as that size needs, then resized to it once (area averaging)."""
+    size = overlay_size(*upright_size(source, name, max_pixels), max_side)
+    picture = np.asarray(decode_upright_rgb(source, name, max_pixels, at_least=size))
+    if picture.shape[1::-1] != size:
+        picture = cv2.resize(picture, size, interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)
 
 
-def render_overlay(
-    original: Image.Image, heatmap: np.ndarray, colormap: str, opacity: float, max_side: int, fmt: OverlayFormat
-) -> tuple[bytes, int, int]:
-    """The encoded overlay of `heatmap` ([h, w] in [0, 1]) on the RGB `original`, with its width and height."""
-    size = overlay_size(*original.size, max_side)
-    background = np.asarray(original.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
-    colours = matplotlib.colormaps[colormap](resize_heatmap(heatmap, size))[..., :3] * 255.0
-    blended = (1.0 - opacity) * background + opacity * colours
-    picture = Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8))
-    buffer = io.BytesIO()
-    picture.save(buffer, format=fmt.upper(), **({"quality": 90} if fmt != "png" else {}))
-    return buffer.getvalue(), size[0], size[1]
+def render_overlay(background: np.ndarray, heatmap: np.ndarray, colormap: ColormapName, opacity: float,
+                   fmt: OverlayFormat, quality: int) -> bytes:
+    """`heatmap` ([h, w] in [0, 1], covering the whole image) stretched bilinearly over the BGR `background`,
+    coloured through the colormap's table and blended with `opacity`; encoded (`quality` for JPEG and WebP)."""
+    height, width = background.shape[:2]
+    stretched = cv2.resize(heatmap.astype(np.float32, copy=False), (width, height), interpolation=cv2.INTER_LINEAR)
+    # Table entry i is the colour of value i / 255: round to the nearest entry (saturating above 1).
+    entries = cv2.convertScaleAbs(stretched, alpha=255.0)
+    colours = cv2.applyColorMap(entries, BGR_LOOKUP_TABLES[colormap])
+    blended = cv2.addWeighted(background, 1.0 - opacity, colours, opacity, 0.0)
+    options = [_QUALITY_FLAGS[fmt], quality] if fmt in _QUALITY_FLAGS else []
+    encoded, data = cv2.imencode(_EXTENSIONS[fmt], blended, options)
+    if not encoded:
+        raise RuntimeError(f"OpenCV could not encode a {width} x {height} overlay as {fmt}")
+    return data.tobytes()
