@@ -6,21 +6,30 @@ overlays then costs one resize of the small heatmap, one table lookup, one blend
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Literal
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from app.colormaps import BGR_LOOKUP_TABLES, COLORMAPS, ColormapName
 from contract.images import decode_upright_rgb, upright_size
 
-__all__ = ["COLORMAPS", "ColormapName", "MEDIA_TYPES", "OverlayFormat", "overlay_background", "render_overlay"]
+__all__ = ["COLORMAPS", "DEFAULT_FORMAT", "DEFAULT_QUALITY", "MEDIA_TYPES", "ColormapName", "OverlayFormat",
+           "overlay_background", "render_overlay"]
 
 OverlayFormat = Literal["jpeg", "webp", "png"]
+# Measured by bench/overlay_bench.py (bench/RESULTS.md): JPEG encodes many times faster than WebP (libwebp's
+# default effort) and PNG; at quality 60 the four 1024 px overlays of even the most detailed photos we have stay
+# under 600 kB of JSON, and look the same as at 90 next to each other.
+DEFAULT_FORMAT: OverlayFormat = "jpeg"
+DEFAULT_QUALITY = 60
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-_EXTENSIONS: dict[str, str] = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
-_QUALITY_FLAGS: dict[str, int] = {"jpeg": cv2.IMWRITE_JPEG_QUALITY, "webp": cv2.IMWRITE_WEBP_QUALITY}
+# libwebp's effort (0 to 6) for WebP through Pillow: OpenCV's WebP encoder has its fixed effort 4, which took
+# 127 ms per 1024 px overlay against 46 ms at 2, for 5 % more bytes (bench/overlay_bench.py's photo).
+_WEBP_METHOD = 2
 
 
 def overlay_size(width: int, height: int, max_side: int) -> tuple[int, int]:
@@ -48,9 +57,18 @@ def render_overlay(background: np.ndarray, heatmap: np.ndarray, colormap: Colorm
     # Table entry i is the colour of value i / 255: round to the nearest entry (saturating above 1).
     entries = cv2.convertScaleAbs(stretched, alpha=255.0)
     colours = cv2.applyColorMap(entries, BGR_LOOKUP_TABLES[colormap])
-    blended = cv2.addWeighted(background, 1.0 - opacity, colours, opacity, 0.0)
-    options = [_QUALITY_FLAGS[fmt], quality] if fmt in _QUALITY_FLAGS else []
-    encoded, data = cv2.imencode(_EXTENSIONS[fmt], blended, options)
+    return _encoded(cv2.addWeighted(background, 1.0 - opacity, colours, opacity, 0.0), fmt, quality)
+
+
+def _encoded(picture: np.ndarray, fmt: OverlayFormat, quality: int) -> bytes:
+    """The BGR `picture` as a file: JPEG and PNG (fastest compression level) by OpenCV, WebP by Pillow."""
+    if fmt == "webp":
+        buffer = io.BytesIO()
+        Image.fromarray(cv2.cvtColor(picture, cv2.COLOR_BGR2RGB)).save(buffer, "WEBP", quality=quality,
+                                                                      method=_WEBP_METHOD)
+        return buffer.getvalue()
+    options = [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt == "jpeg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    encoded, data = cv2.imencode(".jpg" if fmt == "jpeg" else ".png", picture, options)
     if not encoded:
-        raise RuntimeError(f"OpenCV could not encode a {width} x {height} overlay as {fmt}")
+        raise RuntimeError(f"OpenCV could not encode a {picture.shape[1]} x {picture.shape[0]} overlay as {fmt}")
     return data.tobytes()
