@@ -61,13 +61,14 @@ def render_overlay(background: np.ndarray, heatmap: np.ndarray, colormap: Colorm
 
 
 def _encoded(picture: np.ndarray, fmt: OverlayFormat, quality: int) -> bytes:
-    """The BGR `picture` as a file: JPEG and PNG (fastest compression level) by OpenCV, WebP by Pillow."""
+    """The BGR `picture` as a file: JPEG and PNG by OpenCV (PNG at its default, fastest compression), WebP by
+    Pillow."""
     if fmt == "webp":
         buffer = io.BytesIO()
         Image.fromarray(cv2.cvtColor(picture, cv2.COLOR_BGR2RGB)).save(buffer, "WEBP", quality=quality,
                                                                       method=_WEBP_METHOD)
         return buffer.getvalue()
-    options = [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt == "jpeg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    options = [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt == "jpeg" else []
     encoded, data = cv2.imencode(".jpg" if fmt == "jpeg" else ".png", picture, options)
     if not encoded:
         raise RuntimeError(f"OpenCV could not encode a {picture.shape[1]} x {picture.shape[0]} overlay as {fmt}")
