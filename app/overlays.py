@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from app.colormaps import BGR_LOOKUP_TABLES, COLORMAPS, ColormapName
-from contract.images import decode_upright_rgb, upright_size
+from contract.images import decode_upright_rgb_fitted
 
 __all__ = ["COLORMAPS", "DEFAULT_FORMAT", "DEFAULT_QUALITY", "MEDIA_TYPES", "ColormapName", "OverlayFormat",
            "overlay_background", "render_overlay"]
@@ -32,20 +32,11 @@ MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp":
 _WEBP_METHOD = 2
 
 
-def overlay_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """The original's size, scaled down (never up) so that its longest side is at most `max_side`."""
-    scale = min(1.0, max_side / max(width, height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
 def overlay_background(source: bytes | Path, name: str, max_pixels: int | None, max_side: int) -> np.ndarray:
-    """The upright original at overlay size, [height, width, 3] uint8 in OpenCV's BGR order: decoded only as
-    large as that size needs, then resized to it once (area averaging)."""
-    size = overlay_size(*upright_size(source, name, max_pixels), max_side)
-    picture = np.asarray(decode_upright_rgb(source, name, max_pixels, at_least=size))
-    if picture.shape[1::-1] != size:
-        picture = cv2.resize(picture, size, interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)
+    """The upright original at overlay size (its longest side at most `max_side`, never enlarged, aspect kept),
+    [height, width, 3] uint8 in OpenCV's BGR order: decoded only as large as that size needs, resized once."""
+    picture = decode_upright_rgb_fitted(source, name, max_pixels, max_side)
+    return cv2.cvtColor(np.asarray(picture), cv2.COLOR_RGB2BGR)
 
 
 def render_overlay(background: np.ndarray, heatmap: np.ndarray, colormap: ColormapName, opacity: float,

@@ -146,8 +146,8 @@ def main() -> None:
           f"decode_for_model (draft) {draft_model:.1f} ms")
 
     def full_background() -> np.ndarray:
-        upright = np.asarray(decode_upright_rgb(phone))
-        return cv2.resize(upright, (MAX_SIDE, MAX_SIDE * 3 // 4), interpolation=cv2.INTER_AREA)
+        upright = decode_upright_rgb(phone).resize((MAX_SIDE, MAX_SIDE * 3 // 4), Image.Resampling.BILINEAR)
+        return cv2.cvtColor(np.asarray(upright), cv2.COLOR_RGB2BGR)
 
     full_overlay = median_ms(full_background, repeats=5)
     draft_overlay = median_ms(lambda: overlay_background(phone, "image1", None, MAX_SIDE), repeats=5)

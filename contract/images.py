@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -54,45 +55,61 @@ def decode_upright_rgb(source: bytes | Path, name: str = "image", max_pixels: in
     """The first frame of the image in `source`, EXIF orientation applied, as RGB (transparency over white).
 
     `max_pixels` (width x height) is checked on the header, before a single pixel is decoded. With `at_least`
-    (upright width, height), the picture is only decoded about as large as needed: a JPEG is scaled down while it
-    is decoded (Pillow's draft mode: 1/2, 1/4 or 1/8 in the DCT domain, the smallest scale at or above
-    `at_least`), and any image is then shrunk by whole factors down to 2 to 4 times `at_least` per side. Each
-    side stays at or above `at_least` (or at the original's size when that is smaller) and below 4 times it, for
-    the caller's final resize. The full-size pixels of a photo never outlive this call, and a JPEG's never exist.
+    (upright width, height), the picture is only decoded about as large as needed, for the caller's final
+    resize: a JPEG is scaled down while it is decoded (Pillow's draft mode: 1/2, 1/4 or 1/8 in the DCT domain,
+    the smallest scale at or above `at_least`), then any image is shrunk by whole factors per side while that
+    side stays at least twice `at_least`. Each side ends at or above `at_least` (or at the original's size when
+    that is smaller) and below 4 times it: a photo's full-size pixels never outlive this call, and a JPEG's
+    never exist.
     """
+    picture, _ = _decode(source, name, max_pixels, lambda upright: at_least)
+    return picture
+
+
+def fitted_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(width, height) scaled down (never up) so that the longest side is at most `max_side`, aspect kept."""
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def decode_upright_rgb_fitted(source: bytes | Path, name: str, max_pixels: int | None,
+                              max_side: int) -> Image.Image:
+    """`decode_upright_rgb`'s picture at exactly `fitted_size(its size, max_side)`: decoded only as large as that
+    needs, then resized once (antialiased bilinear)."""
+    picture, upright = _decode(source, name, max_pixels, lambda upright: fitted_size(*upright, max_side))
+    size = fitted_size(*upright, max_side)
+    return picture if picture.size == size else picture.resize(size, Image.Resampling.BILINEAR)
+
+
+def _decode(source: bytes | Path, name: str, max_pixels: int | None,
+            needed: Callable[[tuple[int, int]], tuple[int, int] | None]) -> tuple[Image.Image, tuple[int, int]]:
+    """The upright RGB picture, decoded as small as `needed(full upright size)` allows (None: full size), and
+    the full upright size."""
     image = _open(source, name, max_pixels)
     try:
         image.seek(0)
+        # A JPEG's EXIF is in its header; other formats' orientation may only be known after loading (Pillow loads
+        # a PNG here for a late eXIf chunk), which they do before any shrinking anyway.
         orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-        stored_at_least = None
-        if at_least is not None:
-            # Orientations 5 to 8 turn the picture by 90 degrees: the stored pixels have width and height swapped.
-            stored_at_least = at_least[::-1] if orientation in _SWAPS_SIDES else at_least
+        # Orientations 5 to 8 turn the picture by 90 degrees: the stored pixels have width and height swapped.
+        swapped = orientation in _SWAPS_SIDES
+        upright = (image.height, image.width) if swapped else image.size
+        at_least = needed(upright)
+        stored_at_least = None if at_least is None else (at_least[::-1] if swapped else at_least)
+        if stored_at_least is not None:
             image.draft("RGB", stored_at_least)
         image.load()
         if stored_at_least is not None and image.mode in _REDUCIBLE_MODES and "transparency" not in image.info:
-            image = _reduced(image, stored_at_least)
+            image = _reduced(image, stored_at_least)  # before the conversion, which then runs on fewer pixels
         picture = _to_rgb(image)
         if stored_at_least is not None:
-            picture = _reduced(picture, stored_at_least)
+            picture = _reduced(picture, stored_at_least)  # the other modes; a no-op after the step above
         transposition = _UPRIGHT_TRANSPOSITIONS.get(orientation)
-        return picture.transpose(transposition) if transposition is not None else picture
+        return (picture.transpose(transposition) if transposition is not None else picture), upright
     except MemoryError:
         raise
     except Exception as error:  # truncated or damaged data fails in Pillow's decoders with many exception types
         raise _corrupt(name, error) from error
-
-
-def upright_size(source: bytes | Path, name: str = "image", max_pixels: int | None = None) -> tuple[int, int]:
-    """(width, height) of the picture `decode_upright_rgb` would return in full, from the header alone."""
-    image = _open(source, name, max_pixels)
-    try:
-        swapped = image.getexif().get(EXIF_ORIENTATION, 1) in _SWAPS_SIDES
-    except MemoryError:
-        raise
-    except Exception as error:  # a damaged EXIF block fails in Pillow's TIFF parser in many ways
-        raise _corrupt(name, error) from error
-    return (image.height, image.width) if swapped else image.size
 
 
 def _open(source: bytes | Path, name: str, max_pixels: int | None) -> Image.Image:

@@ -9,12 +9,15 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from app.model import load_model
-from contract.images import CorruptImage, NotAnImage, TooManyPixels, decode_upright_rgb, upright_size
+from contract.images import (
+    CorruptImage, NotAnImage, TooManyPixels, decode_upright_rgb, decode_upright_rgb_fitted, fitted_size,
+)
 from contract.manifest import FORMAT_VERSION, Manifest, ManifestError, read_manifest
 from contract.preprocess import Preprocessing, decode_for_model, resize_to
 from contract.torchscript import load_torchscript
@@ -89,9 +92,22 @@ def test_a_12_megapixel_jpeg_decodes_for_the_model_close_to_full_decoding(input_
     assert torch.quantile(difference, 0.99) < 8, float(torch.quantile(difference, 0.99))
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_fitted_decode_has_the_upright_aspect_ratio_at_the_asked_size(fmt: str) -> None:
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = ROTATED_90
+    data = encode(drawn_image(12, (1500, 600)), fmt, exif=exif.tobytes())  # shown 600 x 1500
+    fitted = decode_upright_rgb_fitted(data, "image1", None, 100)
+    assert fitted.size == fitted_size(600, 1500, 100) == (40, 100)
+    reference = np.asarray(decode_upright_rgb(data).resize((40, 100), Image.Resampling.BILINEAR), dtype=float)
+    assert np.abs(np.asarray(fitted, dtype=float) - reference).mean() < 3
+    small = decode_upright_rgb_fitted(data, "image1", None, 4000)  # never enlarged
+    assert small.size == (600, 1500)
+
+
 def test_decoding_stands_pictures_upright_and_puts_transparency_over_white() -> None:
     upright = decode_upright_rgb(_photo_with_orientation())
-    assert upright.size == upright_size(_photo_with_orientation()) == (80, 120) and upright.mode == "RGB"
+    assert upright.size == (80, 120) and upright.mode == "RGB"
     stored = Image.open(io.BytesIO(_photo_with_orientation())).convert("RGB")
     assert upright.tobytes() == stored.transpose(Image.Transpose.ROTATE_270).tobytes()
     transparent = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
