@@ -135,7 +135,7 @@ def _open(source: bytes | Path, name: str, max_pixels: int | None) -> Image.Imag
 
 # Box-shrinking leaves at least this factor to the caller's final antialiased resize, as Pillow's thumbnail()
 # does: shrinking all the way by whole factors blurs less than one antialiased resize, and moved a 12 Mpx photo's
-# model input by 2 to 4 grey levels on average, against under 1 with this gap.
+# model input by 1 to 4 grey levels on average, against under 1 with this gap.
 _REDUCING_GAP = 2
 
 
