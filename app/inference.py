@@ -63,8 +63,9 @@ def _decode_pair(contents: list[bytes], fields: list[str], model: ServedModel, m
     if overlay_max_side is None:
         return DecodedPair((first, second))
     # A second decode, at overlay size: the model's input must not depend on the endpoint that asked for it.
-    backgrounds = tuple(overlay_background(data, field, max_pixels, overlay_max_side) for data, field in files)
-    return DecodedPair((first, second), backgrounds)
+    first_background, second_background = (overlay_background(data, field, max_pixels, overlay_max_side)
+                                            for data, field in files)
+    return DecodedPair((first, second), (first_background, second_background))
 
 
 async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: DecodedPair, arrived: float,
