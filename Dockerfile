@@ -50,13 +50,11 @@ COPY contract/ /srv/contract/
 #   docker run -v /path/to/store:/models:ro -e MODEL_STORE=/models -e MODEL_NAME=mine siamcam
 COPY model_store/flowers/ /srv/model_store/flowers/
 
-# MPLCONFIGDIR: matplotlib (colormaps) wants a writable config folder, and the user has no home.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MODEL_STORE=/srv/model_store \
     MODEL_NAME=flowers \
-    MPLCONFIGDIR=/tmp/matplotlib \
     FORWARDED_ALLOW_IPS=127.0.0.1
 
 USER siamcam:siamcam

@@ -11,24 +11,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from fastapi import Request, UploadFile
-from PIL import Image
 
 from app import metrics
 from app.batcher import Batcher, Job, Outcome, QueueFull, WorkerStopped
 from app.errors import CLIENT_CLOSED_REQUEST, Problem, service_unavailable
 from app.gradcam import PairExplanations
 from app.model import ServedModel
-from app.overlays import MEDIA_TYPES, ColormapName, OverlayFormat, render_overlay
+from app.overlays import MEDIA_TYPES, ColormapName, OverlayFormat, overlay_background, render_overlay
 from app.schemas import Explanation, Explanations, Overlay, Target
 from app.service import Service
 from app.settings import Settings
-from contract.images import decode_upright_rgb
 
 
 @dataclass(frozen=True)
 class DecodedPair:
-    originals: tuple[Image.Image, Image.Image]  # upright RGB, at their own size: overlays are drawn on them
     inputs: tuple[torch.Tensor, torch.Tensor]  # what the model sees
+    # /explain only: each upright original at overlay size, BGR, decoded and resized once for all its overlays
+    backgrounds: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -38,11 +37,14 @@ class OverlayOptions:
     colormap: ColormapName
     max_side: int
     include_heatmaps: bool
+    quality: int
 
 
-async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, settings: Settings) -> DecodedPair:
-    """Both uploads decoded and preprocessed, off the event loop; 413 for files over the limit, the contract's
-    image errors (mapped to 415/422 in errors.py) for the rest."""
+async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, settings: Settings,
+                    overlay_max_side: int | None = None) -> DecodedPair:
+    """Both uploads decoded and preprocessed, off the event loop, with their overlay backgrounds when
+    `overlay_max_side` is given; 413 for files over the limit, the contract's image errors (mapped to 415/422 in
+    errors.py) for the rest."""
     uploads = {"image1": image1, "image2": image2}
     for field, upload in uploads.items():
         if upload.size is not None and upload.size > settings.max_upload_bytes:
@@ -50,12 +52,20 @@ async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, 
                           f"{field} is {upload.size:,} bytes; the limit is {settings.max_upload_bytes:,} bytes. "
                           "Send a smaller file.")
     contents = [await upload.read() for upload in uploads.values()]
-    return await asyncio.to_thread(_decode_pair, contents, list(uploads), model, settings.max_image_pixels)
+    return await asyncio.to_thread(_decode_pair, contents, list(uploads), model, settings.max_image_pixels,
+                                   overlay_max_side)
 
 
-def _decode_pair(contents: list[bytes], fields: list[str], model: ServedModel, max_pixels: int) -> DecodedPair:
-    first, second = (decode_upright_rgb(data, field, max_pixels) for data, field in zip(contents, fields, strict=True))
-    return DecodedPair((first, second), (model.preprocess(first), model.preprocess(second)))
+def _decode_pair(contents: list[bytes], fields: list[str], model: ServedModel, max_pixels: int,
+                 overlay_max_side: int | None) -> DecodedPair:
+    files = list(zip(contents, fields, strict=True))
+    first, second = (model.model_input(data, field, max_pixels) for data, field in files)
+    if overlay_max_side is None:
+        return DecodedPair((first, second))
+    # A second decode, at overlay size: the model's input must not depend on the endpoint that asked for it.
+    first_background, second_background = (overlay_background(data, field, max_pixels, overlay_max_side)
+                                            for data, field in files)
+    return DecodedPair((first, second), (first_background, second_background))
 
 
 async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: DecodedPair, arrived: float,
@@ -117,23 +127,23 @@ def timings_ms(outcome: Outcome, arrived: float) -> dict[str, float]:
 
 
 def render_explanations(pair: DecodedPair, result: PairExplanations, options: OverlayOptions) -> Explanations:
-    """The four overlays of one pair (CPU work: run it in a thread)."""
+    """The four overlays of one pair read with `overlay_max_side` (CPU work: run it in a thread)."""
+    assert pair.backgrounds is not None, "read the pair with overlay_max_side to render its explanations"
     factual: Target = "similar" if bool(result.similar) else "dissimilar"
     counterfactual: Target = "dissimilar" if factual == "similar" else "similar"
     return Explanations(
-        factual=Explanation(target=factual, image1=_overlay(pair.originals[0], result.factual1, options),
-                            image2=_overlay(pair.originals[1], result.factual2, options)),
+        factual=Explanation(target=factual, image1=_overlay(pair.backgrounds[0], result.factual1, options),
+                            image2=_overlay(pair.backgrounds[1], result.factual2, options)),
         counterfactual=Explanation(
-            target=counterfactual, image1=_overlay(pair.originals[0], result.counterfactual1, options),
-            image2=_overlay(pair.originals[1], result.counterfactual2, options)),
+            target=counterfactual, image1=_overlay(pair.backgrounds[0], result.counterfactual1, options),
+            image2=_overlay(pair.backgrounds[1], result.counterfactual2, options)),
     )
 
 
-def _overlay(original: Image.Image, heatmap: torch.Tensor, options: OverlayOptions) -> Overlay:
+def _overlay(background: np.ndarray, heatmap: torch.Tensor, options: OverlayOptions) -> Overlay:
     values = heatmap.numpy()
-    encoded, width, height = render_overlay(
-        original, values, options.colormap, options.opacity, options.max_side, options.format
-    )
+    encoded = render_overlay(background, values, options.colormap, options.opacity, options.format, options.quality)
+    height, width = background.shape[:2]
     return Overlay(
         media_type=MEDIA_TYPES[options.format],
         overlay=base64.b64encode(encoded).decode("ascii"),

@@ -35,6 +35,11 @@ class ServedModel:
     def threshold(self) -> float:
         return self.manifest.threshold
 
+    def model_input(self, source: bytes, name: str, max_pixels: int | None) -> torch.Tensor:
+        """An image file as the normalized float tensor [3, H, W] the model expects (on the CPU), decoded only as
+        large as that needs; training evaluates through the same contract function."""
+        return self.preprocessing.model_input(source, name, max_pixels)
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """An upright RGB picture as the normalized float tensor [3, H, W] the model expects (on the CPU)."""
         return self.preprocessing(image)

@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app.inference import (
     OverlayOptions, read_pair, render_explanations, require_ready, run_in_batch, timings_ms,
 )
-from app.overlays import ColormapName, OverlayFormat
+from app.overlays import DEFAULT_FORMAT, DEFAULT_QUALITY, ColormapName, OverlayFormat
 from app.schemas import (
     IMAGE_PAIR_ENCODING, INFERENCE_ERRORS, MODEL_INFO_ERRORS, RETRY_AFTER_HEADER, ExplainResponse, ModelInfo,
     ModelRef, SimilarityResponse, Status,
@@ -57,22 +57,24 @@ async def explain(
     image1: FirstImage,
     image2: SecondImage,
     service: ServiceDep,
-    overlay_format: Annotated[OverlayFormat, Form(alias="format", description="overlay image format")] = "png",
+    overlay_format: Annotated[OverlayFormat, Form(alias="format",
+                                                  description="overlay image format")] = DEFAULT_FORMAT,
     opacity: Annotated[float, Form(ge=0, le=1, description="heatmap opacity over the image")] = 0.5,
     colormap: Annotated[ColormapName, Form(description="matplotlib colormap of the heatmap")] = "jet",
     max_side: Annotated[int, Form(ge=16, description="longest side of the overlays, in pixels; capped by "
                                   "MAX_OVERLAY_SIDE; never larger than the original")] = 1024,
     include_heatmaps: Annotated[bool, Form(description="also return the raw heatmaps")] = False,
+    quality: Annotated[int, Form(ge=1, le=100, description="JPEG and WebP quality (PNG is lossless)")] = DEFAULT_QUALITY,
 ) -> ExplainResponse:
     """The similarity, and for each image the regions that led to the decision (factual) and those that argue
     for the opposite one (counterfactual), as Grad-CAM heatmaps drawn over the original images."""
     arrived = time.monotonic()
     settings: Settings = service.settings
     model, batcher = require_ready(service)
-    pair = await read_pair(image1, image2, model, settings)
+    options = OverlayOptions(overlay_format, opacity, colormap, min(max_side, settings.max_overlay_side),
+                             include_heatmaps, quality)
+    pair = await read_pair(image1, image2, model, settings, overlay_max_side=options.max_side)
     outcome = await run_in_batch(request, batcher, "explain", pair, arrived, settings)
-    max_side = min(max_side, settings.max_overlay_side)
-    options = OverlayOptions(overlay_format, opacity, colormap, max_side, include_heatmaps)
     explanations = await asyncio.to_thread(render_explanations, pair, outcome.value, options)
     score = float(outcome.value.scores)
     return ExplainResponse(score=score, similar=bool(outcome.value.similar), threshold=model.threshold,

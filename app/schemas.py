@@ -29,8 +29,9 @@ class SimilarityResponse(BaseModel):
 
 
 class Overlay(BaseModel):
-    media_type: str = Field(examples=["image/png"])
-    overlay: str = Field(description="the heatmap drawn over the original image, base64", examples=["iVBORw0KGgo..."])
+    media_type: str = Field(examples=["image/jpeg"])
+    overlay: str = Field(description="the heatmap drawn over the original image, base64",
+                         examples=["/9j/4AAQSkZJRg..."])
     width: int = Field(examples=[1024])
     height: int = Field(examples=[768])
     no_positive_evidence: bool = Field(

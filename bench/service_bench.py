@@ -23,7 +23,6 @@ import torch
 from app.gradcam import explain_batch, score_batch
 from app.model import ServedModel, load_model
 from bench.gradcam_reference import pytorch_grad_cam_maps
-from contract.images import decode_upright_rgb
 from deploy.load import FLOWERS_DIR, Pair, Upload, make_jobs, make_pairs, percentile, reference_scores, run_load
 from deploy.local_cluster import LocalCluster
 from deploy.nginx_config import REPO_ROOT
@@ -81,7 +80,7 @@ def model_inputs(served: ServedModel, pairs: list[Pair]) -> tuple[torch.Tensor, 
     """The pairs as the model's x1, x2, preprocessed exactly as the service does."""
 
     def tensor(upload: Upload) -> torch.Tensor:
-        return served.preprocess(decode_upright_rgb(upload.content, upload.filename))
+        return served.model_input(upload.content, upload.filename, None)
 
     return (torch.stack([tensor(pair.image1) for pair in pairs]),
             torch.stack([tensor(pair.image2) for pair in pairs]))

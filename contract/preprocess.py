@@ -1,15 +1,20 @@
-"""From an upright RGB picture to the model's input, as the manifest prescribes: resize policy, then normalisation.
+"""From an image file to the model's input, as the manifest prescribes: decode (only as large as the input
+needs), resize policy, then normalisation.
 
 Training caches resized uint8 pictures and normalises batches of them; the service does both per image. Both go
-through the two steps here, so a picture becomes the same tensor on either side.
+through `decode_for_model` and `normalize` here, so a file becomes the same tensor on either side, and on every
+endpoint of the service.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from contract.images import decode_upright_rgb
 from contract.manifest import Manifest, Normalization
 
 
@@ -17,6 +22,14 @@ def resize_to(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
     """The `stretch` resize policy: the whole picture to `size` ([height, width]), no crop, antialiased; uint8
     [3, H, W]. Nothing is cut off, so every heatmap cell maps back onto the whole original."""
     return F.resize(F.pil_to_tensor(image), list(size), antialias=True)
+
+
+def decode_for_model(source: bytes | Path, name: str, max_pixels: int | None,
+                     input_size: tuple[int, int]) -> torch.Tensor:
+    """The file in `source` as the model's uint8 picture [3, H, W] for `input_size` ([height, width]): decoded
+    upright at the smallest size that still covers the input (see `decode_upright_rgb`), then `resize_to`."""
+    height, width = input_size
+    return resize_to(decode_upright_rgb(source, name, max_pixels, at_least=(width, height)), input_size)
 
 
 def normalize(images: torch.Tensor, normalization: Normalization) -> torch.Tensor:
@@ -42,6 +55,10 @@ class Preprocessing:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.normalization)
+
+    def model_input(self, source: bytes | Path, name: str, max_pixels: int | None) -> torch.Tensor:
+        """The file in `source` as the [3, H, W] float tensor the model expects."""
+        return self.normalize(decode_for_model(source, name, max_pixels, self.input_size))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(self.resize(image))

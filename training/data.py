@@ -17,8 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
-from contract.images import decode_upright_rgb
-from contract.preprocess import resize_to
+from contract.preprocess import decode_for_model
 from training.errors import UsageError
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
@@ -157,5 +156,5 @@ def decode_images(paths: list[Path], size: tuple[int, int]) -> torch.Tensor:
     resize policy), into one uint8 [N,3,H,W]."""
     out = torch.empty(len(paths), 3, *size, dtype=torch.uint8)
     for index, path in enumerate(paths):
-        out[index] = resize_to(decode_upright_rgb(path, str(path)), size)
+        out[index] = decode_for_model(path, str(path), None, size)
     return out

@@ -2,8 +2,9 @@
 // the four Grad-CAM overlays. Plain browser JavaScript, no libraries, no external URLs.
 "use strict";
 
-// The colormaps the service accepts (app/overlays.py), with colours sampled from matplotlib at 0, 1/6, ..., 1
-// so that the legend's gradient matches what the service draws.
+// The colormaps the service accepts (app/colormaps.py), with their colours at 0, 1/6, ..., 1: entries 0, 42, 85,
+// 128, 170, 213 and 255 of the service's tables (app/colormap_tables.py), so that the legend's gradient matches
+// what the service draws (tests/app/test_overlays.py checks that they agree).
 const COLORMAPS = {
   jet: ["#000080", "#0028ff", "#00d4ff", "#7dff7a", "#ffe600", "#ff4700", "#800000"],
   turbo: ["#30123b", "#4685fa", "#1ae4b6", "#a4fc3c", "#faba39", "#e4450a", "#7a0403"],

@@ -68,6 +68,8 @@ def test_bad_files_get_a_clear_problem(client: httpx.Client, endpoint: str, case
         (pair_files(GOOD, GOOD), {"opacity": "1.5"}, "opacity"),
         (pair_files(GOOD, GOOD), {"colormap": "rainbow-unicorn"}, "colormap"),
         (pair_files(GOOD, GOOD), {"max_side": "zero"}, "max_side"),
+        (pair_files(GOOD, GOOD), {"quality": "0"}, "quality"),
+        (pair_files(GOOD, GOOD), {"quality": "101"}, "quality"),
     ],
 )
 def test_missing_fields_and_bad_options_get_422(client: httpx.Client, files: dict, form: dict, mentions: str) -> None:

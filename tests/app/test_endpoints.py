@@ -64,11 +64,11 @@ def test_explain_returns_four_overlays_at_each_images_aspect_ratio(client: httpx
         assert (first["width"], first["height"]) == (150, 50)
         assert (second["width"], second["height"]) == (60, 90)
         for overlay in (first, second):
-            assert overlay["media_type"] == "image/png" and overlay["heatmap"] is None
-            assert _decode_overlay(overlay).format == "PNG"
+            assert overlay["media_type"] == "image/jpeg" and overlay["heatmap"] is None
+            assert _decode_overlay(overlay).format == "JPEG"
 
 
-@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+@pytest.mark.parametrize("fmt", ["jpeg", "webp", "png"])
 def test_explain_formats_options_and_raw_heatmaps(client: httpx.Client, fmt: str) -> None:
     files = pair_files(encode(drawn_image(5), "PNG"), encode(drawn_image(6), "PNG"))
     options = {"format": fmt, "opacity": "1", "colormap": "gray", "include_heatmaps": "true"}

@@ -3,20 +3,25 @@ service the same tensors."""
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from app.model import load_model
-from contract.images import CorruptImage, NotAnImage, TooManyPixels, decode_upright_rgb
+from contract.images import (
+    CorruptImage, NotAnImage, TooManyPixels, decode_upright_rgb, decode_upright_rgb_fitted, fitted_size,
+)
 from contract.manifest import FORMAT_VERSION, Manifest, ManifestError, read_manifest
-from contract.preprocess import Preprocessing
+from contract.preprocess import Preprocessing, decode_for_model, resize_to
 from contract.torchscript import load_torchscript
-from tests.support.images import drawn_image, encode
+from tests.support.images import drawn_image, encode, phone_photo
 from training.data import decode_images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,14 +41,26 @@ def _translucent_png() -> bytes:
     return encode(picture, "PNG")
 
 
-@pytest.mark.parametrize("make", [_photo_with_orientation, _translucent_png], ids=["exif-rotated-jpeg", "alpha-png"])
+@functools.cache
+def _large_rotated_photo() -> bytes:
+    """12 Mpx stored landscape, shown portrait: decoding it for the model takes the JPEG draft path."""
+    return phone_photo(9, (4000, 3000), orientation=ROTATED_90)
+
+
+@functools.cache
+def _large_png() -> bytes:
+    return encode(Image.open(io.BytesIO(phone_photo(10, (2400, 1800)))), "PNG")
+
+
+@pytest.mark.parametrize("make", [_photo_with_orientation, _translucent_png, _large_rotated_photo],
+                         ids=["exif-rotated-jpeg", "alpha-png", "12-megapixel-exif-rotated-jpeg"])
 def test_training_and_the_service_turn_one_file_into_identical_tensors(make, model_store: Path,
                                                                        tmp_path: Path) -> None:
     data = make()
     path = tmp_path / "picture"
     path.write_bytes(data)
     served = load_model(model_store / "tiny", "cpu")
-    from_service = served.preprocess(decode_upright_rgb(data, "image1", max_pixels=10**8))
+    from_service = served.model_input(data, "image1", max_pixels=10**8)
     # training's evaluation path: images cached as uint8 by the data module, normalised per batch
     preprocessing = Preprocessing.of(read_manifest(model_store / "tiny"))
     from_training = preprocessing.normalize(decode_images([path], preprocessing.input_size))[0]
@@ -51,9 +68,48 @@ def test_training_and_the_service_turn_one_file_into_identical_tensors(make, mod
     assert torch.equal(from_service, from_training)
 
 
+@pytest.mark.parametrize("input_size", [(128, 128), (224, 64)], ids=["square", "tall"])
+@pytest.mark.parametrize("make", [_large_rotated_photo, _large_png], ids=["rotated-jpeg", "png"])
+def test_decoding_for_the_model_never_holds_the_full_size_picture(make, input_size: tuple[int, int]) -> None:
+    """What is decoded covers the input (height, width) and stays under 4 times its size per side (a 2x gap is
+    left to the final antialiased resize): no full-size array survives decoding. A non-square input catches a
+    size asked for in the wrong orientation."""
+    height, width = input_size
+    decoded = decode_upright_rgb(make(), at_least=(width, height))
+    assert width <= decoded.width < 4 * width and height <= decoded.height < 4 * height, decoded.size
+
+
+@pytest.mark.parametrize("input_size", [(128, 128), (224, 160)])
+def test_a_12_megapixel_jpeg_decodes_for_the_model_close_to_full_decoding(input_size: tuple[int, int]) -> None:
+    data = _large_rotated_photo()
+    reduced = decode_for_model(data, "image1", None, input_size).float()
+    full = resize_to(decode_upright_rgb(data), input_size).float()
+    assert reduced.shape == full.shape == (3, *input_size)
+    difference = (reduced - full).abs()
+    # DCT-domain scaling is close to an antialiased resize (measured: 0.3 to 0.8 grey levels on average, 1 to 3
+    # at the 99th percentile); a picture turned the wrong way or shifted would differ by tens of levels.
+    assert difference.mean() < 1.5, float(difference.mean())
+    assert torch.quantile(difference, 0.99) < 8, float(torch.quantile(difference, 0.99))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_a_fitted_decode_has_the_upright_aspect_ratio_at_the_asked_size(fmt: str) -> None:
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = ROTATED_90
+    data = encode(drawn_image(12, (1500, 600)), fmt, exif=exif.tobytes())  # shown 600 x 1500
+    fitted = decode_upright_rgb_fitted(data, "image1", None, 100)
+    assert fitted.size == fitted_size(600, 1500, 100) == (40, 100)
+    reference = np.asarray(decode_upright_rgb(data).resize((40, 100), Image.Resampling.BILINEAR), dtype=float)
+    assert np.abs(np.asarray(fitted, dtype=float) - reference).mean() < 3
+    small = decode_upright_rgb_fitted(data, "image1", None, 4000)  # never enlarged
+    assert small.size == (600, 1500)
+
+
 def test_decoding_stands_pictures_upright_and_puts_transparency_over_white() -> None:
     upright = decode_upright_rgb(_photo_with_orientation())
     assert upright.size == (80, 120) and upright.mode == "RGB"
+    stored = Image.open(io.BytesIO(_photo_with_orientation())).convert("RGB")
+    assert upright.tobytes() == stored.transpose(Image.Transpose.ROTATE_270).tobytes()
     transparent = Image.new("RGBA", (4, 4), (10, 20, 30, 0))
     assert decode_upright_rgb(encode(transparent, "PNG")).getpixel((0, 0)) == (255, 255, 255)
 

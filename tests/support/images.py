@@ -30,3 +30,18 @@ def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
 
 def pair_files(first: bytes, second: bytes) -> dict[str, tuple[str, bytes]]:
     return {"image1": ("image1", first), "image2": ("image2", second)}
+
+
+def phone_photo(seed: int, size: tuple[int, int] = (4000, 3000), orientation: int = 1,
+                picture: Image.Image | None = None) -> bytes:
+    """A JPEG the size of a phone camera's (12 Mpx by default): `picture` (else a drawn one) upscaled, with
+    sensor-like noise so that the file is as large as a real photo's, and an EXIF orientation tag."""
+    generator = np.random.default_rng(seed)
+    width, height = size
+    source = picture.convert("RGB") if picture is not None else drawn_image(seed, (width // 10, height // 10))
+    upscaled = source.resize(size, Image.Resampling.BICUBIC)
+    noise = generator.integers(-6, 7, size=(height, width, 3), dtype=np.int16)
+    noisy = np.clip(np.asarray(upscaled, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # EXIF Orientation
+    return encode(Image.fromarray(noisy), "JPEG", quality=90, exif=exif.tobytes())
