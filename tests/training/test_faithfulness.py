@@ -62,7 +62,7 @@ def test_faithfulness_needs_a_format_version_2_model(model_store: Path, tmp_path
     with pytest.raises(SystemExit) as exited:
         main(["evaluate", "--model", str(tmp_path / "old"), "--data", str(tmp_path), "--faithfulness"])
     assert exited.value.code == 2
-    assert "needs format version 2: re-export the model" in capsys.readouterr().err
+    assert "which need format version 2: re-export the model" in capsys.readouterr().err
 
 
 def test_evaluate_records_faithfulness_in_the_manifest(shapes_dataset: Path, tmp_path: Path) -> None:
