@@ -130,8 +130,8 @@ def describe_contributions(pair: DecodedPair, found: PairContributions, top_matc
         offset=found.offset,
         threshold_raw_logit=found.threshold_raw_logit,
         grid=grid,
-        image1=ImageContributions(**dict(zip(("positive", "negative"), found.totals(1), strict=True))),
-        image2=ImageContributions(**dict(zip(("positive", "negative"), found.totals(2), strict=True))),
+        image1=ImageContributions(**found.totals(1)._asdict()),
+        image2=ImageContributions(**found.totals(2)._asdict()),
         matches=[
             Match(image1_cell=match.cell1, image2_cell=match.cell2, image1_box=cell_box(*match.cell1, grid, size1),
                   image2_box=cell_box(*match.cell2, grid, size2), contribution=match.contribution,

@@ -15,7 +15,6 @@ from contract.manifest import MODEL_FILE, Manifest, ManifestError, read_manifest
 from contract.preprocess import Preprocessing
 from contract.torchscript import TorchScriptError, load_torchscript, sha256_of
 
-
 # The batcher's queue for each explanation method: the methods' batches never mix.
 EXPLAIN_QUEUES: dict[Method, str] = {"gradcam": "explain", "contributions": "contributions"}
 

@@ -4,9 +4,10 @@ Run from the repository root: `.venv/bin/python -m bench.contributions_bench [--
 It times the service's own batch runners (app/model.py) on the same pairs in one run, batch 1 and 8:
 `score_pairs` (what a /similarity batch runs), `explain_pairs(..., "contributions")` and, for reference,
 `explain_pairs(..., "gradcam")`, and `decide` alone (the backbone on both images in one pass, then the
-scores: the part every explainer shares, so that what the decomposition itself costs shows). Their calls alternate (one of each, again and again), so that load from
-other jobs on the machine falls on all of them alike; the ratios reported are those of the median and of the
-fastest call (the latter the least disturbed by other jobs).
+scores: the part every explainer shares, so that what the decomposition itself costs shows). Their calls
+alternate (one of each, again and again), so that load from other jobs on the machine falls on all of them
+alike; the ratios reported are those of the median and of the fastest call (the latter the least disturbed by
+other jobs).
 
 A format-version-1 model (such as the default `flowers` 1.0.0) cannot compute contributions; its weights are
 then re-exported as version 2 into a temporary folder (training/export.py, with all its checks) and timed
@@ -26,8 +27,8 @@ from pathlib import Path
 import torch
 
 from app.model import ServedModel, explain_pairs, load_model, score_pairs
-from contract.explainers import decide
 from bench.service_bench import MODEL_NAME, MODEL_STORE, load_pairs, model_inputs
+from contract.explainers import decide
 from deploy.load import FLOWERS_DIR
 from training.export import export_model
 from training.model import build_siamese

@@ -51,8 +51,8 @@ def decide(model: torch.jit.ScriptModule, x1: torch.Tensor, x2: torch.Tensor, th
     return Decided(maps1, maps2, scores, scores >= threshold)
 
 
-def heatmaps(evidence1: torch.Tensor, evidence2: torch.Tensor, similar: torch.Tensor, size: torch.Size | tuple[int, int]
-             ) -> PairMaps:
+def heatmaps(evidence1: torch.Tensor, evidence2: torch.Tensor, similar: torch.Tensor,
+             size: torch.Size | tuple[int, int]) -> PairMaps:
     """The four display maps from each image's per-cell evidence [N, h, w] for "similar" (positive: pushes the
     score up): the factual map is the evidence for the decided class, the counterfactual map the evidence for
     the other one. ReLU, bilinear upsampling to `size`, each map divided by its maximum."""

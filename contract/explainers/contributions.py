@@ -36,6 +36,13 @@ class Match(NamedTuple):
     share: float  # of the positive total of M (0 when no pair of cells contributes positively)
 
 
+class ImageTotals(NamedTuple):
+    """An image's threshold-relative contributions summed, in logit units: positive + negative == raw - t."""
+
+    positive: float
+    negative: float  # <= 0
+
+
 @dataclass(frozen=True)
 class PairContributions:
     """One pair's decomposition, on the CPU."""
@@ -51,11 +58,10 @@ class PairContributions:
     def grid(self) -> tuple[int, int]:
         return (self.relative1.shape[0], self.relative1.shape[1])
 
-    def totals(self, image: int) -> tuple[float, float]:
-        """The sums of the positive and of the negative threshold-relative contributions of image 1 or 2:
-        positive + negative == raw - t."""
+    def totals(self, image: int) -> ImageTotals:
+        """The sums of the positive and of the negative threshold-relative contributions of image 1 or 2."""
         relative = self.relative1 if image == 1 else self.relative2
-        return float(relative.clamp(min=0).sum()), float(relative.clamp(max=0).sum())
+        return ImageTotals(float(relative.clamp(min=0).sum()), float(relative.clamp(max=0).sum()))
 
     def top_matches(self, count: int) -> list[Match]:
         """The `count` pairs of cells with the largest M[i, j], largest first."""
