@@ -49,3 +49,20 @@ def test_default_models_split_is_made_again_exactly() -> None:
     folder = scan_image_folder(FLOWERS)
     split = split_by_image(folder.labels, recorded["validation_fraction"], recorded["test_fraction"], recorded["seed"])
     assert split.fingerprint(folder) == recorded["sha256"]
+
+
+# How much better than a random order of cells each explanation's order must do on the default model (areas
+# under the curves over the fraction of cells, in [0, 1]).
+FAITHFULNESS_MARGIN = 0.02
+
+
+def test_both_explanations_beat_a_random_order_on_the_default_model() -> None:
+    manifest = json.loads((DEFAULT_MODEL / "manifest.json").read_text())
+    measured = manifest["metrics"].get("faithfulness")
+    if manifest["format_version"] < 2 or measured is None:
+        pytest.skip("the default model has no faithfulness figures: re-export it as format version 2 and run "
+                    "`python -m training evaluate --model model_store/flowers --data ../shared/datasets/flowers "
+                    "--split test --faithfulness`")
+    for method in ("gradcam", "contributions"):
+        assert measured["deletion"][method] <= measured["deletion"]["random"] - FAITHFULNESS_MARGIN, measured
+        assert measured["insertion"][method] >= measured["insertion"]["random"] + FAITHFULNESS_MARGIN, measured
