@@ -43,10 +43,10 @@ class PairMaps(NamedTuple):
 def decide(model: torch.jit.ScriptModule, x1: torch.Tensor, x2: torch.Tensor, threshold: float) -> Decided:
     """The feature maps and scores of the pairs (x1[i], x2[i]), and each pair's decision: similar when
     score >= threshold."""
-    count = x1.shape[0]
     with torch.no_grad():
-        feature_maps = model.features(torch.cat([x1, x2]))
-        maps1, maps2 = feature_maps[:count], feature_maps[count:]
+        # Two backbone passes, as the model's forward (what /similarity runs) makes them: explaining a batch
+        # then costs what scoring it costs, plus the explainer's own work.
+        maps1, maps2 = model.features(x1), model.features(x2)
         scores = model.similarity(model.embed(maps1), model.embed(maps2))
     return Decided(maps1, maps2, scores, scores >= threshold)
 
