@@ -108,13 +108,16 @@ class ExplainResponse(SimilarityResponse):
 
 class ModelInfo(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "name": "flowers", "version": "1.0.0", "backbone": "resnet18", "threshold": 0.5,
+        "name": "flowers", "version": "1.0.0", "format_version": 2, "explain_methods": ["gradcam", "contributions"],
+        "backbone": "resnet18", "threshold": 0.5,
         "input_size": [224, 224], "embedding_dim": 128, "metrics": {"test": {"accuracy": 0.9}},
         "created_at": "2026-11-29T03:00:00+00:00",
     }]})
 
     name: str
     version: str
+    format_version: int = Field(description="the model's contract version: 2 offers method=contributions")
+    explain_methods: list[Method] = Field(description="the values of /explain's method this model serves")
     backbone: str
     threshold: float
     input_size: tuple[int, int]
