@@ -15,19 +15,23 @@ from fastapi import Request, UploadFile
 from app import metrics
 from app.batcher import Batcher, Job, Outcome, QueueFull, WorkerStopped
 from app.errors import CLIENT_CLOSED_REQUEST, Problem, service_unavailable
-from app.gradcam import PairExplanations
-from app.model import ServedModel
+from app.model import PairExplanation, ServedModel
 from app.overlays import MEDIA_TYPES, ColormapName, OverlayFormat, overlay_background, render_overlay
-from app.schemas import Explanation, Explanations, Overlay, Target
+from app.schemas import Contributions, Explanation, Explanations, ImageContributions, Match, Overlay, Target
 from app.service import Service
 from app.settings import Settings
+from contract.explainers import Method, cell_box
+from contract.explainers.contributions import PairContributions
+from contract.images import upright_size
 
 
 @dataclass(frozen=True)
 class DecodedPair:
     inputs: tuple[torch.Tensor, torch.Tensor]  # what the model sees
-    # /explain only: each upright original at overlay size, BGR, decoded and resized once for all its overlays
+    # /explain only: each upright original at overlay size, BGR, decoded and resized once for all its overlays,
+    # and each original's own upright (width, height), which contributions' boxes are measured in
     backgrounds: tuple[np.ndarray, np.ndarray] | None = None
+    sizes: tuple[tuple[int, int], tuple[int, int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,8 @@ def _decode_pair(contents: list[bytes], fields: list[str], model: ServedModel, m
     # A second decode, at overlay size: the model's input must not depend on the endpoint that asked for it.
     first_background, second_background = (overlay_background(data, field, max_pixels, overlay_max_side)
                                             for data, field in files)
-    return DecodedPair((first, second), (first_background, second_background))
+    sizes = tuple(upright_size(data, field, max_pixels) for data, field in files)
+    return DecodedPair((first, second), (first_background, second_background), sizes)
 
 
 async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: DecodedPair, arrived: float,
@@ -126,17 +131,41 @@ def timings_ms(outcome: Outcome, arrived: float) -> dict[str, float]:
     }
 
 
-def render_explanations(pair: DecodedPair, result: PairExplanations, options: OverlayOptions) -> Explanations:
+def render_explanations(pair: DecodedPair, result: PairExplanation, options: OverlayOptions) -> Explanations:
     """The four overlays of one pair read with `overlay_max_side` (CPU work: run it in a thread)."""
     assert pair.backgrounds is not None, "read the pair with overlay_max_side to render its explanations"
-    factual: Target = "similar" if bool(result.similar) else "dissimilar"
+    factual: Target = "similar" if result.similar else "dissimilar"
     counterfactual: Target = "dissimilar" if factual == "similar" else "similar"
+    maps = result.maps
     return Explanations(
-        factual=Explanation(target=factual, image1=_overlay(pair.backgrounds[0], result.factual1, options),
-                            image2=_overlay(pair.backgrounds[1], result.factual2, options)),
+        factual=Explanation(target=factual, image1=_overlay(pair.backgrounds[0], maps.factual1, options),
+                            image2=_overlay(pair.backgrounds[1], maps.factual2, options)),
         counterfactual=Explanation(
-            target=counterfactual, image1=_overlay(pair.backgrounds[0], result.counterfactual1, options),
-            image2=_overlay(pair.backgrounds[1], result.counterfactual2, options)),
+            target=counterfactual, image1=_overlay(pair.backgrounds[0], maps.counterfactual1, options),
+            image2=_overlay(pair.backgrounds[1], maps.counterfactual2, options)),
+    )
+
+
+def describe_contributions(pair: DecodedPair, found: PairContributions, top_matches: int,
+                           include_correspondence: bool) -> Contributions:
+    """One pair's contributions, its top matches boxed in the original (upright) images' pixels."""
+    assert pair.sizes is not None, "read the pair with overlay_max_side to describe its contributions"
+    grid = found.grid
+    size1, size2 = pair.sizes
+    return Contributions(
+        raw_logit=found.raw_logit,
+        offset=found.offset,
+        threshold_raw_logit=found.threshold_raw_logit,
+        grid=grid,
+        image1=ImageContributions(**found.totals(1)._asdict()),
+        image2=ImageContributions(**found.totals(2)._asdict()),
+        matches=[
+            Match(image1_cell=match.cell1, image2_cell=match.cell2, image1_box=cell_box(*match.cell1, grid, size1),
+                  image2_box=cell_box(*match.cell2, grid, size2), contribution=match.contribution,
+                  share=match.share)
+            for match in found.top_matches(top_matches)
+        ],
+        correspondence=found.correspondence.tolist() if include_correspondence else None,
     )
 
 
@@ -152,6 +181,12 @@ def _overlay(background: np.ndarray, heatmap: torch.Tensor, options: OverlayOpti
         no_positive_evidence=not bool(values.max() > 0),
         heatmap=np.round(values, 4).tolist() if options.include_heatmaps else None,
     )
+
+
+def require_method(model: ServedModel, method: Method) -> None:
+    """Refuse, before anything is decoded, a method the served model cannot explain with."""
+    if method not in model.methods:
+        raise Problem(422, "method-unavailable", f"method={method} is not available: {model.contributions_refusal}.")
 
 
 def require_ready(service: Service) -> tuple[ServedModel, Batcher]:

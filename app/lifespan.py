@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from app.batcher import Batcher
 from app.model import (
-    ModelLoadError, ServedModel, explain_pairs, load_model, score_blank_pair, score_pairs, warm_up,
+    EXPLAIN_QUEUES, ModelLoadError, ServedModel, explain_pairs, load_model, score_blank_pair, score_pairs, warm_up,
 )
 from app.service import Service
 from app.settings import Settings
@@ -49,7 +49,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # restarting would fail the same way. One clear line and a non-zero status are what an operator needs.
         _exit_now(EXIT_MODEL_UNAVAILABLE)
     batcher = Batcher(
-        {"similarity": partial(score_pairs, model), "explain": partial(explain_pairs, model)},
+        {"similarity": partial(score_pairs, model),
+         **{EXPLAIN_QUEUES[method]: partial(explain_pairs, model, method=method) for method in model.methods}},
         self_check=partial(score_blank_pair, model),
         max_batch_size=settings.max_batch_size,
         max_batch_wait_s=settings.max_batch_wait_ms / 1000,

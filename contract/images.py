@@ -114,6 +114,19 @@ def _decode(source: bytes | Path, name: str, max_pixels: int | None,
         raise _corrupt(name, error) from error
 
 
+def upright_size(source: bytes | Path, name: str = "image", max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) of the whole picture once stood upright (EXIF orientation applied), from its header: the
+    size that boxes in original-image pixels refer to."""
+    image = _open(source, name, max_pixels)
+    try:
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    except MemoryError:
+        raise
+    except Exception as error:  # a damaged EXIF block
+        raise _corrupt(name, error) from error
+    return (image.height, image.width) if orientation in _SWAPS_SIDES else image.size
+
+
 def _open(source: bytes | Path, name: str, max_pixels: int | None) -> Image.Image:
     """The image file with its header read and checked against `max_pixels`; no pixel decoded yet."""
     try:

@@ -15,10 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from contract.manifest import MODEL_FILE, ManifestError, read_manifest
+from contract.explainers.contributions import ThresholdUnreachable, threshold_raw_logit
+from contract.manifest import MODEL_FILE, Manifest, ManifestError, read_manifest, write_manifest
 from contract.preprocess import Preprocessing
 from contract.torchscript import TorchScriptError, load_torchscript
 from training.data import DatasetError, decode_images, make_pairs, scan_image_folder, split_by_image
+from training import faithfulness
 from training.errors import UsageError
 from training.metrics import format_table, pair_metrics
 from training.train import fixed_pairs_generator, score_pairs
@@ -33,14 +35,26 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="pair seed (default: the manifest's training seed)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the metrics to this file")
+    parser.add_argument("--faithfulness", action="store_true",
+                        help="also measure deletion and insertion curves of Grad-CAM, the exact contributions and a "
+                             "random order (training/faithfulness.py) and record them in the manifest's "
+                             "metrics.faithfulness; needs a format-version-2 model")
+    parser.add_argument("--faithfulness-pairs", type=int, default=None,
+                        help="measure faithfulness on at most this many pairs, evenly spread (default: every pair)")
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     try:
         manifest = read_manifest(args.model)
-        module = load_torchscript(args.model / MODEL_FILE)
+        module = load_torchscript(args.model / MODEL_FILE, manifest.format_version)
     except (ManifestError, TorchScriptError) as error:
         raise UsageError(str(error)) from error
+    if args.faithfulness and manifest.format_version < 2:
+        raise UsageError(
+            f"{args.model} has format_version {manifest.format_version}; --faithfulness compares the exact "
+            "contributions, which need format version 2: re-export the model with this version's "
+            "`python -m training train`"
+        )
     preprocessing = Preprocessing.of(manifest)
     seed = manifest.training["seed"] if args.seed is None else args.seed
     folder = scan_image_folder(args.data)
@@ -70,6 +84,36 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{manifest.name} {manifest.version} on {args.data} ({len(indices)} images, "
           f"threshold {manifest.threshold:.4f})")
     print(format_table(metrics))
+    if args.faithfulness:
+        metrics["faithfulness"] = _faithfulness(args, module, manifest, preprocessing, images, pairs, seed)
     if args.json:
         args.json.write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _faithfulness(args: argparse.Namespace, module: torch.jit.ScriptModule, manifest: Manifest,
+                  preprocessing: Preprocessing, images: torch.Tensor, pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
+                  seed: int) -> dict[str, Any]:
+    """Deletion and insertion areas on (a spread subset of) the pairs, printed and recorded in the manifest."""
+    try:
+        boundary = threshold_raw_logit(module, manifest.threshold)
+    except ThresholdUnreachable as error:
+        raise UsageError(f"{error}; --faithfulness needs a threshold the score can reach") from error
+    chosen = faithfulness.spread_subset(len(pairs[0]), args.faithfulness_pairs)
+    first, second = pairs[0][chosen], pairs[1][chosen]
+    starts = range(0, len(chosen), args.batch_size)
+    result = faithfulness.measure(
+        module, manifest, boundary,
+        [preprocessing.normalize(images[first[start:start + args.batch_size]]) for start in starts],
+        [preprocessing.normalize(images[second[start:start + args.batch_size]]) for start in starts],
+        seed,
+    )
+    result = {"split": args.split, **result}
+    print(f"faithfulness on {result['pairs']} pairs ({args.split}), grid {result['grid'][0]}x{result['grid'][1]}: "
+          "area under the decided class's probability")
+    print(f"{'order':<14} {'deletion (lower is better)':>27} {'insertion (higher is better)':>29}")
+    for name in faithfulness.ORDERS:
+        print(f"{name:<14} {result['deletion'][name]:>27.4f} {result['insertion'][name]:>29.4f}")
+    recorded = manifest.model_copy(update={"metrics": {**manifest.metrics, "faithfulness": result}})
+    write_manifest(args.model, recorded)
+    return result

@@ -26,7 +26,7 @@ def test_default_model_matches_its_manifest_and_keeps_the_contract() -> None:
     manifest = json.loads((DEFAULT_MODEL / "manifest.json").read_text())
     assert hashlib.sha256((DEFAULT_MODEL / "model.pt").read_bytes()).hexdigest() == manifest["sha256"]
     assert (DEFAULT_MODEL / "model.pt").stat().st_size <= 50 * 2**20
-    module = load_torchscript(DEFAULT_MODEL / "model.pt")
+    module = load_torchscript(DEFAULT_MODEL / "model.pt", manifest["format_version"])
     x = torch.randn(2, 3, *manifest["input_size"], generator=torch.Generator().manual_seed(0))
     feature_maps = module.features(x).detach().requires_grad_()
     fm = manifest["feature_map"]
@@ -49,3 +49,20 @@ def test_default_models_split_is_made_again_exactly() -> None:
     folder = scan_image_folder(FLOWERS)
     split = split_by_image(folder.labels, recorded["validation_fraction"], recorded["test_fraction"], recorded["seed"])
     assert split.fingerprint(folder) == recorded["sha256"]
+
+
+# How much better than a random order of cells each explanation's order must do on the default model (areas
+# under the curves over the fraction of cells, in [0, 1]).
+FAITHFULNESS_MARGIN = 0.02
+
+
+def test_both_explanations_beat_a_random_order_on_the_default_model() -> None:
+    manifest = json.loads((DEFAULT_MODEL / "manifest.json").read_text())
+    measured = manifest["metrics"].get("faithfulness")
+    if manifest["format_version"] < 2 or measured is None:
+        pytest.skip("the default model has no faithfulness figures: re-export it as format version 2 and run "
+                    "`python -m training evaluate --model model_store/flowers --data ../shared/datasets/flowers "
+                    "--split test --faithfulness`")
+    for method in ("gradcam", "contributions"):
+        assert measured["deletion"][method] <= measured["deletion"]["random"] - FAITHFULNESS_MARGIN, measured
+        assert measured["insertion"][method] >= measured["insertion"]["random"] + FAITHFULNESS_MARGIN, measured

@@ -16,7 +16,6 @@ from efficientnet_lite_pytorch import EfficientNet
 from PIL import Image
 from torch import nn
 
-from app.gradcam import PairExplanations
 from app.model import explain_pairs, load_model
 from contract.preprocess import normalize
 from contract.torchscript import quiet_torchscript
@@ -199,9 +198,10 @@ def test_a_pretrained_lite0_trains_exports_and_is_served(shapes_dataset: Path, t
     with Image.open(sorted(shapes_dataset.rglob("*.png"))[0]) as first, \
             Image.open(sorted(shapes_dataset.rglob("*.png"))[-1]) as last:
         images = [served.preprocess(image.convert("RGB")) for image in (first, last)]
-    explained: PairExplanations = explain_pairs(served, [images[0]], [images[1]])[0]
-    assert 0 <= float(explained.scores) <= 1
-    for heatmap in (explained.factual1, explained.factual2, explained.counterfactual1, explained.counterfactual2):
+    explained = explain_pairs(served, [images[0]], [images[1]], "contributions")[0]
+    assert 0 <= explained.score <= 1 and explained.contributions is not None
+    maps = explained.maps
+    for heatmap in (maps.factual1, maps.factual2, maps.counterfactual1, maps.counterfactual2):
         assert tuple(heatmap.shape) == (32, 32) and bool(torch.isfinite(heatmap).all())
 
     # The service needs neither training/ nor the weight packages: the TorchScript file carries code and weights.
