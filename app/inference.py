@@ -16,12 +16,13 @@ from PIL import Image
 from app import metrics
 from app.batcher import Batcher, Job, Outcome, QueueFull
 from app.errors import CLIENT_CLOSED_REQUEST, Problem, service_unavailable
-from app.gradcam import PairExplanations
-from app.model import ServedModel
+from app.model import PairExplanation, ServedModel
 from app.overlays import MEDIA_TYPES, ColormapName, OverlayFormat, render_overlay
-from app.schemas import Explanation, Explanations, Overlay, Target
+from app.schemas import Contributions, Explanation, Explanations, ImageContributions, Match, Overlay, Target
 from app.service import Service
 from app.settings import Settings
+from contract.explainers import Method, cell_box
+from contract.explainers.contributions import PairContributions
 from contract.images import decode_upright_rgb
 
 
@@ -105,16 +106,39 @@ def timings_ms(outcome: Outcome, arrived: float) -> dict[str, float]:
     }
 
 
-def render_explanations(pair: DecodedPair, result: PairExplanations, options: OverlayOptions) -> Explanations:
+def render_explanations(pair: DecodedPair, result: PairExplanation, options: OverlayOptions) -> Explanations:
     """The four overlays of one pair (CPU work: run it in a thread)."""
-    factual: Target = "similar" if bool(result.similar) else "dissimilar"
+    factual: Target = "similar" if result.similar else "dissimilar"
     counterfactual: Target = "dissimilar" if factual == "similar" else "similar"
+    maps = result.maps
     return Explanations(
-        factual=Explanation(target=factual, image1=_overlay(pair.originals[0], result.factual1, options),
-                            image2=_overlay(pair.originals[1], result.factual2, options)),
+        factual=Explanation(target=factual, image1=_overlay(pair.originals[0], maps.factual1, options),
+                            image2=_overlay(pair.originals[1], maps.factual2, options)),
         counterfactual=Explanation(
-            target=counterfactual, image1=_overlay(pair.originals[0], result.counterfactual1, options),
-            image2=_overlay(pair.originals[1], result.counterfactual2, options)),
+            target=counterfactual, image1=_overlay(pair.originals[0], maps.counterfactual1, options),
+            image2=_overlay(pair.originals[1], maps.counterfactual2, options)),
+    )
+
+
+def describe_contributions(pair: DecodedPair, found: PairContributions, top_matches: int,
+                           include_correspondence: bool) -> Contributions:
+    """One pair's contributions, its top matches boxed in the original images' pixels."""
+    grid = found.grid
+    size1, size2 = pair.originals[0].size, pair.originals[1].size
+    return Contributions(
+        raw_logit=found.raw_logit,
+        offset=found.offset,
+        threshold_raw_logit=found.threshold_raw_logit,
+        grid=grid,
+        image1=ImageContributions(**dict(zip(("positive", "negative"), found.totals(1), strict=True))),
+        image2=ImageContributions(**dict(zip(("positive", "negative"), found.totals(2), strict=True))),
+        matches=[
+            Match(image1_cell=match.cell1, image2_cell=match.cell2, image1_box=cell_box(*match.cell1, grid, size1),
+                  image2_box=cell_box(*match.cell2, grid, size2), contribution=match.contribution,
+                  share=match.share)
+            for match in found.top_matches(top_matches)
+        ],
+        correspondence=found.correspondence.tolist() if include_correspondence else None,
     )
 
 
@@ -131,6 +155,12 @@ def _overlay(original: Image.Image, heatmap: torch.Tensor, options: OverlayOptio
         no_positive_evidence=not bool(values.max() > 0),
         heatmap=np.round(values, 4).tolist() if options.include_heatmaps else None,
     )
+
+
+def require_method(model: ServedModel, method: Method) -> None:
+    """Refuse, before anything is decoded, a method the served model cannot explain with."""
+    if method not in model.methods:
+        raise Problem(422, "method-unavailable", f"method={method} is not available: {model.contributions_refusal}.")
 
 
 def require_ready(service: Service) -> tuple[ServedModel, Batcher]:

@@ -13,7 +13,7 @@ from functools import partial
 from fastapi import FastAPI
 
 from app.batcher import Batcher
-from app.model import ModelLoadError, ServedModel, explain_pairs, load_model, score_pairs, warm_up
+from app.model import EXPLAIN_QUEUES, ModelLoadError, ServedModel, explain_pairs, load_model, score_pairs, warm_up
 from app.service import Service
 from app.settings import Settings
 from app.shutdown import drain_on_signals
@@ -48,7 +48,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # restarting would fail the same way. One clear line and a non-zero status are what an operator needs.
         os._exit(EXIT_MODEL_UNAVAILABLE)
     batcher = Batcher(
-        {"similarity": partial(score_pairs, model), "explain": partial(explain_pairs, model)},
+        {"similarity": partial(score_pairs, model),
+         **{EXPLAIN_QUEUES[method]: partial(explain_pairs, model, method=method) for method in model.methods}},
         max_batch_size=settings.max_batch_size,
         max_batch_wait_s=settings.max_batch_wait_ms / 1000,
         queue_capacity=settings.queue_capacity,

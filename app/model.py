@@ -9,14 +9,29 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from app.gradcam import PairExplanations, explain_batch, score_batch
+from contract.explainers import Method, PairMaps, contributions, decide, gradcam
+from contract.explainers.contributions import PairContributions, ThresholdUnreachable
 from contract.manifest import MODEL_FILE, Manifest, ManifestError, read_manifest
 from contract.preprocess import Preprocessing
 from contract.torchscript import TorchScriptError, load_torchscript, sha256_of
 
 
+# The batcher's queue for each explanation method: the methods' batches never mix.
+EXPLAIN_QUEUES: dict[Method, str] = {"gradcam": "explain", "contributions": "contributions"}
+
+
 class ModelLoadError(RuntimeError):
     """The model cannot be served; the message says which file is wrong and what to do."""
+
+
+@dataclass(frozen=True)
+class PairExplanation:
+    """One pair's result of a batch of /explain work, on the CPU."""
+
+    score: float
+    similar: bool  # the decision: the factual maps explain "similar" where True, "dissimilar" elsewhere
+    maps: PairMaps  # each [H, W] at the model's input size
+    contributions: PairContributions | None  # with method=contributions
 
 
 @dataclass(frozen=True)
@@ -26,6 +41,12 @@ class ServedModel:
     manifest: Manifest
     device: torch.device
     preprocessing: Preprocessing
+    threshold_raw_logit: float | None  # the raw logit at the threshold; None when contributions are refused
+    contributions_refusal: str | None  # why method=contributions cannot be served by this model (None: it can)
+
+    @property
+    def methods(self) -> tuple[Method, ...]:
+        return ("gradcam",) if self.contributions_refusal else ("gradcam", "contributions")
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -68,14 +89,36 @@ def load_model(model_dir: Path, device: str) -> ServedModel:
         )
     chosen = pick_device(device)
     try:
-        module = load_torchscript(model_path, chosen)
+        module = load_torchscript(model_path, manifest.format_version, chosen)
     except TorchScriptError as error:
         raise ModelLoadError(str(error)) from error
-    return ServedModel(path=model_path, module=module, manifest=manifest, device=chosen, preprocessing=Preprocessing.of(manifest))
+    threshold_raw_logit, refusal = _contributions_support(model_path, module, manifest)
+    return ServedModel(path=model_path, module=module, manifest=manifest, device=chosen,
+                       preprocessing=Preprocessing.of(manifest), threshold_raw_logit=threshold_raw_logit,
+                       contributions_refusal=refusal)
+
+
+def _contributions_support(model_path: Path, module: torch.jit.ScriptModule, manifest: Manifest
+                           ) -> tuple[float | None, str | None]:
+    if manifest.format_version < 2:
+        return None, (f"the model {manifest.name} {manifest.version} has format_version "
+                      f"{manifest.format_version}, which predates exact contributions: re-export it with this "
+                      "version's `python -m training train` (format version 2), or use method=gradcam")
+    try:
+        return contributions.threshold_raw_logit(module, manifest.threshold), None
+    except ThresholdUnreachable as error:
+        return None, (f"{error}: set a reachable threshold in {model_path.parent}/manifest.json, or use "
+                      "method=gradcam")
 
 
 def _stack_on(device: torch.device, images: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(images).to(device, non_blocking=True)
+
+
+def score_batch(module: torch.jit.ScriptModule, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """Scores [N] of the pairs (x1[i], x2[i])."""
+    with torch.inference_mode():
+        return module(x1, x2)
 
 
 def score_pairs(model: ServedModel, images1: list[torch.Tensor], images2: list[torch.Tensor]) -> list[float]:
@@ -85,14 +128,28 @@ def score_pairs(model: ServedModel, images1: list[torch.Tensor], images2: list[t
 
 
 def explain_pairs(
-    model: ServedModel, images1: list[torch.Tensor], images2: list[torch.Tensor]
-) -> list[PairExplanations]:
-    """One batch of /explain work: each pair's score, decision and four heatmaps, on the CPU."""
-    batch = explain_batch(
-        model.module, _stack_on(model.device, images1), _stack_on(model.device, images2), model.threshold
-    )
-    on_cpu = PairExplanations(*(tensor.cpu() for tensor in batch))
-    return [PairExplanations(*(tensor[index] for tensor in on_cpu)) for index in range(len(images1))]
+    model: ServedModel, images1: list[torch.Tensor], images2: list[torch.Tensor], method: Method
+) -> list[PairExplanation]:
+    """One batch of /explain work with one method: each pair's score, decision, four heatmaps and (with
+    contributions) its exact decomposition, on the CPU."""
+    decided = decide(model.module, _stack_on(model.device, images1), _stack_on(model.device, images2),
+                     model.threshold)
+    found: contributions.Contributions | None = None
+    if method == "contributions":
+        assert model.threshold_raw_logit is not None, model.contributions_refusal
+        found = contributions.explain(model.module, decided.feature_maps1, decided.feature_maps2, decided.similar,
+                                      model.threshold_raw_logit, model.input_size)
+        maps = found.maps
+    else:
+        maps = gradcam.explain(model.module, decided.feature_maps1, decided.feature_maps2, decided.similar,
+                               model.input_size)
+    maps = PairMaps(*(batch.cpu() for batch in maps))
+    scores, similar = decided.scores.cpu().tolist(), decided.similar.cpu().tolist()
+    return [
+        PairExplanation(scores[index], similar[index], PairMaps(*(batch[index] for batch in maps)),
+                        found.pair(index) if found is not None else None)
+        for index in range(len(images1))
+    ]
 
 
 # TorchScript's profiling executor optimises a method only after it has run this many times.
@@ -106,7 +163,8 @@ def warm_up(model: ServedModel) -> None:
     try:
         for _ in range(_WARM_UP_RUNS):
             score_pairs(model, blank, blank)
-            explain_pairs(model, blank, blank)
+            for method in model.methods:
+                explain_pairs(model, blank, blank, method)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(

@@ -12,14 +12,18 @@ from fastapi.responses import FileResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.inference import (
-    OverlayOptions, read_pair, render_explanations, require_ready, run_in_batch, timings_ms,
+    OverlayOptions, describe_contributions, read_pair, render_explanations, require_method, require_ready,
+    run_in_batch, timings_ms,
 )
+from app.model import EXPLAIN_QUEUES
 from app.overlays import ColormapName, OverlayFormat
 from app.schemas import (
-    INFERENCE_ERRORS, ExplainResponse, ModelInfo, ModelRef, ProblemDetails, SimilarityResponse, Status,
+    INFERENCE_ERRORS, MAX_TOP_MATCHES, ExplainResponse, ModelInfo, ModelRef, ProblemDetails,
+    SimilarityResponse, Status,
 )
 from app.service import Service
 from app.settings import Settings
+from contract.explainers import Method
 
 STATIC_DIR = Path(__file__).parent / "static"
 router = APIRouter()
@@ -60,21 +64,31 @@ async def explain(
     max_side: Annotated[int, Form(ge=16, description="longest side of the overlays, in pixels; capped by "
                                   "MAX_OVERLAY_SIDE; never larger than the original")] = 1024,
     include_heatmaps: Annotated[bool, Form(description="also return the raw heatmaps")] = False,
+    method: Annotated[Method, Form(description="gradcam (the paper's) or contributions (exact, format "
+                                          "version 2 models)")] = "gradcam",
+    top_matches: Annotated[int, Form(ge=0, le=MAX_TOP_MATCHES, description="with contributions: how many "
+                                     "matching pairs of cells to return")] = 5,
+    include_correspondence: Annotated[bool, Form(description="with contributions: also return the matrix of "
+                                                 "every pair of cells' contribution")] = False,
 ) -> ExplainResponse:
     """The similarity, and for each image the regions that led to the decision (factual) and those that argue
-    for the opposite one (counterfactual), as Grad-CAM heatmaps drawn over the original images."""
+    for the opposite one (counterfactual), as heatmaps drawn over the original images: Grad-CAM, or the raw
+    logit's exact contributions with the regions of the two images that match."""
     arrived = time.monotonic()
     settings: Settings = service.settings
     model, batcher = require_ready(service)
+    require_method(model, method)
     pair = await read_pair(image1, image2, model, settings)
-    outcome = await run_in_batch(request, batcher, "explain", pair, arrived, settings)
+    outcome = await run_in_batch(request, batcher, EXPLAIN_QUEUES[method], pair, arrived, settings)
+    result = outcome.value
     max_side = min(max_side, settings.max_overlay_side)
     options = OverlayOptions(overlay_format, opacity, colormap, max_side, include_heatmaps)
-    explanations = await asyncio.to_thread(render_explanations, pair, outcome.value, options)
-    score = float(outcome.value.scores)
-    return ExplainResponse(score=score, similar=bool(outcome.value.similar), threshold=model.threshold,
-                           model=_model_ref(service), timings_ms=timings_ms(outcome, arrived),
-                           explanations=explanations)
+    explanations = await asyncio.to_thread(render_explanations, pair, result, options)
+    contributions = None if result.contributions is None else describe_contributions(
+        pair, result.contributions, top_matches, include_correspondence)
+    return ExplainResponse(score=result.score, similar=result.similar, threshold=model.threshold,
+                           model=_model_ref(service), timings_ms=timings_ms(outcome, arrived), method=method,
+                           explanations=explanations, contributions=contributions)
 
 
 @router.get("/model", response_model=ModelInfo, responses={503: {"model": ProblemDetails}}, tags=["operations"])

@@ -6,7 +6,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from contract.explainers import Method
+
 Target = Literal["similar", "dissimilar"]
+MAX_TOP_MATCHES = 50
 
 
 class ModelRef(BaseModel):
@@ -54,8 +57,53 @@ class Explanations(BaseModel):
     counterfactual: Explanation = Field(description="regions that argue for the opposite decision")
 
 
+class ImageContributions(BaseModel):
+    positive: float = Field(description="sum of the image's cells pushing the raw logit above the threshold's, "
+                            "in logit units", examples=[1.9])
+    negative: float = Field(description="sum of those pushing it below (<= 0); positive + negative == "
+                            "raw_logit - threshold_raw_logit", examples=[-0.4])
+
+
+class Match(BaseModel):
+    image1_cell: tuple[int, int] = Field(description="[row, col] in the feature-map grid", examples=[[1, 2]])
+    image2_cell: tuple[int, int] = Field(examples=[[2, 2]])
+    image1_box: tuple[int, int, int, int] = Field(
+        description="the cell's pixels in the original (upright) image 1: [x0, y0, x1, y1], x1 and y1 exclusive",
+        examples=[[240, 120, 360, 240]],
+    )
+    image2_box: tuple[int, int, int, int] = Field(examples=[[160, 200, 240, 300]])
+    contribution: float = Field(description="M[i, j]: what the two cells add to the raw logit together",
+                                examples=[0.21])
+    share: float = Field(description="contribution / the sum of the positive entries of M", examples=[0.08])
+
+
+class Contributions(BaseModel):
+    raw_logit: float = Field(description="the score's raw logit, sum(correspondence) + offset; the score is its "
+                             "squash and sigmoid", examples=[1.5])
+    offset: float = Field(description="the part of the raw logit no cell accounts for (the score's bias)",
+                          examples=[-0.66])
+    threshold_raw_logit: float = Field(description="the raw logit at which the score equals the threshold",
+                                       examples=[-0.26])
+    grid: tuple[int, int] = Field(description="[h, w]: the feature-map grid stretched over each whole image",
+                                  examples=[[4, 4]])
+    image1: ImageContributions
+    image2: ImageContributions
+    matches: list[Match] = Field(description="the top_matches pairs of cells with the largest contribution, "
+                                 "largest first")
+    correspondence: list[list[float]] | None = Field(
+        default=None,
+        description="with include_correspondence: M, h*w rows (image 1's cells, row-major) of h*w columns (image "
+        "2's cells): what each pair of cells adds to the raw logit",
+    )
+
+
 class ExplainResponse(SimilarityResponse):
+    method: Method = Field(description="how the maps were made", examples=["gradcam"])
     explanations: Explanations
+    contributions: Contributions | None = Field(
+        default=None, description="with method=contributions: the raw logit's exact decomposition over pairs of "
+        "cells, and its top matches"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -101,7 +149,8 @@ def _problem(description: str) -> dict[str, Any]:
 INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
     413: _problem("an upload is over MAX_UPLOAD_BYTES"),
     415: _problem("a file is not an image"),
-    422: _problem("a corrupt or truncated image, an image over MAX_IMAGE_PIXELS, a missing field or a bad option"),
+    422: _problem("a corrupt or truncated image, an image over MAX_IMAGE_PIXELS, a missing field or a bad option "
+                  "(or method=contributions on a model exported before format version 2)"),
     503: _problem("queue full, model not ready or replica draining: retry after the Retry-After header"),
     504: _problem("the request waited longer than REQUEST_TIMEOUT_S"),
 }

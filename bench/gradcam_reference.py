@@ -42,7 +42,7 @@ class _Features(nn.Module):
 def pytorch_grad_cam_maps(served: ServedModel, x1: torch.Tensor, x2: torch.Tensor, similar: bool
                           ) -> dict[str, np.ndarray]:
     """pytorch-grad-cam's four maps [H, W] for one pair (x1, x2 each [1, 3, H, W]), named as the fields of
-    `app.gradcam.PairExplanations`; `similar` is the pair's decision, which makes "similar" the factual target."""
+    `contract.explainers.PairMaps`; `similar` is the pair's decision, which makes "similar" the factual target."""
     targets = {"factual": int(similar), "counterfactual": int(not similar)}  # class 1 is "similar"
     maps = {}
     for image, this, other, other_first in ((1, x1, x2, False), (2, x2, x1, True)):

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import httpx
 import torch
 
-from app.gradcam import explain_batch, score_batch
-from app.model import ServedModel, load_model
+from app.model import ServedModel, explain_pairs, load_model, score_batch
 from bench.gradcam_reference import pytorch_grad_cam_maps
 from contract.images import decode_upright_rgb
 from deploy.load import FLOWERS_DIR, Pair, Upload, make_jobs, make_pairs, percentile, reference_scores, run_load
@@ -203,13 +202,13 @@ def main() -> None:
         # Scored again right before explaining: both rates then see the same load from other jobs on the CPU.
         score_rate = raw_throughput(served, x1, x2, batch)
         explain_rate = pairs_per_second(
-            lambda: explain_batch(served.module, x1[:batch], x2[:batch], served.threshold), batch)
+            lambda: explain_pairs(served, list(x1[:batch]), list(x2[:batch]), "gradcam"), batch)
         model_ratios[batch] = score_rate / explain_rate
-        print(f"model work, batch {batch}, same pairs: score_batch {score_rate:.1f} pairs/s, explain_batch "
+        print(f"model work, batch {batch}, same pairs: score_batch {score_rate:.1f} pairs/s, Grad-CAM "
               f"{explain_rate:.1f} pairs/s")
 
-    similar = explain_batch(served.module, x1, x2, served.threshold).similar
-    ours_s = per_pair_seconds(lambda i: explain_batch(served.module, x1[i:i + 1], x2[i:i + 1], served.threshold),
+    similar = [pair.similar for pair in explain_pairs(served, list(x1), list(x2), "gradcam")]
+    ours_s = per_pair_seconds(lambda i: explain_pairs(served, [x1[i]], [x2[i]], "gradcam"),
                               GRADCAM_PAIRS)
     theirs_s = per_pair_seconds(
         lambda i: pytorch_grad_cam_maps(served, x1[i:i + 1], x2[i:i + 1], bool(similar[i])), GRADCAM_PAIRS)
@@ -223,7 +222,7 @@ def main() -> None:
          top.pairs_per_s / runs["MAX_BATCH_SIZE=1"][CLIENT_COUNTS[-1]].pairs_per_s, TARGET_BATCHING_GAIN, False),
         (f"/explain vs /similarity request cost per pair ({LATENCY_CLIENTS} clients)",
          similarity_run.pairs_per_s / explain_run.pairs_per_s, TARGET_EXPLAIN_REQUEST, True),
-        *((f"explain_batch vs score_batch model cost, batch {batch}", ratio, TARGET_EXPLAIN_MODEL, True)
+        *((f"Grad-CAM batch vs score_batch model cost, batch {batch}", ratio, TARGET_EXPLAIN_MODEL, True)
           for batch, ratio in model_ratios.items()),
         ("ours vs pytorch-grad-cam speed, four maps per pair", theirs_s / ours_s, TARGET_VS_PYTORCH_GRAD_CAM,
          False),

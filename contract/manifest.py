@@ -8,7 +8,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
 
-FORMAT_VERSION = 1
+# Version 2 adds the model methods that make the exact contributions possible; version 1 is still served,
+# explained with Grad-CAM only.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS: tuple[int, ...] = (1, 2)
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.pt"
 
@@ -37,7 +40,7 @@ class Manifest(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1, 2] = FORMAT_VERSION
     name: str = Field(min_length=1)
     version: str = Field(min_length=1)
     created_at: str
@@ -72,10 +75,11 @@ def read_manifest(model_dir: Path) -> Manifest:
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ManifestError(f"{path} is not readable JSON ({error}); re-export the model") from error
-    if isinstance(raw, dict) and raw.get("format_version") != FORMAT_VERSION:
+    if isinstance(raw, dict) and raw.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
         raise ManifestError(
-            f"{path} has format_version {raw.get('format_version')!r}; this version of siamcam reads version "
-            f"{FORMAT_VERSION}: re-export the model with this version's `python -m training`"
+            f"{path} has format_version {raw.get('format_version')!r}; this version of siamcam reads versions "
+            f"{' and '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}: re-export the model with this version's "
+            "`python -m training`"
         )
     try:
         return Manifest.model_validate(raw)

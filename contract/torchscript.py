@@ -10,10 +10,15 @@ from pathlib import Path
 
 import torch
 
-# What every exported model provides (model_store/README.md):
-#   features(x) -> feature maps, embed(f) -> embeddings, similarity(e1, e2) -> scores,
-#   forward(x1, x2) == similarity(embed(features(x1)), embed(features(x2))).
-CONTRACT_METHODS: tuple[str, ...] = ("features", "embed", "similarity", "forward")
+# What an exported model provides, per manifest format_version (model_store/README.md):
+#   1: features(x) -> feature maps, embed(f) -> embeddings, similarity(e1, e2) -> scores,
+#      forward(x1, x2) == similarity(embed(features(x1)), embed(features(x2)));
+#   2: also what makes the raw logit an exact sum over pairs of cells (contract/explainers/contributions.py).
+_VERSION_1_METHODS: tuple[str, ...] = ("features", "embed", "similarity", "forward")
+CONTRACT_METHODS: dict[int, tuple[str, ...]] = {
+    1: _VERSION_1_METHODS,
+    2: (*_VERSION_1_METHODS, "embed_cells", "raw_logit", "score_of_raw", "raw_of_score", "pair_weight", "offset"),
+}
 
 
 class TorchScriptError(ValueError):
@@ -34,8 +39,9 @@ def save_torchscript(module: torch.nn.Module, path: Path) -> None:
         torch.jit.script(module).save(str(path))
 
 
-def load_torchscript(path: Path, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
-    """`path` loaded in eval mode on `device`, after checking it has every contract method."""
+def load_torchscript(path: Path, format_version: int, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
+    """`path` loaded in eval mode on `device`, after checking it has every contract method of `format_version`
+    (its manifest's)."""
     try:
         with quiet_torchscript():
             module = torch.jit.load(str(path), map_location=device)
@@ -43,11 +49,11 @@ def load_torchscript(path: Path, device: torch.device | str = "cpu") -> torch.ji
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TorchScriptError(f"{path} is not a loadable TorchScript model ({first_line}); re-export the model") \
             from error
-    missing = [name for name in CONTRACT_METHODS if not hasattr(module, name)]
+    missing = [name for name in CONTRACT_METHODS[format_version] if not hasattr(module, name)]
     if missing:
         raise TorchScriptError(
-            f"{path} lacks the contract method(s) {', '.join(missing)}: it was not exported by `python -m training "
-            "train`; re-export the model with it"
+            f"{path} lacks the contract method(s) {', '.join(missing)} of format version {format_version}: it was "
+            "not exported by `python -m training train`; re-export the model with it"
         )
     return module.eval()
 

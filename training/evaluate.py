@@ -38,7 +38,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     try:
         manifest = read_manifest(args.model)
-        module = load_torchscript(args.model / MODEL_FILE)
+        module = load_torchscript(args.model / MODEL_FILE, manifest.format_version)
     except (ManifestError, TorchScriptError) as error:
         raise UsageError(str(error)) from error
     preprocessing = Preprocessing.of(manifest)

@@ -1,12 +1,23 @@
 """The Siamese network: one shared convolutional backbone, a projection head, a smooth similarity score.
 
-The exported TorchScript module exposes four methods, the contract with the service
-(see model_store/README.md):
+The exported TorchScript module exposes these methods, the contract with the service
+(see model_store/README.md; format version 2):
 
     features(x)          normalized images [N,3,H,W] -> last convolutional feature maps [N,C,h,w]
     embed(f)             feature maps -> embeddings [N,D]
     similarity(e1, e2)   embeddings -> scores [N] in [0, 1], higher is more similar
     forward(x1, x2)      similarity(embed(features(x1)), embed(features(x2)))
+    embed_cells(f)       feature maps -> each cell's share of the embedding [N,h,w,D]; summed over cells: embed(f)
+    raw_logit(e1, e2)    embeddings -> the raw logit [N], pair_weight() * <e1, e2> + offset()
+    score_of_raw(r)      raw logits -> scores: the smooth squash, then the sigmoid
+    raw_of_score(s)      scores -> raw logits: the exact inverse of score_of_raw (for scores it can reach)
+    pair_weight()        the bilinear form's weight, scale / D
+    offset()             the raw logit's offset, bias
+
+Together the last six make the raw logit an exact sum over pairs of cells (contract/explainers/contributions.py):
+``raw = sum_ij pair_weight() * <u1(i), u2(j)> + offset()`` with ``u = embed_cells(f)``, because ``embed`` is an
+affine map (Linear, then BatchNorm1d in eval mode) of the average-pooled features: applying it to each cell and
+dividing by the number of cells P gives ``u(i) = (A f_i + c) / P``, which sums to ``A mean(f) + c``.
 
 The score is ``sigmoid(scale * <e1, e2> / D + bias)``. It is a dot product on purpose: a score that is a
 function of a distance or a cosine is at its maximum for identical images, so its gradient (and with it every
@@ -78,13 +89,45 @@ class SiameseNet(nn.Module):
         return self.projection(torch.flatten(self.pool(feature_maps), 1))
 
     @torch.jit.export
-    def similarity_logit(self, e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
-        raw = self.scale * (e1 * e2).sum(dim=1) / self.embedding_dim + self.bias
+    def embed_cells(self, feature_maps: torch.Tensor) -> torch.Tensor:
+        # Exact only in eval mode, where BatchNorm1d is a fixed affine map (always so in an exported model).
+        count, channels, height, width = feature_maps.shape
+        cells = feature_maps.permute(0, 2, 3, 1).reshape(count * height * width, channels)
+        shares = self.projection(cells) / float(height * width)
+        return shares.reshape(count, height, width, self.embedding_dim)
+
+    @torch.jit.export
+    def pair_weight(self) -> torch.Tensor:
+        return self.scale / self.embedding_dim
+
+    @torch.jit.export
+    def offset(self) -> torch.Tensor:
+        return self.bias
+
+    @torch.jit.export
+    def raw_logit(self, e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
+        return self.scale * (e1 * e2).sum(dim=1) / self.embedding_dim + self.bias
+
+    def squash(self, raw: torch.Tensor) -> torch.Tensor:
         return raw * torch.rsqrt(1.0 + (raw / self.max_logit) ** 2)
 
     @torch.jit.export
+    def score_of_raw(self, raw: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.squash(raw))
+
+    @torch.jit.export
+    def raw_of_score(self, score: torch.Tensor) -> torch.Tensor:
+        # The squash maps the real line onto (-max_logit, max_logit); beyond, no raw logit exists (NaN or inf).
+        squashed = torch.logit(score)
+        return squashed * torch.rsqrt(1.0 - (squashed / self.max_logit) ** 2)
+
+    @torch.jit.export
+    def similarity_logit(self, e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
+        return self.squash(self.raw_logit(e1, e2))
+
+    @torch.jit.export
     def similarity(self, e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.similarity_logit(e1, e2))
+        return self.score_of_raw(self.raw_logit(e1, e2))
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         return self.similarity(self.embed(self.features(x1)), self.embed(self.features(x2)))

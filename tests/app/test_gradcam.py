@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from app.gradcam import explain_batch
 from app.model import ServedModel, load_model
 from bench.gradcam_reference import pytorch_grad_cam_maps
+from contract.explainers import Decided, PairMaps, decide, gradcam
 
 from tests.app.conftest import TEST_MODEL_NAME
 from tests.support.images import drawn_image
@@ -29,14 +29,21 @@ def batch(served: ServedModel) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(images[:PAIRS]), torch.stack(images[PAIRS:])
 
 
+def explain_batch(served: ServedModel, x1: torch.Tensor, x2: torch.Tensor) -> tuple[Decided, PairMaps]:
+    decided = decide(served.module, x1, x2, served.threshold)
+    maps = gradcam.explain(served.module, decided.feature_maps1, decided.feature_maps2, decided.similar,
+                           x1.shape[-2:])
+    return decided, maps
+
+
 def test_a_pair_is_explained_the_same_alone_and_in_a_batch(served: ServedModel, batch) -> None:
     x1, x2 = batch
-    together = explain_batch(served.module, x1, x2, served.threshold)
+    decided, together = explain_batch(served, x1, x2)
     for index in (0, 5):
-        alone = explain_batch(served.module, x1[index:index + 1], x2[index:index + 1], served.threshold)
-        assert torch.equal(alone.similar[0], together.similar[index])
-        torch.testing.assert_close(alone.scores[0], together.scores[index], rtol=0, atol=1e-5)
-        for name in ("factual1", "factual2", "counterfactual1", "counterfactual2"):
+        decided_alone, alone = explain_batch(served, x1[index:index + 1], x2[index:index + 1])
+        assert torch.equal(decided_alone.similar[0], decided.similar[index])
+        torch.testing.assert_close(decided_alone.scores[0], decided.scores[index], rtol=0, atol=1e-5)
+        for name in PairMaps._fields:
             difference = (getattr(alone, name)[0] - getattr(together, name)[index]).abs().max()
             assert difference <= 1e-5, f"{name} of pair {index} differs by {difference:.2e}"
 
@@ -47,11 +54,11 @@ def _pearson(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> floa
 
 def test_maps_match_pytorch_grad_cam(served: ServedModel, batch) -> None:
     x1, x2 = batch
-    ours = explain_batch(served.module, x1, x2, served.threshold)
+    decided, ours = explain_batch(served, x1, x2)
     compared = 0
     for index in range(3):
         pair = (x1[index:index + 1], x2[index:index + 1])
-        for name, theirs in pytorch_grad_cam_maps(served, *pair, bool(ours.similar[index])).items():
+        for name, theirs in pytorch_grad_cam_maps(served, *pair, bool(decided.similar[index])).items():
             mine = getattr(ours, name)[index].numpy()
             assert theirs.shape == mine.shape
             if mine.max() == 0:  # no positive evidence: theirs must be blank too
@@ -66,9 +73,9 @@ def test_maps_match_pytorch_grad_cam(served: ServedModel, batch) -> None:
 
 def test_identical_images_get_finite_maps(served: ServedModel, batch) -> None:
     x1, _ = batch
-    result = explain_batch(served.module, x1, x1.clone(), served.threshold)
-    assert torch.isfinite(result.scores).all()
-    for name in ("factual1", "factual2", "counterfactual1", "counterfactual2"):
+    decided, result = explain_batch(served, x1, x1.clone())
+    assert torch.isfinite(decided.scores).all()
+    for name in PairMaps._fields:
         maps = getattr(result, name)
         assert torch.isfinite(maps).all(), name
         assert maps.min() >= 0 and maps.max() <= 1, name

@@ -116,8 +116,9 @@ class _FailsOnEveryBatch(_OnlyForward):
 
 
 def _with_module(model_store: Path, folder: Path, module: nn.Module) -> None:
-    """A copy of the test model whose model.pt is `module`, scripted, with its manifest's sha256 to match."""
-    manifest = _copy_of_tiny(model_store, folder)
+    """A copy of the test model whose model.pt is `module`, scripted, with its manifest's sha256 to match; the
+    manifest says format version 1, whose four methods these modules are about."""
+    manifest = _copy_of_tiny(model_store, folder, format_version=1)
     save_torchscript(module, folder / "model.pt")
     manifest["sha256"] = sha256_of(folder / "model.pt")
     (folder / "manifest.json").write_text(json.dumps(manifest))

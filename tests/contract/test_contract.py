@@ -13,7 +13,7 @@ from PIL import Image
 
 from app.model import load_model
 from contract.images import CorruptImage, NotAnImage, TooManyPixels, decode_upright_rgb
-from contract.manifest import FORMAT_VERSION, Manifest, ManifestError, read_manifest
+from contract.manifest import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS, Manifest, ManifestError, read_manifest
 from contract.preprocess import Preprocessing
 from contract.torchscript import load_torchscript
 from tests.support.images import drawn_image, encode
@@ -72,7 +72,7 @@ def test_the_committed_default_manifest_validates_and_round_trips() -> None:
     if not (folder / "manifest.json").is_file():
         pytest.skip(f"no default model at {folder}: train it with `make default-model`")
     manifest = read_manifest(folder)
-    assert manifest.format_version == FORMAT_VERSION
+    assert manifest.format_version in SUPPORTED_FORMAT_VERSIONS
     assert json.loads(manifest.model_dump_json()) == json.loads((folder / "manifest.json").read_text())
 
 
@@ -89,7 +89,7 @@ def test_invalid_manifests_are_refused_naming_the_file_and_the_field(model_store
         read_manifest(tmp_path / "nothing")
     with pytest.raises(ManifestError, match="is not readable JSON"):
         read_manifest(_write(tmp_path / "json", "{not json"))
-    with pytest.raises(ManifestError, match="format_version 99; this version of siamcam reads version 1"):
+    with pytest.raises(ManifestError, match="format_version 99; this version of siamcam reads versions 1 and 2"):
         read_manifest(_write(tmp_path / "version", {**good, "format_version": 99}))
     without_size = {key: value for key, value in good.items() if key != "input_size"}
     with pytest.raises(ManifestError, match=r"input_size: Field required"):
@@ -103,6 +103,6 @@ def test_invalid_manifests_are_refused_naming_the_file_and_the_field(model_store
 def test_loading_torchscript_prints_no_deprecation_warning(model_store: Path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        module = load_torchscript(model_store / "tiny" / "model.pt")
+        module = load_torchscript(model_store / "tiny" / "model.pt", FORMAT_VERSION)
     assert not [warning for warning in caught if "deprecated" in str(warning.message)]
     assert not module.training

@@ -26,7 +26,7 @@ def test_default_model_matches_its_manifest_and_keeps_the_contract() -> None:
     manifest = json.loads((DEFAULT_MODEL / "manifest.json").read_text())
     assert hashlib.sha256((DEFAULT_MODEL / "model.pt").read_bytes()).hexdigest() == manifest["sha256"]
     assert (DEFAULT_MODEL / "model.pt").stat().st_size <= 50 * 2**20
-    module = load_torchscript(DEFAULT_MODEL / "model.pt")
+    module = load_torchscript(DEFAULT_MODEL / "model.pt", manifest["format_version"])
     x = torch.randn(2, 3, *manifest["input_size"], generator=torch.Generator().manual_seed(0))
     feature_maps = module.features(x).detach().requires_grad_()
     fm = manifest["feature_map"]

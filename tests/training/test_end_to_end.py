@@ -39,7 +39,7 @@ def test_metrics_beat_chance(trained: tuple[Path, dict[str, Any]]) -> None:
 
 def test_exported_file_keeps_the_contract(trained: tuple[Path, dict[str, Any]]) -> None:
     model_dir, manifest = trained
-    module = load_torchscript(model_dir / "model.pt")
+    module = load_torchscript(model_dir / "model.pt", manifest["format_version"])
     x = torch.randn(3, 3, *manifest["input_size"], generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         feature_maps = module.features(x)
@@ -57,7 +57,7 @@ def test_exported_file_keeps_the_contract(trained: tuple[Path, dict[str, Any]]) 
 def test_score_gradient_reaches_both_images(trained: tuple[Path, dict[str, Any]], identical: bool) -> None:
     """The service explains a pair through d score / d features: it must be finite and non-zero for both sides."""
     model_dir, manifest = trained
-    module = load_torchscript(model_dir / "model.pt")
+    module = load_torchscript(model_dir / "model.pt", manifest["format_version"])
     generator = torch.Generator().manual_seed(2)
     x1 = torch.randn(1, 3, *manifest["input_size"], generator=generator)
     x2 = x1.clone() if identical else torch.randn(1, 3, *manifest["input_size"], generator=generator)
@@ -92,7 +92,7 @@ def test_mixed_precision_trains_and_exports_a_float32_model(trained: tuple[Path,
     history = manifest["training"]["history"]
     assert all(torch.isfinite(torch.tensor(record["loss"])) for record in history)
     assert manifest["metrics"]["test"]["roc_auc"] > 0.75, manifest["metrics"]
-    module = load_torchscript(tmp_path / "shapes" / "model.pt")
+    module = load_torchscript(tmp_path / "shapes" / "model.pt", manifest["format_version"])
     x = torch.randn(2, 3, *manifest["input_size"], generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         feature_maps = module.features(x)

@@ -26,5 +26,5 @@ def test_two_process_gloo_training_exports_a_working_model(shapes_dataset: Path,
     manifest = json.loads((tmp_path / "shapes" / "manifest.json").read_text())
     assert manifest["training"]["processes"] == 2
     assert manifest["metrics"]["test"]["roc_auc"] > 0.6, manifest["metrics"]
-    module = load_torchscript(tmp_path / "shapes" / "model.pt")
+    module = load_torchscript(tmp_path / "shapes" / "model.pt", manifest["format_version"])
     assert hasattr(module, "features") and hasattr(module, "embed") and hasattr(module, "similarity")

@@ -1,0 +1,75 @@
+"""Explanations of a pair's score, one module per method, each with one batched, hook-free entry point:
+
+- `gradcam.explain(model, feature_maps1, feature_maps2, similar, size) -> PairMaps`: the paper's Grad-CAM
+  (any format version);
+- `contributions.explain(model, feature_maps1, feature_maps2, similar, threshold_raw_logit, size)
+  -> Contributions`: the raw logit's exact decomposition over pairs of cells (format version 2).
+
+The decision is made once, here (`decide`), from the score and the threshold, and handed to the explainers as
+their targets, the way pytorch-grad-cam's `BaseCAM` takes `targets`: the factual maps explain the decided
+class, the counterfactual maps the other one. Both methods end in the same display normalisation (`heatmaps`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+Method = Literal["gradcam", "contributions"]
+Box = tuple[int, int, int, int]  # [x0, y0, x1, y1] in pixels, x1 and y1 exclusive
+
+
+class Decided(NamedTuple):
+    """A batch's feature maps [N, C, h, w] (computed without autograd), scores [N] and decisions (bool [N])."""
+
+    feature_maps1: torch.Tensor
+    feature_maps2: torch.Tensor
+    scores: torch.Tensor
+    similar: torch.Tensor
+
+
+class PairMaps(NamedTuple):
+    """The four maps [N, H, W] of a batch at the model's input size, each in [0, 1]: divided by its maximum, or
+    all zeros where no region supports its target (never NaN)."""
+
+    factual1: torch.Tensor
+    factual2: torch.Tensor
+    counterfactual1: torch.Tensor
+    counterfactual2: torch.Tensor
+
+
+def decide(model: torch.jit.ScriptModule, x1: torch.Tensor, x2: torch.Tensor, threshold: float) -> Decided:
+    """The feature maps and scores of the pairs (x1[i], x2[i]), and each pair's decision: similar when
+    score >= threshold."""
+    count = x1.shape[0]
+    with torch.no_grad():
+        feature_maps = model.features(torch.cat([x1, x2]))
+        maps1, maps2 = feature_maps[:count], feature_maps[count:]
+        scores = model.similarity(model.embed(maps1), model.embed(maps2))
+    return Decided(maps1, maps2, scores, scores >= threshold)
+
+
+def heatmaps(evidence1: torch.Tensor, evidence2: torch.Tensor, similar: torch.Tensor, size: torch.Size | tuple[int, int]
+             ) -> PairMaps:
+    """The four display maps from each image's per-cell evidence [N, h, w] for "similar" (positive: pushes the
+    score up): the factual map is the evidence for the decided class, the counterfactual map the evidence for
+    the other one. ReLU, bilinear upsampling to `size`, each map divided by its maximum."""
+    sign = torch.where(similar, 1.0, -1.0).to(evidence1.dtype)[:, None, None]
+    factual = torch.stack([sign * evidence1, sign * evidence2])  # [2, N, h, w]
+    positive = F.relu(torch.cat([factual, -factual]))
+    upsampled = F.interpolate(positive.flatten(0, 1)[:, None], size=tuple(size), mode="bilinear",
+                              align_corners=False)[:, 0].unflatten(0, positive.shape[:2])
+    peaks = upsampled.amax(dim=(-2, -1), keepdim=True)
+    # A map with no positive evidence has peak 0: divide by 1 instead, leaving it all zeros (never NaN).
+    maps = upsampled / torch.where(peaks > 0, peaks, torch.ones_like(peaks))
+    return PairMaps(maps[0], maps[1], maps[2], maps[3])
+
+
+def cell_box(row: int, col: int, grid: tuple[int, int], size: tuple[int, int]) -> Box:
+    """The pixels of an image of `size` (width, height) that feature-map cell (row, col) of a `grid` (h, w)
+    covers under the stretch resize policy: the grid spans the whole image, so the boxes of all cells tile it."""
+    (rows, cols), (width, height) = grid, size
+    return (round(col * width / cols), round(row * height / rows),
+            round((col + 1) * width / cols), round((row + 1) * height / rows))
