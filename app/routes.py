@@ -95,7 +95,7 @@ async def explain(
 async def model_info(service: ServiceDep) -> ModelInfo:
     """The served model, from its manifest."""
     model, _ = require_ready(service)
-    return ModelInfo.model_validate(model.manifest.model_dump())
+    return ModelInfo.model_validate({**model.manifest.model_dump(), "methods": list(model.methods)})
 
 
 @router.get("/healthz", response_model=Status, tags=["operations"])

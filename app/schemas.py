@@ -110,7 +110,7 @@ class ModelInfo(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "name": "flowers", "version": "1.0.0", "backbone": "resnet18", "threshold": 0.5,
         "input_size": [224, 224], "embedding_dim": 128, "metrics": {"test": {"accuracy": 0.9}},
-        "created_at": "2026-11-29T03:00:00+00:00",
+        "created_at": "2026-11-29T03:00:00+00:00", "format_version": 2, "methods": ["gradcam", "contributions"],
     }]})
 
     name: str
@@ -121,6 +121,8 @@ class ModelInfo(BaseModel):
     embedding_dim: int
     metrics: dict[str, Any]
     created_at: str
+    format_version: int = Field(description="the model folder's contract version (model_store/README.md)")
+    methods: list[Method] = Field(description="the /explain methods this model offers")
 
 
 class Status(BaseModel):

@@ -89,6 +89,7 @@ def test_explain_formats_options_and_raw_heatmaps(client: httpx.Client, fmt: str
 def test_model_health_readiness_and_request_ids(client: httpx.Client) -> None:
     model = client.get("/model").json()
     assert model["name"] == "tiny" and model["input_size"] == [128, 128] and model["backbone"] == "resnet18"
+    assert model["format_version"] == 2 and model["methods"] == ["gradcam", "contributions"]
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
     echoed = client.get("/healthz", headers={"X-Request-ID": "trace-42"})

@@ -143,6 +143,8 @@ def test_a_version_1_model_is_served_with_grad_cam_and_refuses_contributions(mod
     files = pair_files(encode(drawn_image(46), "PNG"), encode(drawn_image(47), "JPEG"))
     with serve_in_thread(Settings(model_store=tmp_path, model_name="old", max_batch_wait_ms=10)) as url, \
             httpx.Client(base_url=url, timeout=120, trust_env=False) as client:
+        model = client.get("/model").json()
+        assert model["format_version"] == 1 and model["methods"] == ["gradcam"]
         explained = client.post("/explain", files=files)
         assert explained.status_code == 200, explained.text
         assert explained.json()["method"] == "gradcam" and explained.json()["contributions"] is None
