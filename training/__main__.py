@@ -1,6 +1,7 @@
-"""Train a Siamese similarity model on an image-folder dataset, or evaluate an exported one.
+"""Train a Siamese similarity model on an image-folder dataset, evaluate an exported one, or upgrade one exported
+by an earlier version to the current format.
 
-Run `python -m training train --help` or `python -m training evaluate --help` for every option."""
+Run `python -m training COMMAND --help` (train, evaluate, upgrade) for every option."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from training.errors import UsageError
 from training.evaluate import add_evaluate_arguments, evaluate
 from training.train import add_train_arguments, train
+from training.upgrade import add_upgrade_arguments, upgrade
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_evaluate_arguments(evaluate_parser)
     evaluate_parser.set_defaults(handler=evaluate)
+    upgrade_parser = commands.add_parser(
+        "upgrade", help="re-export a model folder in the current format (same weights, same scores)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_upgrade_arguments(upgrade_parser)
+    upgrade_parser.set_defaults(handler=upgrade)
     return parser
 
 

@@ -1,5 +1,6 @@
 // The siamcam page: pick two images, POST them to the public /explain endpoint, show score, decision and
-// the four Grad-CAM overlays. Plain browser JavaScript, no libraries, no external URLs.
+// the four overlays (Grad-CAM, or exact contributions with the regions that match across the two images).
+// Plain browser JavaScript, no libraries, no external URLs.
 "use strict";
 
 // The colormaps the service accepts (app/colormaps.py), with their colours at 0, 1/6, ..., 1: entries 0, 42, 85,
@@ -19,6 +20,9 @@ const COLORMAPS = {
 };
 
 const IMAGE_NAMES = ["First image", "Second image"];
+const TOP_MATCHES = 5;
+// Where a region matches on the other image: this colour, more opaque where the match adds more.
+const MATCH_RGB = "255, 140, 0";
 // Session storage only: the key lasts as long as this tab, is never written to disk by the page, and is
 // never sent anywhere but this service.
 const KEY_STORAGE = "siamcam.apiKey";
@@ -79,6 +83,7 @@ async function loadModelInfo() {
     const model = await response.json();
     $("model-info").textContent =
       `Model ${model.name}, version ${model.version}, threshold ${model.threshold.toFixed(2)}`;
+    offerMethods(model.explain_methods);
   } catch (error) {
     $("model-info").textContent = `Model information is unavailable right now (${error.message}).`;
   }
@@ -152,6 +157,16 @@ function setUpOptions() {
     showLegendGradient();
     redrawIfShown();
   });
+  $("method").addEventListener("change", redrawIfShown);
+}
+
+// Exact contributions need a model exported with them (format version 2); older ones offer Grad-CAM only.
+function offerMethods(methods) {
+  for (const option of $("method").options) {
+    option.disabled = !methods.includes(option.value);
+    if (option.disabled) option.textContent += " (not offered by this model)";
+  }
+  if ($("method").selectedOptions[0].disabled) $("method").value = "gradcam";
 }
 
 function showLegendGradient() {
@@ -175,6 +190,11 @@ async function explain(progressLabel) {
   form.append("image2", state.files[1]);
   form.append("opacity", $("opacity").value);
   form.append("colormap", $("colormap").value);
+  form.append("method", $("method").value);
+  if ($("method").value === "contributions") {
+    form.append("top_matches", String(TOP_MATCHES));
+    form.append("include_correspondence", "true"); // the page finds each region's matches itself
+  }
 
   hideError();
   showProgress(progressLabel);
@@ -303,6 +323,7 @@ function showResult(data) {
 
   const rows = ["image1", "image2"].map((key, index) => buildRow(key, index, factual, counterfactual));
   $("overlays").replaceChildren(...rows);
+  showMatches(data.contributions);
   const result = $("result");
   if (result.hidden) {
     result.hidden = false;
@@ -341,6 +362,107 @@ function fillFigure(figure, key, index, kind, explanation, caption) {
   link.href = url;
   link.download = `${key}-${kind}.${overlay.media_type.split("/")[1]}`;
   link.setAttribute("aria-label", `Download the ${kind} overlay of the ${IMAGE_NAMES[index].toLowerCase()}`);
+}
+
+// ---------------------------------------------------------------- matches (exact contributions)
+
+// The grid of cells over each original, the numbered top matches, and the summary in logit units.
+function showMatches(contributions) {
+  const section = $("matches");
+  section.hidden = !contributions;
+  if (!contributions) return;
+  const c = contributions;
+  const margin = c.raw_logit - c.threshold_raw_logit;
+  $("contributions-summary").textContent =
+    `The similarity's logit is ${c.raw_logit.toFixed(2)}, ${Math.abs(margin).toFixed(2)} ` +
+    `${margin >= 0 ? "above" : "below"} the threshold's ${c.threshold_raw_logit.toFixed(2)}. ` +
+    `Regions of the first image add ${signed(c.image1.positive)} and ${signed(c.image1.negative)}, ` +
+    `those of the second ${signed(c.image2.positive)} and ${signed(c.image2.negative)}.`;
+  [0, 1].forEach((index) => buildMatchView(index, c));
+  $("match-list").replaceChildren(...c.matches.map((match, rank) => {
+    const item = document.createElement("li");
+    item.textContent = `${percent(match.share)} of the matching evidence: first image ` +
+      `[${match.image1_box.join(", ")}] with second image [${match.image2_box.join(", ")}] ` +
+      `(${signed(match.contribution)})`;
+    item.dataset.rank = String(rank + 1);
+    return item;
+  }));
+}
+
+function buildMatchView(index, c) {
+  const [rows, columns] = c.grid;
+  const view = $(`match-view${index + 1}`);
+  const img = view.querySelector("img");
+  img.src = state.previews[index];
+  img.alt = `${IMAGE_NAMES[index]}, divided into the model's ${rows} by ${columns} regions`;
+  const cells = view.querySelector(".cells");
+  cells.style.gridTemplateColumns = `repeat(${columns}, 1fr)`;
+  cells.style.gridTemplateRows = `repeat(${rows}, 1fr)`;
+  const buttons = [];
+  for (let cell = 0; cell < rows * columns; cell++) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "cell";
+    button.dataset.cell = String(cell);
+    button.setAttribute("aria-label",
+      `${IMAGE_NAMES[index]}, region in row ${Math.floor(cell / columns) + 1}, column ${cell % columns + 1}: ` +
+      "show where it matches on the other image");
+    for (const event of ["mouseenter", "focus", "click"]) {
+      button.addEventListener(event, () => highlightMatches(index, cell, c));
+    }
+    buttons.push(button);
+  }
+  // One box per region, numbered with every top match it is part of (a region can match several).
+  const numbers = new Map();
+  c.matches.forEach((match, rank) => {
+    const [row, column] = match[`image${index + 1}_cell`];
+    const key = row * columns + column;
+    numbers.set(key, [...(numbers.get(key) || []), rank + 1]);
+  });
+  const boxes = [...numbers].map(([key, ranks]) =>
+    matchBox([Math.floor(key / columns), key % columns], ranks.join(", "), rows, columns));
+  cells.replaceChildren(...buttons);
+  view.querySelectorAll(".match-box").forEach((box) => box.remove());
+  view.querySelector(".match-frame").append(...boxes);
+}
+
+function matchBox([row, column], label, rows, columns) {
+  const box = document.createElement("div");
+  box.className = "match-box";
+  box.style.left = `${(100 * column) / columns}%`;
+  box.style.top = `${(100 * row) / rows}%`;
+  box.style.width = `${100 / columns}%`;
+  box.style.height = `${100 / rows}%`;
+  const numbers = document.createElement("span");
+  numbers.textContent = label;
+  box.append(numbers);
+  return box;
+}
+
+// Region `cell` of image `from`: on the other image, each region's share of what the two add together
+// (the correspondence matrix's row for image 1, its column for image 2), scaled to the strongest match.
+function highlightMatches(from, cell, c) {
+  const values = from === 0 ? c.correspondence[cell] : c.correspondence.map((row) => row[cell]);
+  const peak = Math.max(0, ...values);
+  $(`match-view${from + 1}`).querySelectorAll(".cell").forEach((button) => {
+    button.classList.toggle("source", Number(button.dataset.cell) === cell);
+    button.style.backgroundColor = "transparent";
+    delete button.dataset.strength;
+  });
+  $(`match-view${2 - from}`).querySelectorAll(".cell").forEach((button) => {
+    const strength = peak > 0 ? Math.max(0, values[Number(button.dataset.cell)]) / peak : 0;
+    button.classList.remove("source");
+    button.dataset.strength = strength.toFixed(4);
+    button.style.backgroundColor = `rgba(${MATCH_RGB}, ${(0.7 * strength).toFixed(3)})`;
+  });
+}
+
+function signed(value) {
+  return `${value >= 0 ? "+" : ""}${value.toFixed(2)}`;
+}
+
+function percent(share) {
+  return `${(100 * share).toFixed(1)}%`;
 }
 
 // ---------------------------------------------------------------- start

@@ -1,0 +1,73 @@
+"""`python -m training upgrade`: a model of an earlier format re-exported in the current one, same weights and scores."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from contract.manifest import FORMAT_VERSION, read_manifest
+from contract.torchscript import load_torchscript, sha256_of
+from training.__main__ import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _relabelled(model_store: Path, folder: Path, **changes: object) -> Path:
+    """The suite's tiny model under a manifest with these fields changed, as an earlier export would have it."""
+    shutil.copytree(model_store / "tiny", folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.update(changes)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def _scores(folder: Path) -> torch.Tensor:
+    manifest = read_manifest(folder)
+    module = load_torchscript(folder / "model.pt", manifest.format_version)
+    generator = torch.Generator().manual_seed(5)
+    x1, x2 = (torch.randn(3, 3, *manifest.input_size, generator=generator) for _ in range(2))
+    with torch.no_grad():
+        return module(x1, x2)
+
+
+def test_a_version_1_folder_is_upgraded_in_place_with_the_same_scores_and_its_history(model_store: Path,
+                                                                                      tmp_path: Path) -> None:
+    folder = _relabelled(model_store, tmp_path / "old", format_version=1, metrics={"test": {"accuracy": 0.75}})
+    before = _scores(folder)
+    main(["upgrade", "--model", str(folder)])
+    upgraded = read_manifest(folder)
+    assert upgraded.format_version == FORMAT_VERSION == 2
+    assert upgraded.sha256 == sha256_of(folder / "model.pt")
+    assert upgraded.metrics == {"test": {"accuracy": 0.75}}, "the scores did not change, so neither do the metrics"
+    assert upgraded.model_extra["upgraded_from"]["format_version"] == 1
+    assert torch.equal(_scores(folder), before)
+    assert not (tmp_path / "old.upgrading").exists()
+    # and the upgraded file offers what version 2 promises
+    module = load_torchscript(folder / "model.pt", 2)
+    features = module.features(torch.zeros(1, 3, *upgraded.input_size))
+    assert torch.allclose(module.embed_cells(features).sum(dim=(1, 2)), module.embed(features), atol=1e-5)
+
+
+def test_the_committed_default_model_upgrades_to_the_same_scores(tmp_path: Path) -> None:
+    default = REPO / "model_store" / "flowers"
+    if not (default / "model.pt").is_file():
+        pytest.skip(f"no default model at {default}: train it with `make default-model`")
+    main(["upgrade", "--model", str(default), "--output", str(tmp_path / "flowers")])
+    assert read_manifest(tmp_path / "flowers").format_version == FORMAT_VERSION
+    assert torch.allclose(_scores(tmp_path / "flowers"), _scores(default), atol=1e-6)
+
+
+def test_a_file_that_is_not_what_its_manifest_says_is_refused_in_one_line(model_store: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _relabelled(model_store, tmp_path / "mislabelled", format_version=1, backbone="resnet34")
+    manifest_before = (folder / "manifest.json").read_text()
+    with pytest.raises(SystemExit) as stopped:
+        main(["upgrade", "--model", str(folder)])
+    assert stopped.value.code == 2
+    message = capsys.readouterr().err
+    assert "does not hold a resnet34 Siamese network" in message and message.count("\n") == 1, message
+    assert (folder / "manifest.json").read_text() == manifest_before, "nothing was changed"
