@@ -106,8 +106,9 @@ def _contributions_support(model_path: Path, module: torch.jit.ScriptModule, man
                            ) -> tuple[float | None, str | None]:
     if manifest.format_version < 2:
         return None, (f"the model {manifest.name} {manifest.version} has format_version "
-                      f"{manifest.format_version}, which predates exact contributions: re-export it with this "
-                      "version's `python -m training train` (format version 2), or use method=gradcam")
+                      f"{manifest.format_version}, which predates exact contributions: re-export it with "
+                      f"`python -m training upgrade --model {model_path.parent}` (same weights, format version 2), "
+                      "or use method=gradcam")
     try:
         return contributions.threshold_raw_logit(module, manifest.threshold), None
     except ThresholdUnreachable as error:

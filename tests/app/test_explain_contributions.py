@@ -151,6 +151,7 @@ def test_a_version_1_model_is_served_with_grad_cam_and_refuses_contributions(mod
         problem = _problem(client.post("/explain", files=files, data={"method": "contributions"}), 422)
         assert problem["type"] == "urn:siamcam:problem:method-unavailable"
         assert "format_version 1" in problem["detail"] and "re-export it" in problem["detail"]
+        assert "python -m training upgrade --model" in problem["detail"]
         assert "method=gradcam" in problem["detail"]
         # The refusal cost nothing and broke nothing: the service keeps serving.
         assert client.post("/similarity", files=files).status_code == 200
