@@ -222,7 +222,7 @@ def test_a_phone_sized_screen_fits_without_sideways_scrolling(
 def test_every_control_is_labelled_and_reachable_with_the_keyboard(
     page: Page, two_images: tuple[Path, Path]
 ) -> None:
-    controls = ["image1", "image2", "opacity", "colormap"]
+    controls = ["image1", "image2", "opacity", "colormap", "method"]
     for control in controls:
         assert page.evaluate(f"document.getElementById('{control}').labels.length") > 0, f"{control} has no label"
 
@@ -235,7 +235,7 @@ def test_every_control_is_labelled_and_reachable_with_the_keyboard(
     # Compare is disabled, hence skipped by Tab, until both images are chosen.
     page.set_input_files("#image1", two_images[0])
     page.set_input_files("#image2", two_images[1])
-    page.focus("#colormap")
+    page.focus("#method")
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "compare"
 
