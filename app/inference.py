@@ -1,4 +1,4 @@
-"""The steps of an inference request between the route and the model: read and decode the uploads, wait for
+"""The steps of an inference request between the route and the model: admit and decode the uploads, wait for
 the batch result (with timeout and disconnect handling), and render the explanations."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from fastapi import Request, UploadFile
 
 from app import metrics
+from app.admission import BudgetExhausted, ImageWork, OverBudget
 from app.batcher import Batcher, Job, Outcome, QueueFull, WorkerStopped
 from app.errors import CLIENT_CLOSED_REQUEST, Problem, service_unavailable
 from app.gradcam import PairExplanations
@@ -21,6 +22,7 @@ from app.overlays import MEDIA_TYPES, ColormapName, OverlayFormat, overlay_backg
 from app.schemas import Explanation, Explanations, Overlay, Target
 from app.service import Service
 from app.settings import Settings
+from contract.images import header_pixels
 
 
 @dataclass(frozen=True)
@@ -40,20 +42,36 @@ class OverlayOptions:
     quality: int
 
 
-async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, settings: Settings,
-                    overlay_max_side: int | None = None) -> DecodedPair:
-    """Both uploads decoded and preprocessed, off the event loop, with their overlay backgrounds when
-    `overlay_max_side` is given; 413 for files over the limit, the contract's image errors (mapped to 415/422 in
-    errors.py) for the rest."""
+async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, batcher: Batcher, kind: str,
+                    images: ImageWork, settings: Settings, overlay_max_side: int | None = None) -> DecodedPair:
+    """Both uploads admitted, then decoded and preprocessed on the image threads, with their overlay backgrounds
+    when `overlay_max_side` is given. Refused before any decoding: 413 for files over the limit, 503 when the
+    `kind` queue is full or the images' pixels cannot be admitted within ADMISSION_WAIT_S, 422 for a pair larger
+    than the whole budget, and the contract's image errors (415/422 in errors.py) for what its header says."""
     uploads = {"image1": image1, "image2": image2}
     for field, upload in uploads.items():
         if upload.size is not None and upload.size > settings.max_upload_bytes:
             raise Problem(413, "content-too-large",
                           f"{field} is {upload.size:,} bytes; the limit is {settings.max_upload_bytes:,} bytes. "
                           "Send a smaller file.")
+    if batcher.is_full(kind):
+        raise _queue_full(settings)
     contents = [await upload.read() for upload in uploads.values()]
-    return await asyncio.to_thread(_decode_pair, contents, list(uploads), model, settings.max_image_pixels,
-                                   overlay_max_side)
+    # Headers only (a few kB each): cheap enough for the event loop, and the image threads may all be busy.
+    pixels = sum(header_pixels(data, field, settings.max_image_pixels) for data, field in zip(contents, uploads))
+    try:
+        async with images.budget.charge(pixels, settings.admission_wait_s):
+            return await images.run(_decode_pair, contents, list(uploads), model, settings.max_image_pixels,
+                                    overlay_max_side)
+    except OverBudget:
+        raise Problem(422, "images-too-large",
+                      f"image1 and image2 hold {pixels:,} pixels together; this service decodes at most "
+                      f"{images.budget.capacity:,} at once (MAX_DECODE_PIXELS_IN_FLIGHT). Send smaller images.")\
+            from None
+    except BudgetExhausted:
+        metrics.REJECTIONS.labels("decode_budget").inc()
+        raise service_unavailable("The service is busy decoding other images; retry shortly.",
+                                  settings.retry_after_s) from None
 
 
 def _decode_pair(contents: list[bytes], fields: list[str], model: ServedModel, max_pixels: int,
@@ -75,9 +93,8 @@ async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: Deco
     deadline = arrived + settings.request_timeout_s
     try:
         job = batcher.submit(kind, *pair.inputs)
-    except QueueFull:
-        metrics.REJECTIONS.labels("queue_full").inc()
-        raise service_unavailable("The service is at capacity; retry shortly.", settings.retry_after_s) from None
+    except QueueFull:  # filled while this pair was being decoded
+        raise _queue_full(settings) from None
     except WorkerStopped:
         raise _worker_stopped(settings) from None
     client_gone = asyncio.create_task(_wait_for_disconnect(request))
@@ -95,9 +112,18 @@ async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: Deco
     if client_gone.done() and not client_gone.cancelled():
         metrics.REJECTIONS.labels("disconnected").inc()
         raise Problem(CLIENT_CLOSED_REQUEST, "client-closed-request", "The client closed the connection.")
+    raise _timed_out(settings)
+
+
+def _timed_out(settings: Settings) -> Problem:
     metrics.REJECTIONS.labels("timeout").inc()
-    raise Problem(504, "timeout", f"The request took longer than {settings.request_timeout_s:g} s (the service "
-                  "is overloaded); retry later or with smaller images.")
+    return Problem(504, "timeout", f"The request took longer than {settings.request_timeout_s:g} s (the service "
+                   "is overloaded); retry later or with smaller images.")
+
+
+def _queue_full(settings: Settings) -> Problem:
+    metrics.REJECTIONS.labels("queue_full").inc()
+    return service_unavailable("The service is at capacity; retry shortly.", settings.retry_after_s)
 
 
 def _worker_stopped(settings: Settings) -> Problem:
@@ -124,6 +150,17 @@ def timings_ms(outcome: Outcome, arrived: float) -> dict[str, float]:
         "inference": round(outcome.inference_s * 1000, 3),
         "total": round((time.monotonic() - arrived) * 1000, 3),
     }
+
+
+async def render_in_time(images: ImageWork, pair: DecodedPair, result: PairExplanations, options: OverlayOptions,
+                         arrived: float, settings: Settings) -> Explanations:
+    """The explanations rendered on the image threads; 504 if they are not done REQUEST_TIMEOUT_S after the
+    request `arrived` (the rendering thread finishes its overlay, and the result is dropped)."""
+    remaining = max(0.0, arrived + settings.request_timeout_s - time.monotonic())
+    try:
+        return await asyncio.wait_for(images.run(render_explanations, pair, result, options), remaining)
+    except TimeoutError:
+        raise _timed_out(settings) from None
 
 
 def render_explanations(pair: DecodedPair, result: PairExplanations, options: OverlayOptions) -> Explanations:
@@ -154,9 +191,9 @@ def _overlay(background: np.ndarray, heatmap: torch.Tensor, options: OverlayOpti
     )
 
 
-def require_ready(service: Service) -> tuple[ServedModel, Batcher]:
-    if service.model is None or service.batcher is None:
+def require_ready(service: Service) -> tuple[ServedModel, Batcher, ImageWork]:
+    if service.model is None or service.batcher is None or service.images is None:
         raise service_unavailable("The model is still loading; retry shortly.", service.settings.retry_after_s)
     if service.batcher.stopped:
         raise _worker_stopped(service.settings)
-    return service.model, service.batcher
+    return service.model, service.batcher, service.images

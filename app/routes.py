@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.inference import (
-    OverlayOptions, read_pair, render_explanations, require_ready, run_in_batch, timings_ms,
+    OverlayOptions, read_pair, render_in_time, require_ready, run_in_batch, timings_ms,
 )
 from app.overlays import DEFAULT_FORMAT, DEFAULT_QUALITY, ColormapName, OverlayFormat
 from app.schemas import (
@@ -42,8 +41,8 @@ async def similarity(
 ) -> SimilarityResponse:
     """How similar two images are: a score in [0, 1] and the decision against the model's threshold."""
     arrived = time.monotonic()
-    model, batcher = require_ready(service)
-    pair = await read_pair(image1, image2, model, service.settings)
+    model, batcher, images = require_ready(service)
+    pair = await read_pair(image1, image2, model, batcher, "similarity", images, service.settings)
     outcome = await run_in_batch(request, batcher, "similarity", pair, arrived, service.settings)
     score = float(outcome.value)
     return SimilarityResponse(score=score, similar=score >= model.threshold, threshold=model.threshold,
@@ -70,12 +69,13 @@ async def explain(
     for the opposite one (counterfactual), as Grad-CAM heatmaps drawn over the original images."""
     arrived = time.monotonic()
     settings: Settings = service.settings
-    model, batcher = require_ready(service)
+    model, batcher, images = require_ready(service)
     options = OverlayOptions(overlay_format, opacity, colormap, min(max_side, settings.max_overlay_side),
                              include_heatmaps, quality)
-    pair = await read_pair(image1, image2, model, settings, overlay_max_side=options.max_side)
+    pair = await read_pair(image1, image2, model, batcher, "explain", images, settings,
+                           overlay_max_side=options.max_side)
     outcome = await run_in_batch(request, batcher, "explain", pair, arrived, settings)
-    explanations = await asyncio.to_thread(render_explanations, pair, outcome.value, options)
+    explanations = await render_in_time(images, pair, outcome.value, options, arrived, settings)
     score = float(outcome.value.scores)
     return ExplainResponse(score=score, similar=bool(outcome.value.similar), threshold=model.threshold,
                            model=_model_ref(service), timings_ms=timings_ms(outcome, arrived),
@@ -85,7 +85,7 @@ async def explain(
 @router.get("/model", response_model=ModelInfo, responses=MODEL_INFO_ERRORS, tags=["operations"])
 async def model_info(service: ServiceDep) -> ModelInfo:
     """The served model, from its manifest."""
-    model, _ = require_ready(service)
+    model, _, _ = require_ready(service)
     return ModelInfo.model_validate(model.manifest.model_dump())
 
 
