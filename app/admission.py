@@ -17,6 +17,7 @@ from functools import partial
 from typing import TypeVar
 
 from app import metrics
+from app.memory import give_back_free_memory
 
 T = TypeVar("T")
 
@@ -76,6 +77,15 @@ class ImageWork:
     def __init__(self, workers: int, max_pixels_in_flight: int) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images")
         self.budget = PixelBudget(max_pixels_in_flight)
+
+    async def decode(self, pixels: int, wait_s: float, function: Callable[..., T], *args: object) -> T:
+        """`function(*args)` on an image thread once `pixels` are admitted (see PixelBudget.charge); when it was
+        the last decode in flight, the freed memory is given back to the system meanwhile."""
+        async with self.budget.charge(pixels, wait_s):
+            result = await self.run(function, *args)
+        if self.budget.in_use == 0:
+            self.pool.submit(give_back_free_memory)  # the answer does not wait for it
+        return result
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, partial(function, *args))

@@ -60,9 +60,8 @@ async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, 
     # Headers only (a few kB each): cheap enough for the event loop, and the image threads may all be busy.
     pixels = sum(header_pixels(data, field, settings.max_image_pixels) for data, field in zip(contents, uploads))
     try:
-        async with images.budget.charge(pixels, settings.admission_wait_s):
-            return await images.run(_decode_pair, contents, list(uploads), model, settings.max_image_pixels,
-                                    overlay_max_side)
+        return await images.decode(pixels, settings.admission_wait_s, _decode_pair, contents, list(uploads), model,
+                                   settings.max_image_pixels, overlay_max_side)
     except OverBudget:
         raise Problem(422, "images-too-large",
                       f"image1 and image2 hold {pixels:,} pixels together; this service decodes at most "
