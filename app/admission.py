@@ -10,7 +10,7 @@ be admitted within a short wait is refused with 503 at once, rather than holding
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import partial
@@ -78,14 +78,21 @@ class ImageWork:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images")
         self.budget = PixelBudget(max_pixels_in_flight)
 
-    async def decode(self, pixels: int, wait_s: float, function: Callable[..., T], *args: object) -> T:
-        """`function(*args)` on an image thread once `pixels` are admitted (see PixelBudget.charge); when it was
-        the last decode in flight, the freed memory is given back to the system meanwhile."""
+    async def decode(self, pixels: int, wait_s: float, decodings: Sequence[Callable[[], T]]) -> list[T]:
+        """The `decodings` (one per image) run side by side on the image threads once `pixels` are admitted (see
+        PixelBudget.charge); when they were the last decodes in flight, the freed memory is given back to the
+        system meanwhile."""
+        loop = asyncio.get_running_loop()
         async with self.budget.charge(pixels, wait_s):
-            result = await self.run(function, *args)
+            # Every decoding ends before the pixels are given back, even when one fails.
+            results = await asyncio.gather(*(loop.run_in_executor(self.pool, decoding) for decoding in decodings),
+                                           return_exceptions=True)
         if self.budget.in_use == 0:
             self.pool.submit(give_back_free_memory)  # the answer does not wait for it
-        return result
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]  # no exceptions left
 
     async def run(self, function: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, partial(function, *args))

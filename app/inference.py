@@ -7,6 +7,7 @@ import asyncio
 import base64
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -60,8 +61,10 @@ async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, 
     # Headers only (a few kB each): cheap enough for the event loop, and the image threads may all be busy.
     pixels = sum(header_pixels(data, field, settings.max_image_pixels) for data, field in zip(contents, uploads))
     try:
-        return await images.decode(pixels, settings.admission_wait_s, _decode_pair, contents, list(uploads), model,
-                                   settings.max_image_pixels, overlay_max_side)
+        (first, first_background), (second, second_background) = await images.decode(
+            pixels, settings.admission_wait_s,
+            [partial(_decode_image, data, field, model, settings.max_image_pixels, overlay_max_side)
+             for data, field in zip(contents, uploads)])
     except OverBudget:
         raise Problem(422, "images-too-large",
                       f"image1 and image2 hold {pixels:,} pixels together; this service decodes at most "
@@ -71,18 +74,19 @@ async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, 
         metrics.REJECTIONS.labels("decode_budget").inc()
         raise service_unavailable("The service is busy decoding other images; retry shortly.",
                                   settings.retry_after_s) from None
-
-
-def _decode_pair(contents: list[bytes], fields: list[str], model: ServedModel, max_pixels: int,
-                 overlay_max_side: int | None) -> DecodedPair:
-    files = list(zip(contents, fields, strict=True))
-    first, second = (model.model_input(data, field, max_pixels) for data, field in files)
-    if overlay_max_side is None:
+    if first_background is None or second_background is None:
         return DecodedPair((first, second))
-    # A second decode, at overlay size: the model's input must not depend on the endpoint that asked for it.
-    first_background, second_background = (overlay_background(data, field, max_pixels, overlay_max_side)
-                                            for data, field in files)
     return DecodedPair((first, second), (first_background, second_background))
+
+
+def _decode_image(data: bytes, field: str, model: ServedModel, max_pixels: int,
+                  overlay_max_side: int | None) -> tuple[torch.Tensor, np.ndarray | None]:
+    """One upload as the model's input, and as its overlay background when `overlay_max_side` is given."""
+    model_input = model.model_input(data, field, max_pixels)
+    if overlay_max_side is None:
+        return model_input, None
+    # A second decode, at overlay size: the model's input must not depend on the endpoint that asked for it.
+    return model_input, overlay_background(data, field, max_pixels, overlay_max_side)
 
 
 async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: DecodedPair, arrived: float,
