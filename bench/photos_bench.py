@@ -6,8 +6,8 @@ the default model (deploy/local_cluster.py's Replica, through tests/support/serv
 process's memory from /proc:
 - photos: pairs of 12 Mpx JPEGs (4032 x 3024) made from ../shared/datasets/fullsize by upscaling with
   sensor-like noise (tests/support/images.py `phone_photo`), against the same photos at 500 px; `/similarity`
-  and `/explain` (default options) one request at a time, medians over rounds; and one 1024 px overlay rendered
-  in this process (app/overlays.py, default format).
+  on both and `/explain` (default options) on the 12 Mpx pairs, one request at a time, interleaved, medians over
+  rounds; and one 1024 px overlay rendered in this process (app/overlays.py, default format).
 - flood: FLOOD_REQUESTS concurrent `/similarity` requests, each with two 40 Mpx PNGs (blocks of flat colour, so
   that the files are small): every answer's status, the server's peak RSS (VmHWM, the flood's own process), and
   /readyz afterwards; then a burst that is all admitted (BURST_REQUESTS, BURST_CLIENTS at a time: the 40 Mpx
@@ -46,7 +46,7 @@ MODEL_STORE = REPO_ROOT / "model_store"
 MODEL_NAME = "flowers"
 PHONE_SIZE = (4032, 3024)
 SMALL_SIDE = 500
-ROUNDS = 5  # timed passes over every pair, after one untimed pass
+ROUNDS = 8  # timed passes over every pair, after one untimed pass
 FLOOD_REQUESTS = 48
 FLOOD_SIZE = (7300, 5479)  # 39,996,700 pixels: just under the default MAX_IMAGE_PIXELS (40 Mpx)
 BURST_REQUESTS = 16
@@ -99,39 +99,58 @@ def photo_pairs() -> tuple[list[PhotoPair], str]:
     return pairs, f"{len(pairs)} pairs from {len(photos)} photos of {FULLSIZE_DIR.name}; 12 Mpx files MB: {sizes}"
 
 
-def median_request_ms(client: httpx.Client, path: str, pairs: list[dict], data: dict | None = None
-                      ) -> tuple[float, int]:
-    """Median latency of `path` over ROUNDS passes on every pair (one untimed pass first), and the largest answer
-    in bytes; every answer must be a 200."""
-    times, largest = [], 0
+@dataclass(frozen=True)
+class Latency:
+    median_ms: float  # whole request, as the client saw it
+    inference_ms: float  # median of the answers' timings_ms.inference: the model's part
+    largest_bytes: int  # the largest answer
+
+
+def median_requests(client: httpx.Client, work: dict[str, tuple[str, list[dict]]]) -> dict[str, Latency]:
+    """Each named (path, pairs) of `work` over ROUNDS passes on every pair (one untimed pass first), interleaved
+    request by request, so that the load of this shared machine weighs on all of them alike; every answer must be
+    a 200."""
+    times: dict[str, list[float]] = {name: [] for name in work}
+    inference: dict[str, list[float]] = {name: [] for name in work}
+    largest = dict.fromkeys(work, 0)
+    pair_count = len(next(iter(work.values()))[1])
     for timed in [False] + [True] * ROUNDS:
-        for files in pairs:
-            started = time.perf_counter()
-            response = client.post(path, files=files, data=data)
-            elapsed = time.perf_counter() - started
-            if response.status_code != 200:
-                raise RuntimeError(f"{path} answered {response.status_code}: {response.text[:300]}")
-            largest = max(largest, len(response.content))
-            if timed:
-                times.append(elapsed)
-    return 1000 * statistics.median(times), largest
+        for index in range(pair_count):
+            for name, (path, pairs) in work.items():
+                started = time.perf_counter()
+                response = client.post(path, files=pairs[index])
+                elapsed = time.perf_counter() - started
+                if response.status_code != 200:
+                    raise RuntimeError(f"{path} answered {response.status_code}: {response.text[:300]}")
+                largest[name] = max(largest[name], len(response.content))
+                if timed:
+                    times[name].append(elapsed)
+                    inference[name].append(response.json()["timings_ms"]["inference"])
+    return {name: Latency(1000 * statistics.median(times[name]), statistics.median(inference[name]), largest[name])
+            for name in work}
 
 
 def photos_section() -> list[tuple[str, str, bool]]:
     pairs, described = photo_pairs()
     print(f"photos: {described}")
     with service() as replica, httpx.Client(base_url=replica.url, timeout=120, trust_env=False) as client:
-        small_ms, _ = median_request_ms(client, "/similarity", [pair.small for pair in pairs])
-        phone_ms, _ = median_request_ms(client, "/similarity", [pair.phone for pair in pairs])
-        explain_ms, explain_bytes = median_request_ms(client, "/explain", [pair.phone for pair in pairs])
+        latencies = median_requests(client, {
+            "small": ("/similarity", [pair.small for pair in pairs]),
+            "phone": ("/similarity", [pair.phone for pair in pairs]),
+            "explain": ("/explain", [pair.phone for pair in pairs]),
+        })
+    small, phone, explain = latencies["small"], latencies["phone"], latencies["explain"]
+    small_ms, phone_ms, explain_ms, explain_bytes = small.median_ms, phone.median_ms, explain.median_ms, \
+        explain.largest_bytes
     background = overlay_background(pairs[0].phone["image1"][1], "image1", None, 1024)
     heatmap = grad_cam_like_heatmap()
     overlay_ms = median_ms(lambda: render_overlay(background, heatmap, "jet", 0.5, DEFAULT_FORMAT,
                                                   DEFAULT_QUALITY))
     print(f"/similarity median ms: 500 px pair {small_ms:.1f}, 12 Mpx pair {phone_ms:.1f} "
-          f"({phone_ms / small_ms:.2f}x)")
+          f"({phone_ms / small_ms:.2f}x); model (timings_ms.inference) {small.inference_ms:.1f} and "
+          f"{phone.inference_ms:.1f}")
     print(f"/explain 12 Mpx pair, default options: median {explain_ms:.1f} ms ({explain_ms / phone_ms:.2f}x "
-          f"/similarity), largest answer {explain_bytes:,} bytes")
+          f"/similarity), model {explain.inference_ms:.1f} ms, largest answer {explain_bytes:,} bytes")
     print(f"one overlay at {background.shape[1]} x {background.shape[0]} ({DEFAULT_FORMAT}, quality "
           f"{DEFAULT_QUALITY}): median {overlay_ms:.2f} ms")
     return [
@@ -179,7 +198,7 @@ def flood_section() -> list[tuple[str, str, bool]]:
                                                                              "JPEG")) for seed in range(4)]
     with service() as replica, httpx.Client(base_url=replica.url, timeout=120, trust_env=False) as client:
         pid = replica.process.pid
-        median_request_ms(client, "/similarity", warm_up)
+        median_requests(client, {"warm-up": ("/similarity", warm_up)})
         before = rss_bytes(pid)
         started = time.perf_counter()
         answers = asyncio.run(flood(replica.url, files))
