@@ -3,16 +3,16 @@
 Full-size pixels exist only while an upload is being decoded (contract/images.py shrinks them right away), so
 the memory a burst of large images can take is bounded by what is being decoded at once. Each request charges
 its two images' header pixels (width x height, the size before any reduced decoding: an upper bound that needs
-no second look at the file) while its pair is decoded, and gives them back right after. A request that cannot
-be admitted within a short wait is refused with 503 at once, rather than holding its uploads until it times out.
+no second look at the file) until its images are decoded, and gives them back right after. A request that
+cannot be admitted within a short wait is refused with 503 at once, rather than holding its uploads until it
+times out.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from functools import partial
 from typing import TypeVar
 
@@ -31,38 +31,36 @@ class OverBudget(Exception):
 
 
 class PixelBudget:
-    """A counter of decoded pixels in flight with a capacity; `async with budget.charge(n, wait_s):` holds `n`."""
+    """A counter of decoded pixels in flight with a capacity: `acquire` waits for room, `release` frees it."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._in_use = 0
-        self._freed = asyncio.Condition()
+        self._freed = asyncio.Event()  # set, then replaced, at each release: wakes every waiter to look again
         metrics.DECODE_PIXELS_IN_FLIGHT.set(0)
 
     @property
     def in_use(self) -> int:
         return self._in_use
 
-    @asynccontextmanager
-    async def charge(self, pixels: int, wait_s: float) -> AsyncIterator[None]:
-        """Hold `pixels` for the block; OverBudget if they exceed the capacity, BudgetExhausted if they do not
-        fit within `wait_s`."""
+    async def acquire(self, pixels: int, wait_s: float) -> None:
+        """Hold `pixels`; OverBudget if they exceed the capacity, BudgetExhausted if they do not fit within
+        `wait_s` (pixels that fit now are admitted without waiting, even at 0)."""
         if pixels > self.capacity:
             raise OverBudget
-        async with self._freed:
-            try:
-                async with asyncio.timeout(wait_s):  # pixels that fit now are admitted without waiting, even at 0
-                    await self._freed.wait_for(lambda: self._in_use + pixels <= self.capacity)
-            except TimeoutError:
-                raise BudgetExhausted from None
-            self._add(pixels)
-        metrics.DECODE_PIXELS_ADMITTED.inc(pixels)
         try:
-            yield
-        finally:
-            async with self._freed:
-                self._add(-pixels)
-                self._freed.notify_all()
+            async with asyncio.timeout(wait_s):
+                while self._in_use + pixels > self.capacity:
+                    await self._freed.wait()
+        except TimeoutError:
+            raise BudgetExhausted from None
+        self._add(pixels)
+        metrics.DECODE_PIXELS_ADMITTED.inc(pixels)
+
+    def release(self, pixels: int) -> None:
+        self._add(-pixels)
+        self._freed.set()
+        self._freed = asyncio.Event()
 
     def _add(self, pixels: int) -> None:
         self._in_use += pixels
@@ -78,17 +76,23 @@ class ImageWork:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images")
         self.budget = PixelBudget(max_pixels_in_flight)
 
-    async def decode(self, pixels: int, wait_s: float, decodings: Sequence[Callable[[], T]]) -> list[T]:
-        """The `decodings` (one per image) run side by side on the image threads once `pixels` are admitted (see
-        PixelBudget.charge); when they were the last decodes in flight, the freed memory is given back to the
-        system meanwhile."""
-        loop = asyncio.get_running_loop()
-        async with self.budget.charge(pixels, wait_s):
-            # Every decoding ends before the pixels are given back, even when one fails.
-            results = await asyncio.gather(*(loop.run_in_executor(self.pool, decoding) for decoding in decodings),
-                                           return_exceptions=True)
+    async def admit(self, pixels: int, wait_s: float) -> None:
+        """Charge `pixels` to the budget (see PixelBudget.acquire); give them back with `discharge`."""
+        await self.budget.acquire(pixels, wait_s)
+
+    def discharge(self, pixels: int) -> None:
+        """Give back admitted pixels once their images are decoded; after the last decode in flight, the freed
+        memory is given back to the system too, on an image thread (nobody waits for it)."""
+        self.budget.release(pixels)
         if self.budget.in_use == 0:
-            self.pool.submit(give_back_free_memory)  # the answer does not wait for it
+            self.pool.submit(give_back_free_memory)
+
+    async def run_all(self, calls: Sequence[Callable[[], T]]) -> list[T]:
+        """The `calls` side by side on the image threads; every one ends before the first error is raised, so
+        that no decoding outlives the pixels charged for it."""
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(loop.run_in_executor(self.pool, call) for call in calls),
+                                       return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result

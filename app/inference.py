@@ -29,8 +29,9 @@ from contract.images import header_pixels
 @dataclass(frozen=True)
 class DecodedPair:
     inputs: tuple[torch.Tensor, torch.Tensor]  # what the model sees
-    # /explain only: each upright original at overlay size, BGR, decoded and resized once for all its overlays
-    backgrounds: tuple[np.ndarray, np.ndarray] | None = None
+    # /explain only: each upright original at overlay size, BGR, decoded and resized once for all its overlays;
+    # still being decoded while the pair waits for and runs its batch
+    backgrounds: asyncio.Future[list[np.ndarray]] | None = None
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,7 @@ async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, 
     # Headers only (a few kB each): cheap enough for the event loop, and the image threads may all be busy.
     pixels = sum(header_pixels(data, field, settings.max_image_pixels) for data, field in zip(contents, uploads))
     try:
-        (first, first_background), (second, second_background) = await images.decode(
-            pixels, settings.admission_wait_s,
-            [partial(_decode_image, data, field, model, settings.max_image_pixels, overlay_max_side)
-             for data, field in zip(contents, uploads)])
+        await images.admit(pixels, settings.admission_wait_s)
     except OverBudget:
         raise Problem(422, "images-too-large",
                       f"image1 and image2 hold {pixels:,} pixels together; this service decodes at most "
@@ -74,19 +72,29 @@ async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, 
         metrics.REJECTIONS.labels("decode_budget").inc()
         raise service_unavailable("The service is busy decoding other images; retry shortly.",
                                   settings.retry_after_s) from None
-    if first_background is None or second_background is None:
-        return DecodedPair((first, second))
-    return DecodedPair((first, second), (first_background, second_background))
-
-
-def _decode_image(data: bytes, field: str, model: ServedModel, max_pixels: int,
-                  overlay_max_side: int | None) -> tuple[torch.Tensor, np.ndarray | None]:
-    """One upload as the model's input, and as its overlay background when `overlay_max_side` is given."""
-    model_input = model.model_input(data, field, max_pixels)
+    files = list(zip(contents, uploads, strict=True))
+    try:
+        first, second = await images.run_all(
+            [partial(model.model_input, data, field, settings.max_image_pixels) for data, field in files])
+    except BaseException:
+        images.discharge(pixels)
+        raise
     if overlay_max_side is None:
-        return model_input, None
-    # A second decode, at overlay size: the model's input must not depend on the endpoint that asked for it.
-    return model_input, overlay_background(data, field, max_pixels, overlay_max_side)
+        images.discharge(pixels)
+        return DecodedPair((first, second))
+    # A second decode, at overlay size (the model's input must not depend on the endpoint that asked for it),
+    # while the pair waits for and runs its batch: the overlays need it only after.
+    backgrounds = asyncio.ensure_future(images.run_all(
+        [partial(overlay_background, data, field, settings.max_image_pixels, overlay_max_side)
+         for data, field in files]))
+    backgrounds.add_done_callback(lambda done: _backgrounds_decoded(done, images, pixels))
+    return DecodedPair((first, second), backgrounds)
+
+
+def _backgrounds_decoded(backgrounds: asyncio.Future[list[np.ndarray]], images: ImageWork, pixels: int) -> None:
+    images.discharge(pixels)
+    if not backgrounds.cancelled():
+        backgrounds.exception()  # retrieved here, for a request that failed before it needed them
 
 
 async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: DecodedPair, arrived: float,
@@ -157,26 +165,29 @@ def timings_ms(outcome: Outcome, arrived: float) -> dict[str, float]:
 
 async def render_in_time(images: ImageWork, pair: DecodedPair, result: PairExplanations, options: OverlayOptions,
                          arrived: float, settings: Settings) -> Explanations:
-    """The explanations rendered on the image threads; 504 if they are not done REQUEST_TIMEOUT_S after the
-    request `arrived` (the rendering thread finishes its overlay, and the result is dropped)."""
+    """The explanations rendered on the image threads, the four overlays side by side, once the backgrounds are
+    decoded; 504 if they are not done REQUEST_TIMEOUT_S after the request `arrived` (the rendering threads finish
+    their overlays, and the result is dropped)."""
+    assert pair.backgrounds is not None, "read the pair with overlay_max_side to render its explanations"
     remaining = max(0.0, arrived + settings.request_timeout_s - time.monotonic())
     try:
-        return await asyncio.wait_for(images.run(render_explanations, pair, result, options), remaining)
+        async with asyncio.timeout(remaining):
+            return await render_explanations(images, await asyncio.shield(pair.backgrounds), result, options)
     except TimeoutError:
         raise _timed_out(settings) from None
 
 
-def render_explanations(pair: DecodedPair, result: PairExplanations, options: OverlayOptions) -> Explanations:
-    """The four overlays of one pair read with `overlay_max_side` (CPU work: run it in a thread)."""
-    assert pair.backgrounds is not None, "read the pair with overlay_max_side to render its explanations"
+async def render_explanations(images: ImageWork, backgrounds: list[np.ndarray], result: PairExplanations,
+                              options: OverlayOptions) -> Explanations:
+    """The four overlays of one pair, drawn over its two `backgrounds` on the image threads."""
     factual: Target = "similar" if bool(result.similar) else "dissimilar"
     counterfactual: Target = "dissimilar" if factual == "similar" else "similar"
+    heatmaps = (result.factual1, result.factual2, result.counterfactual1, result.counterfactual2)
+    factual1, factual2, counterfactual1, counterfactual2 = await images.run_all(
+        [partial(_overlay, backgrounds[index % 2], heatmap, options) for index, heatmap in enumerate(heatmaps)])
     return Explanations(
-        factual=Explanation(target=factual, image1=_overlay(pair.backgrounds[0], result.factual1, options),
-                            image2=_overlay(pair.backgrounds[1], result.factual2, options)),
-        counterfactual=Explanation(
-            target=counterfactual, image1=_overlay(pair.backgrounds[0], result.counterfactual1, options),
-            image2=_overlay(pair.backgrounds[1], result.counterfactual2, options)),
+        factual=Explanation(target=factual, image1=factual1, image2=factual2),
+        counterfactual=Explanation(target=counterfactual, image1=counterfactual1, image2=counterfactual2),
     )
 
 
