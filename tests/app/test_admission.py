@@ -1,6 +1,6 @@
 """Admission before work, for real over HTTP: a budget of decoded pixels in flight refuses what it cannot take
-with 503 and Retry-After at once, a pair larger than the whole budget gets 422, and a full queue refuses before
-any decoding."""
+with 503 and Retry-After at once, a pair larger than the whole budget gets 422, a full queue refuses before any
+decoding, and every admitted pixel is given back, /explain's backgrounds included."""
 
 from __future__ import annotations
 
@@ -86,3 +86,20 @@ def test_a_full_queue_refuses_before_decoding(serve: Callable[..., AbstractConte
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
         assert "at capacity" in refused.json()["detail"]
+
+
+def test_explain_gives_its_pixels_back_once_its_backgrounds_are_decoded(
+    serve: Callable[..., AbstractContextManager[str]]
+) -> None:
+    pair_pixels = 2 * LARGE_SIDE * LARGE_SIDE
+    # Room for one pair: while /explain's backgrounds were still charged, the next pair would get 503.
+    with serve(max_decode_pixels_in_flight=pair_pixels, admission_wait_s=5) as url, \
+            httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+        admitted_before = metric_value(client, "siamcam_decode_pixels_admitted_total")
+        for _ in range(3):
+            explained = client.post("/explain", files=pair_files(LARGE_PNG, LARGE_PNG))
+            assert explained.status_code == 200
+            assert explained.json()["explanations"]["factual"]["image1"]["width"] == 1024
+        assert metric_value(client, "siamcam_decode_pixels_admitted_total") == admitted_before + 3 * pair_pixels
+        assert metric_value(client, "siamcam_decode_pixels_in_flight") == 0
+        assert client.post("/similarity", files=pair_files(LARGE_PNG, LARGE_PNG)).status_code == 200
