@@ -2,8 +2,8 @@
 
 Each kind of job (similarity, explain) has its own queue. The worker picks the queue whose oldest pair has
 waited longest, lets that pair wait up to `max_batch_wait_s` for others to join it (or until a full batch is
-there), then runs up to `max_batch_size` pairs as one batch on the model's own thread, so the event loop never blocks and
-the model never waits behind other work in a shared thread pool.
+there), then runs up to `max_batch_size` pairs as one batch on the model's own thread, so the event loop never
+blocks and the model never waits behind other work in a shared thread pool.
 Pairs stay in their queue while they wait, so a client that gives up can take its pair back out.
 
 A batch that fails is run again one pair at a time, so that only the pairs that fail on their own fail. If the
@@ -84,10 +84,11 @@ class Batcher:
         """Queue one pair; raises QueueFull when its queue is at capacity, WorkerStopped once the worker is."""
         if self.stopped:
             raise WorkerStopped
-        if self.is_full(kind):
+        queue = self._queues[kind]
+        if len(queue) >= self._capacity:
             raise QueueFull(kind)
         job = Job(kind, image1, image2, asyncio.get_running_loop().create_future())
-        self._queues[kind].append(job)
+        queue.append(job)
         self._queue_changed(kind)
         return job
 

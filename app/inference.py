@@ -46,8 +46,9 @@ class OverlayOptions:
 
 async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, batcher: Batcher, kind: str,
                     images: ImageWork, settings: Settings, overlay_max_side: int | None = None) -> DecodedPair:
-    """Both uploads admitted, then decoded and preprocessed on the image threads, with their overlay backgrounds
-    when `overlay_max_side` is given. Refused before any decoding: 413 for files over the limit, 503 when the
+    """Both uploads admitted, then decoded and preprocessed side by side on the image threads; with
+    `overlay_max_side`, their overlay backgrounds go on being decoded after this returns (their pixels stay
+    charged until then). Refused before any decoding: 413 for files over the limit, 503 when the
     `kind` queue is full or the images' pixels cannot be admitted within ADMISSION_WAIT_S, 422 for a pair larger
     than the whole budget, and the contract's image errors (415/422 in errors.py) for what its header says."""
     uploads = {"image1": image1, "image2": image2}

@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="a request still waiting after this gets 504")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted file per image")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted image (width x height)")
-    # Two pairs of the largest images at once, one per image thread on a 2-core machine (README, "Settings").
+    # Two pairs of the largest images (README, "Settings"): while one pair's decoding ends, the next one's starts.
     max_decode_pixels_in_flight: int = Field(
         160_000_000, ge=1, description="header pixels (width x height) of the images being decoded at once"
     )
