@@ -2,7 +2,8 @@
 
 Each kind of job (similarity, explain) has its own queue. The worker picks the queue whose oldest pair has
 waited longest, lets that pair wait up to `max_batch_wait_s` for others to join it (or until a full batch is
-there), then runs up to `max_batch_size` pairs as one batch in a worker thread, so the event loop never blocks.
+there), then runs up to `max_batch_size` pairs as one batch on the model's own thread, so the event loop never
+blocks and the model never waits behind other work in a shared thread pool.
 Pairs stay in their queue while they wait, so a client that gives up can take its pair back out.
 
 A batch that fails is run again one pair at a time, so that only the pairs that fail on their own fail. If the
@@ -16,13 +17,15 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from app import metrics
 
+T = TypeVar("T")
 BatchRunner = Callable[[list[torch.Tensor], list[torch.Tensor]], Sequence[Any]]
 
 
@@ -71,6 +74,9 @@ class Batcher:
         self._changed = asyncio.Event()
         self._running: list[Job] = []  # the batch in progress
         self.stopped = False
+        # One thread for every model call: batches are sequential anyway, and timings_ms.inference stays the
+        # model's time, never a wait for a thread busy with decoding or rendering.
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         for kind in runners:
             metrics.QUEUE_DEPTH.labels(kind).set(0)
 
@@ -85,6 +91,10 @@ class Batcher:
         queue.append(job)
         self._queue_changed(kind)
         return job
+
+    def is_full(self, kind: str) -> bool:
+        """Whether `submit` would refuse a pair of this kind now (checked before decoding one)."""
+        return len(self._queues[kind]) >= self._capacity
 
     def withdraw(self, job: Job) -> bool:
         """Take back a pair whose client stopped waiting; False if its batch has already started."""
@@ -111,6 +121,7 @@ class Batcher:
                 await self._run_batch(kind, self._running)
         finally:
             self.stopped = True
+            self._model_thread.shutdown(wait=False)
             stranded = [*self._running, *(job for queue in self._queues.values() for job in queue)]
             for kind, queue in self._queues.items():
                 queue.clear()
@@ -140,7 +151,7 @@ class Batcher:
     async def _run_batch(self, kind: str, jobs: list[Job]) -> None:
         started = time.monotonic()
         try:
-            results = await asyncio.to_thread(
+            results = await self._on_model_thread(
                 self._runners[kind], [job.image1 for job in jobs], [job.image2 for job in jobs]
             )
             # Inside the `try`: a runner returning the wrong number of results fails its batch, not the worker.
@@ -158,7 +169,7 @@ class Batcher:
         """Stop if the model is broken; else run the pairs of a failed batch again one by one, so that one bad
         pair fails alone; a pair that fails alone gets the error."""
         try:
-            await asyncio.to_thread(self._self_check)
+            await self._on_model_thread(self._self_check)
         except Exception as check_error:
             raise ModelBroken(f"the model fails even on the warm-up pair ({check_error}) after a batch failed "
                               f"({error}); restart the service") from error
@@ -169,6 +180,9 @@ class Batcher:
         for job in jobs:
             if not job.future.done():
                 await self._run_batch(kind, [job])
+
+    async def _on_model_thread(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._model_thread, function, *args)
 
     @staticmethod
     def _observe_start(kind: str, jobs: list[Job]) -> None:

@@ -1,4 +1,4 @@
-"""The steps of an inference request between the route and the model: read and decode the uploads, wait for
+"""The steps of an inference request between the route and the model: admit and decode the uploads, wait for
 the batch result (with timeout and disconnect handling), and render the explanations."""
 
 from __future__ import annotations
@@ -7,12 +7,14 @@ import asyncio
 import base64
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from fastapi import Request, UploadFile
 
 from app import metrics
+from app.admission import BudgetExhausted, ImageWork, OverBudget
 from app.batcher import Batcher, Job, Outcome, QueueFull, WorkerStopped
 from app.errors import CLIENT_CLOSED_REQUEST, Problem, service_unavailable
 from app.model import PairExplanation, ServedModel
@@ -22,16 +24,17 @@ from app.service import Service
 from app.settings import Settings
 from contract.explainers import Method, cell_box
 from contract.explainers.contributions import PairContributions
-from contract.images import upright_size
+from contract.images import header_pixels, upright_size
 
 
 @dataclass(frozen=True)
 class DecodedPair:
     inputs: tuple[torch.Tensor, torch.Tensor]  # what the model sees
-    # /explain only: each upright original at overlay size, BGR, decoded and resized once for all its overlays,
-    # and each original's own upright (width, height), which contributions' boxes are measured in
-    backgrounds: tuple[np.ndarray, np.ndarray] | None = None
-    sizes: tuple[tuple[int, int], tuple[int, int]] | None = None
+    # /explain only: each upright original at overlay size, BGR, decoded and resized once for all its overlays
+    # (still being decoded while the pair waits for and runs its batch), and each original's own upright
+    # (width, height), which contributions' boxes are measured in
+    backgrounds: asyncio.Future[list[np.ndarray]] | None = None
+    sizes: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,33 +47,59 @@ class OverlayOptions:
     quality: int
 
 
-async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, settings: Settings,
-                    overlay_max_side: int | None = None) -> DecodedPair:
-    """Both uploads decoded and preprocessed, off the event loop, with their overlay backgrounds when
-    `overlay_max_side` is given; 413 for files over the limit, the contract's image errors (mapped to 415/422 in
-    errors.py) for the rest."""
+async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, batcher: Batcher, kind: str,
+                    images: ImageWork, settings: Settings, overlay_max_side: int | None = None) -> DecodedPair:
+    """Both uploads admitted, then decoded and preprocessed side by side on the image threads; with
+    `overlay_max_side`, their overlay backgrounds go on being decoded after this returns (their pixels stay
+    charged until then). Refused before any decoding: 413 for files over the limit, 503 when the
+    `kind` queue is full or the images' pixels cannot be admitted within ADMISSION_WAIT_S, 422 for a pair larger
+    than the whole budget, and the contract's image errors (415/422 in errors.py) for what its header says."""
     uploads = {"image1": image1, "image2": image2}
     for field, upload in uploads.items():
         if upload.size is not None and upload.size > settings.max_upload_bytes:
             raise Problem(413, "content-too-large",
                           f"{field} is {upload.size:,} bytes; the limit is {settings.max_upload_bytes:,} bytes. "
                           "Send a smaller file.")
+    if batcher.is_full(kind):
+        raise _queue_full(settings)
     contents = [await upload.read() for upload in uploads.values()]
-    return await asyncio.to_thread(_decode_pair, contents, list(uploads), model, settings.max_image_pixels,
-                                   overlay_max_side)
-
-
-def _decode_pair(contents: list[bytes], fields: list[str], model: ServedModel, max_pixels: int,
-                 overlay_max_side: int | None) -> DecodedPair:
-    files = list(zip(contents, fields, strict=True))
-    first, second = (model.model_input(data, field, max_pixels) for data, field in files)
+    # Headers only (a few kB each): cheap enough for the event loop, and the image threads may all be busy.
+    pixels = sum(header_pixels(data, field, settings.max_image_pixels) for data, field in zip(contents, uploads))
+    try:
+        await images.admit(pixels, settings.admission_wait_s)
+    except OverBudget:
+        raise Problem(422, "images-too-large",
+                      f"image1 and image2 hold {pixels:,} pixels together; this service decodes at most "
+                      f"{images.budget.capacity:,} at once (MAX_DECODE_PIXELS_IN_FLIGHT). Send smaller images.")\
+            from None
+    except BudgetExhausted:
+        metrics.REJECTIONS.labels("decode_budget").inc()
+        raise service_unavailable("The service is busy decoding other images; retry shortly.",
+                                  settings.retry_after_s) from None
+    files = list(zip(contents, uploads, strict=True))
+    try:
+        first, second = await images.run_all(
+            [partial(model.model_input, data, field, settings.max_image_pixels) for data, field in files])
+    except BaseException:
+        images.discharge(pixels)
+        raise
     if overlay_max_side is None:
+        images.discharge(pixels)
         return DecodedPair((first, second))
-    # A second decode, at overlay size: the model's input must not depend on the endpoint that asked for it.
-    first_background, second_background = (overlay_background(data, field, max_pixels, overlay_max_side)
-                                            for data, field in files)
-    sizes = tuple(upright_size(data, field, max_pixels) for data, field in files)
-    return DecodedPair((first, second), (first_background, second_background), sizes)
+    # A second decode, at overlay size (the model's input must not depend on the endpoint that asked for it),
+    # while the pair waits for and runs its batch: the overlays need it only after.
+    backgrounds = asyncio.ensure_future(images.run_all(
+        [partial(overlay_background, data, field, settings.max_image_pixels, overlay_max_side)
+         for data, field in files]))
+    backgrounds.add_done_callback(lambda done: _backgrounds_decoded(done, images, pixels))
+    sizes = tuple(upright_size(data, field, settings.max_image_pixels) for data, field in files)
+    return DecodedPair((first, second), backgrounds, sizes)
+
+
+def _backgrounds_decoded(backgrounds: asyncio.Future[list[np.ndarray]], images: ImageWork, pixels: int) -> None:
+    images.discharge(pixels)
+    if not backgrounds.cancelled():
+        backgrounds.exception()  # retrieved here, for a request that failed before it needed them
 
 
 async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: DecodedPair, arrived: float,
@@ -80,9 +109,8 @@ async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: Deco
     deadline = arrived + settings.request_timeout_s
     try:
         job = batcher.submit(kind, *pair.inputs)
-    except QueueFull:
-        metrics.REJECTIONS.labels("queue_full").inc()
-        raise service_unavailable("The service is at capacity; retry shortly.", settings.retry_after_s) from None
+    except QueueFull:  # filled while this pair was being decoded
+        raise _queue_full(settings) from None
     except WorkerStopped:
         raise _worker_stopped(settings) from None
     client_gone = asyncio.create_task(_wait_for_disconnect(request))
@@ -100,9 +128,18 @@ async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: Deco
     if client_gone.done() and not client_gone.cancelled():
         metrics.REJECTIONS.labels("disconnected").inc()
         raise Problem(CLIENT_CLOSED_REQUEST, "client-closed-request", "The client closed the connection.")
+    raise _timed_out(settings)
+
+
+def _timed_out(settings: Settings) -> Problem:
     metrics.REJECTIONS.labels("timeout").inc()
-    raise Problem(504, "timeout", f"The request took longer than {settings.request_timeout_s:g} s (the service "
-                  "is overloaded); retry later or with smaller images.")
+    return Problem(504, "timeout", f"The request took longer than {settings.request_timeout_s:g} s (the service "
+                   "is overloaded); retry later or with smaller images.")
+
+
+def _queue_full(settings: Settings) -> Problem:
+    metrics.REJECTIONS.labels("queue_full").inc()
+    return service_unavailable("The service is at capacity; retry shortly.", settings.retry_after_s)
 
 
 def _worker_stopped(settings: Settings) -> Problem:
@@ -131,18 +168,32 @@ def timings_ms(outcome: Outcome, arrived: float) -> dict[str, float]:
     }
 
 
-def render_explanations(pair: DecodedPair, result: PairExplanation, options: OverlayOptions) -> Explanations:
-    """The four overlays of one pair read with `overlay_max_side` (CPU work: run it in a thread)."""
+async def render_in_time(images: ImageWork, pair: DecodedPair, result: PairExplanation, options: OverlayOptions,
+                         arrived: float, settings: Settings) -> Explanations:
+    """The explanations rendered on the image threads, the four overlays side by side, once the backgrounds are
+    decoded; 504 if they are not done REQUEST_TIMEOUT_S after the request `arrived` (the rendering threads finish
+    their overlays, and the result is dropped)."""
     assert pair.backgrounds is not None, "read the pair with overlay_max_side to render its explanations"
+    remaining = max(0.0, arrived + settings.request_timeout_s - time.monotonic())
+    try:
+        async with asyncio.timeout(remaining):
+            return await render_explanations(images, await asyncio.shield(pair.backgrounds), result, options)
+    except TimeoutError:
+        raise _timed_out(settings) from None
+
+
+async def render_explanations(images: ImageWork, backgrounds: list[np.ndarray], result: PairExplanation,
+                              options: OverlayOptions) -> Explanations:
+    """The four overlays of one pair, drawn over its two `backgrounds` on the image threads."""
     factual: Target = "similar" if result.similar else "dissimilar"
     counterfactual: Target = "dissimilar" if factual == "similar" else "similar"
     maps = result.maps
+    heatmaps = (maps.factual1, maps.factual2, maps.counterfactual1, maps.counterfactual2)
+    factual1, factual2, counterfactual1, counterfactual2 = await images.run_all(
+        [partial(_overlay, backgrounds[index % 2], heatmap, options) for index, heatmap in enumerate(heatmaps)])
     return Explanations(
-        factual=Explanation(target=factual, image1=_overlay(pair.backgrounds[0], maps.factual1, options),
-                            image2=_overlay(pair.backgrounds[1], maps.factual2, options)),
-        counterfactual=Explanation(
-            target=counterfactual, image1=_overlay(pair.backgrounds[0], maps.counterfactual1, options),
-            image2=_overlay(pair.backgrounds[1], maps.counterfactual2, options)),
+        factual=Explanation(target=factual, image1=factual1, image2=factual2),
+        counterfactual=Explanation(target=counterfactual, image1=counterfactual1, image2=counterfactual2),
     )
 
 
@@ -189,9 +240,9 @@ def require_method(model: ServedModel, method: Method) -> None:
         raise Problem(422, "method-unavailable", f"method={method} is not available: {model.contributions_refusal}.")
 
 
-def require_ready(service: Service) -> tuple[ServedModel, Batcher]:
-    if service.model is None or service.batcher is None:
+def require_ready(service: Service) -> tuple[ServedModel, Batcher, ImageWork]:
+    if service.model is None or service.batcher is None or service.images is None:
         raise service_unavailable("The model is still loading; retry shortly.", service.settings.retry_after_s)
     if service.batcher.stopped:
         raise _worker_stopped(service.settings)
-    return service.model, service.batcher
+    return service.model, service.batcher, service.images

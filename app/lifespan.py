@@ -12,6 +12,7 @@ from functools import partial
 
 from fastapi import FastAPI
 
+from app.admission import ImageWork
 from app.batcher import Batcher
 from app.model import (
     EXPLAIN_QUEUES, ModelLoadError, ServedModel, explain_pairs, load_model, score_blank_pair, score_pairs, warm_up,
@@ -56,6 +57,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_batch_wait_s=settings.max_batch_wait_ms / 1000,
         queue_capacity=settings.queue_capacity,
     )
+    images = ImageWork(settings.image_workers, settings.max_decode_pixels_in_flight)
     worker = asyncio.create_task(batcher.run(), name="inference-worker")
     restart_requested = False
     try:
@@ -72,6 +74,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
             worker.add_done_callback(on_worker_end)
             service.batcher = batcher
+            service.images = images
             service.model = model
             logger.info("ready", extra={
                 "model": model.manifest.name, "version": model.manifest.version, "device": str(model.device),
@@ -81,5 +84,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):  # a failed worker has been reported
             await worker
+        images.close()
     if restart_requested:
         _exit_now(EXIT_MODEL_UNAVAILABLE)  # not the status of the SIGTERM uvicorn would re-raise: we failed

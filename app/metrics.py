@@ -23,6 +23,12 @@ INFERENCE_TIME = Histogram(
 )
 REJECTIONS = Counter(
     "siamcam_rejections_total",
-    "Requests refused or abandoned: queue_full, draining, timeout, disconnected, worker_stopped",
+    "Requests refused or abandoned: queue_full, decode_budget, draining, timeout, disconnected, worker_stopped",
     ["reason"],
+)
+DECODE_PIXELS_IN_FLIGHT = Gauge(
+    "siamcam_decode_pixels_in_flight", "Header pixels of the images being decoded now (MAX_DECODE_PIXELS_IN_FLIGHT)"
+)
+DECODE_PIXELS_ADMITTED = Counter(
+    "siamcam_decode_pixels_admitted_total", "Header pixels of the images admitted for decoding"
 )

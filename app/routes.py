@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 from typing import Annotated
@@ -12,7 +11,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.inference import (
-    OverlayOptions, describe_contributions, read_pair, render_explanations, require_method, require_ready,
+    OverlayOptions, describe_contributions, read_pair, render_in_time, require_method, require_ready,
     run_in_batch, timings_ms,
 )
 from app.model import EXPLAIN_QUEUES
@@ -45,8 +44,8 @@ async def similarity(
 ) -> SimilarityResponse:
     """How similar two images are: a score in [0, 1] and the decision against the model's threshold."""
     arrived = time.monotonic()
-    model, batcher = require_ready(service)
-    pair = await read_pair(image1, image2, model, service.settings)
+    model, batcher, images = require_ready(service)
+    pair = await read_pair(image1, image2, model, batcher, "similarity", images, service.settings)
     outcome = await run_in_batch(request, batcher, "similarity", pair, arrived, service.settings)
     score = float(outcome.value)
     return SimilarityResponse(score=score, similar=score >= model.threshold, threshold=model.threshold,
@@ -80,14 +79,15 @@ async def explain(
     logit's exact contributions with the regions of the two images that match."""
     arrived = time.monotonic()
     settings: Settings = service.settings
-    model, batcher = require_ready(service)
+    model, batcher, images = require_ready(service)
     require_method(model, method)
     options = OverlayOptions(overlay_format, opacity, colormap, min(max_side, settings.max_overlay_side),
                              include_heatmaps, quality)
-    pair = await read_pair(image1, image2, model, settings, overlay_max_side=options.max_side)
-    outcome = await run_in_batch(request, batcher, EXPLAIN_QUEUES[method], pair, arrived, settings)
+    kind = EXPLAIN_QUEUES[method]
+    pair = await read_pair(image1, image2, model, batcher, kind, images, settings, overlay_max_side=options.max_side)
+    outcome = await run_in_batch(request, batcher, kind, pair, arrived, settings)
     result = outcome.value
-    explanations = await asyncio.to_thread(render_explanations, pair, result, options)
+    explanations = await render_in_time(images, pair, result, options, arrived, settings)
     contributions = None if result.contributions is None else describe_contributions(
         pair, result.contributions, top_matches, include_correspondence)
     return ExplainResponse(score=result.score, similar=result.similar, threshold=model.threshold,
@@ -98,7 +98,7 @@ async def explain(
 @router.get("/model", response_model=ModelInfo, responses=MODEL_INFO_ERRORS, tags=["operations"])
 async def model_info(service: ServiceDep) -> ModelInfo:
     """The served model, from its manifest."""
-    model, _ = require_ready(service)
+    model, _, _ = require_ready(service)
     return ModelInfo.model_validate({**model.manifest.model_dump(), "explain_methods": list(model.methods)})
 
 

@@ -168,11 +168,13 @@ INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _problem("the body is not valid multipart/form-data"),
     413: _problem("an upload is over MAX_UPLOAD_BYTES"),
     415: _problem("a file is not an image"),
-    422: _problem("a corrupt or truncated image, an image over MAX_IMAGE_PIXELS, a missing field or a bad option "
-                  "(or method=contributions on a model exported before format version 2)"),
-    503: _problem("queue full, model not ready, replica draining or its inference worker stopped: retry after "
+    422: _problem("a corrupt or truncated image, an image over MAX_IMAGE_PIXELS, a pair of images over "
+                  "MAX_DECODE_PIXELS_IN_FLIGHT together, a missing field or a bad option (or method=contributions "
+                  "on a model exported before format version 2)"),
+    503: _problem("queue full, too many pixels being decoded, model not ready, replica draining or its inference "
+                  "worker stopped: retry after "
                   "the Retry-After header", RETRY_AFTER_HEADER),
-    504: _problem("the request waited longer than REQUEST_TIMEOUT_S"),
+    504: _problem("the request was not answered within REQUEST_TIMEOUT_S"),
     500: _UNEXPECTED,
 }
 MODEL_INFO_ERRORS: dict[int | str, dict[str, Any]] = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from app.admission import ImageWork
 from app.batcher import Batcher
 from app.model import ServedModel
 from app.settings import Settings
@@ -17,6 +18,7 @@ class Service:
     drain: Drain = field(default_factory=Drain)
     model: ServedModel | None = None  # set once loaded and warmed up
     batcher: Batcher | None = None
+    images: ImageWork | None = None  # the threads and pixel budget of decoding and rendering
 
     @property
     def readiness(self) -> Literal["ready", "loading", "draining", "failed"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +33,17 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="a request still waiting after this gets 504")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted file per image")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted image (width x height)")
+    # Two pairs of the largest images (README, "Settings"): while one pair's decoding ends, the next one's starts.
+    max_decode_pixels_in_flight: int = Field(
+        160_000_000, ge=1, description="header pixels (width x height) of the images being decoded at once"
+    )
+    admission_wait_s: float = Field(
+        1.0, ge=0, description="how long a request may wait for MAX_DECODE_PIXELS_IN_FLIGHT before its 503"
+    )
+    image_workers: int = Field(
+        default_factory=lambda: len(os.sched_getaffinity(0)), ge=1,
+        description="threads that decode uploads and render overlays (default: the CPUs this process may use)",
+    )
     max_overlay_side: int = Field(2048, ge=16, description="cap on the `max_side` option of /explain")
     drain_grace_s: float = Field(
         30.0, ge=0, description="after SIGTERM, how long accepted requests may still take before exit"

@@ -66,6 +66,14 @@ def decode_upright_rgb(source: bytes | Path, name: str = "image", max_pixels: in
     return picture
 
 
+def header_pixels(source: bytes | Path, name: str, max_pixels: int | None) -> int:
+    """Width x height from the image's header, checked against `max_pixels` as decoding does; no pixel is
+    decoded (what the service charges to its budget of pixels in flight before decoding)."""
+    with _open(source, name, max_pixels) as image:
+        width, height = image.size
+    return width * height
+
+
 def fitted_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     """(width, height) scaled down (never up) so that the longest side is at most `max_side`, aspect kept."""
     scale = min(1.0, max_side / max(width, height))

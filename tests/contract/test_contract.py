@@ -17,6 +17,7 @@ from PIL import Image
 from app.model import load_model
 from contract.images import (
     CorruptImage, NotAnImage, TooManyPixels, decode_upright_rgb, decode_upright_rgb_fitted, fitted_size,
+    header_pixels,
 )
 from contract.manifest import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS, Manifest, ManifestError, read_manifest
 from contract.preprocess import Preprocessing, decode_for_model, resize_to
@@ -121,6 +122,15 @@ def test_decoding_refuses_what_it_cannot_use_with_domain_errors() -> None:
         decode_upright_rgb(encode(drawn_image(1, (120, 80)), "PNG"), "image2", max_pixels=9000)
     with pytest.raises(CorruptImage, match="truncated or damaged"):
         decode_upright_rgb(encode(drawn_image(1, (120, 80)), "PNG")[:300], "image2")
+
+
+def test_header_pixels_are_the_stored_size_checked_like_decoding() -> None:
+    # EXIF-rotated: the stored width x height is what decoding will hold, whichever way up the picture stands.
+    assert header_pixels(phone_photo(1, (400, 300), orientation=6), "image1", None) == 400 * 300
+    with pytest.raises(TooManyPixels, match=r"\(120 x 80 pixels\): the limit is 9,000 pixels"):
+        header_pixels(encode(drawn_image(1, (120, 80)), "PNG"), "image2", max_pixels=9000)
+    with pytest.raises(NotAnImage, match="image1 is not an image"):
+        header_pixels(b"%PDF-1.7 not a picture", "image1", None)
 
 
 def test_the_committed_default_manifest_validates_and_round_trips() -> None:

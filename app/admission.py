@@ -1,0 +1,105 @@
+"""Admission before work: a budget of decoded pixels in flight, charged from the image headers before decoding.
+
+Full-size pixels exist only while an upload is being decoded (contract/images.py shrinks them right away), so
+the memory a burst of large images can take is bounded by what is being decoded at once. Each request charges
+its two images' header pixels (width x height, the size before any reduced decoding: an upper bound that needs
+no second look at the file) until its images are decoded, and gives them back right after. A request that
+cannot be admitted within a short wait is refused with 503 at once, rather than holding its uploads until it
+times out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import TypeVar
+
+from app import metrics
+from app.memory import give_back_free_memory
+
+T = TypeVar("T")
+
+
+class BudgetExhausted(Exception):
+    """The pixels did not fit within the wait: the service is busy decoding other images."""
+
+
+class OverBudget(Exception):
+    """The pixels can never fit: they exceed the whole budget."""
+
+
+class PixelBudget:
+    """A counter of decoded pixels in flight with a capacity: `acquire` waits for room, `release` frees it."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._in_use = 0
+        self._freed = asyncio.Event()  # set, then replaced, at each release: wakes every waiter to look again
+        metrics.DECODE_PIXELS_IN_FLIGHT.set(0)
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+    async def acquire(self, pixels: int, wait_s: float) -> None:
+        """Hold `pixels`; OverBudget if they exceed the capacity, BudgetExhausted if they do not fit within
+        `wait_s` (pixels that fit now are admitted without waiting, even at 0)."""
+        if pixels > self.capacity:
+            raise OverBudget
+        try:
+            async with asyncio.timeout(wait_s):
+                while self._in_use + pixels > self.capacity:
+                    await self._freed.wait()
+        except TimeoutError:
+            raise BudgetExhausted from None
+        self._add(pixels)
+        metrics.DECODE_PIXELS_ADMITTED.inc(pixels)
+
+    def release(self, pixels: int) -> None:
+        self._add(-pixels)
+        self._freed.set()
+        self._freed = asyncio.Event()
+
+    def _add(self, pixels: int) -> None:
+        self._in_use += pixels
+        metrics.DECODE_PIXELS_IN_FLIGHT.set(self._in_use)
+
+
+class ImageWork:
+    """Where uploads are decoded and overlays rendered: a small thread pool of the service's own (not asyncio's
+    default one, which other libraries share), so that image work queues there and never delays the model's
+    thread; and the budget of pixels those threads may be decoding at once."""
+
+    def __init__(self, workers: int, max_pixels_in_flight: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images")
+        self.budget = PixelBudget(max_pixels_in_flight)
+
+    async def admit(self, pixels: int, wait_s: float) -> None:
+        """Charge `pixels` to the budget (see PixelBudget.acquire); give them back with `discharge`."""
+        await self.budget.acquire(pixels, wait_s)
+
+    def discharge(self, pixels: int) -> None:
+        """Give back admitted pixels once their images are decoded; after the last decode in flight, the freed
+        memory is given back to the system too, on an image thread (nobody waits for it)."""
+        self.budget.release(pixels)
+        if self.budget.in_use == 0:
+            self.pool.submit(give_back_free_memory)
+
+    async def run_all(self, calls: Sequence[Callable[[], T]]) -> list[T]:
+        """The `calls` side by side on the image threads; every one ends before the first error is raised, so
+        that no decoding outlives the pixels charged for it."""
+        loop = asyncio.get_running_loop()
+        results = await asyncio.gather(*(loop.run_in_executor(self.pool, call) for call in calls),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results  # type: ignore[return-value]  # no exceptions left
+
+    async def run(self, function: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, partial(function, *args))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,105 @@
+"""Admission before work, for real over HTTP: a budget of decoded pixels in flight refuses what it cannot take
+with 503 and Retry-After at once, a pair larger than the whole budget gets 422, a full queue refuses before any
+decoding, and every admitted pixel is given back, /explain's backgrounds included."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import httpx
+from PIL import Image
+
+from tests.support.images import drawn_image, encode, pair_files
+from tests.support.metrics import metric_value
+
+LARGE_SIDE = 3000  # 9 Mpx per image
+# Blocks of flat colour: 9 Mpx in a file far below MAX_UPLOAD_BYTES.
+LARGE_PNG = encode(drawn_image(7, (60, 60)).resize((LARGE_SIDE, LARGE_SIDE), Image.Resampling.NEAREST), "PNG")
+SMALL_PNG = encode(drawn_image(8, (48, 48)), "PNG")
+FLOOD = 12
+
+
+async def _post_all(url: str, pairs: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, timeout=120, trust_env=False) as client:
+        return await asyncio.gather(*(client.post("/similarity", files=files) for files in pairs))
+
+
+def test_a_flood_of_large_images_gets_200_or_503_and_the_service_stays_ready(
+    serve: Callable[..., AbstractContextManager[str]]
+) -> None:
+    pair_pixels = 2 * LARGE_SIDE * LARGE_SIDE
+    # Room for one large pair at a time, and no waiting: every request that arrives while a pair is being
+    # decoded is refused.
+    with serve(max_decode_pixels_in_flight=pair_pixels, admission_wait_s=0, max_batch_wait_ms=10) as url, \
+            httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+        refused_before = metric_value(client, "siamcam_rejections_total", reason="decode_budget")
+        responses = asyncio.run(_post_all(url, [pair_files(LARGE_PNG, LARGE_PNG)] * FLOOD))
+        statuses = [response.status_code for response in responses]
+        assert set(statuses) <= {200, 503}, statuses
+        assert 200 in statuses and 503 in statuses, statuses
+        for refused in (response for response in responses if response.status_code == 503):
+            assert refused.headers["retry-after"] == "1"
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert "decoding other images" in refused.json()["detail"]
+        refusals = metric_value(client, "siamcam_rejections_total", reason="decode_budget") - refused_before
+        assert refusals == statuses.count(503)
+        assert metric_value(client, "siamcam_decode_pixels_in_flight") == 0
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/similarity", files=pair_files(LARGE_PNG, LARGE_PNG)).status_code == 200
+
+
+def test_a_pair_larger_than_the_whole_budget_gets_422(serve: Callable[..., AbstractContextManager[str]]) -> None:
+    small_pixels = 2 * 48 * 48
+    with serve(max_decode_pixels_in_flight=small_pixels) as url, \
+            httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+        too_large = client.post("/similarity", files=pair_files(SMALL_PNG, encode(drawn_image(9, (64, 48)))))
+        assert too_large.status_code == 422
+        assert too_large.json()["type"] == "urn:siamcam:problem:images-too-large"
+        assert f"{48 * 48 + 64 * 48:,} pixels" in too_large.json()["detail"]
+        assert "MAX_DECODE_PIXELS_IN_FLIGHT" in too_large.json()["detail"]
+        assert client.post("/similarity", files=pair_files(SMALL_PNG, SMALL_PNG)).status_code == 200
+
+
+def test_a_full_queue_refuses_before_decoding(serve: Callable[..., AbstractContextManager[str]]) -> None:
+    huge_jpeg = encode(Image.new("RGB", (6000, 6000), (90, 140, 30)), "JPEG")  # 36 Mpx, a small file
+    # A long batch window keeps the first pair queued while the second arrives.
+    with serve(queue_capacity=1, max_batch_size=8, max_batch_wait_ms=4000) as url, \
+            httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+
+        async def refuse_while_queued() -> httpx.Response:
+            async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as other:
+                queued = asyncio.create_task(other.post("/similarity", files=pair_files(SMALL_PNG, SMALL_PNG)))
+                deadline = time.monotonic() + 3
+                while metric_value(client, "siamcam_queue_depth", queue="similarity") != 1:
+                    assert time.monotonic() < deadline, "the first pair was not queued"
+                    await asyncio.sleep(0.02)
+                admitted_before = metric_value(client, "siamcam_decode_pixels_admitted_total")
+                refused = await other.post("/similarity", files=pair_files(huge_jpeg, huge_jpeg))
+                assert metric_value(client, "siamcam_decode_pixels_admitted_total") == admitted_before
+                assert (await queued).status_code == 200
+                return refused
+
+        refused = asyncio.run(refuse_while_queued())
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert "at capacity" in refused.json()["detail"]
+
+
+def test_explain_gives_its_pixels_back_once_its_backgrounds_are_decoded(
+    serve: Callable[..., AbstractContextManager[str]]
+) -> None:
+    pair_pixels = 2 * LARGE_SIDE * LARGE_SIDE
+    # Room for one pair: while /explain's backgrounds were still charged, the next pair would get 503.
+    with serve(max_decode_pixels_in_flight=pair_pixels, admission_wait_s=5) as url, \
+            httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
+        admitted_before = metric_value(client, "siamcam_decode_pixels_admitted_total")
+        for _ in range(3):
+            explained = client.post("/explain", files=pair_files(LARGE_PNG, LARGE_PNG))
+            assert explained.status_code == 200
+            assert explained.json()["explanations"]["factual"]["image1"]["width"] == 1024
+        assert metric_value(client, "siamcam_decode_pixels_admitted_total") == admitted_before + 3 * pair_pixels
+        assert metric_value(client, "siamcam_decode_pixels_in_flight") == 0
+        assert client.post("/similarity", files=pair_files(LARGE_PNG, LARGE_PNG)).status_code == 200
