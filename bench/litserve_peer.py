@@ -23,7 +23,7 @@ from contract.preprocess import Preprocessing
 from contract.torchscript import load_torchscript
 
 MAX_BATCH_SIZE = 16  # siamcam's default MAX_BATCH_SIZE
-BATCH_TIMEOUT_S = 0.005  # siamcam's default MAX_BATCH_WAIT_MS
+BATCH_TIMEOUT_S = 0.005  # as in issue 13's first measurement: LitServe waits this long for a batch to fill
 MAX_IMAGE_PIXELS = 40_000_000  # siamcam's default MAX_IMAGE_PIXELS
 MODEL_FILE = "model.pt"
 
