@@ -1,10 +1,16 @@
 """Bounded queues of pairs, drained in batches by one inference worker that owns the model.
 
-Each kind of job (similarity, explain) has its own queue. The worker picks the queue whose oldest pair has
-waited longest, lets that pair wait up to `max_batch_wait_s` for others to join it (or until a full batch is
-there), then runs up to `max_batch_size` pairs as one batch on the model's own thread, so the event loop never
-blocks and the model never waits behind other work in a shared thread pool.
-Pairs stay in their queue while they wait, so a client that gives up can take its pair back out.
+Each kind of job (similarity, explain, contributions) has its own queue. The worker never waits for pairs that are not
+there: when the model is idle, a pair that arrives runs at once, alone; the pairs that arrive while a batch
+runs wait for it and form the next batch, up to `max_batch_size` of one queue, which starts as soon as the model
+is free. So batches grow with the load and a lone request pays no batching delay.
+
+When both queues hold pairs, a full batch goes before a partial one, so that the model does the most work per
+run; `max_batch_wait_s` bounds how long a partial batch may be passed over while the model is busy: once its
+oldest pair has waited that long, it goes before full batches (the oldest first among those ready), so neither
+queue starves. Batches run on the model's own thread, so the event loop never blocks and the model never
+waits behind other work in a shared thread pool. Pairs stay in their queue while
+they wait, so a client that gives up can take its pair back out.
 
 A batch that fails is run again one pair at a time, so that only the pairs that fail on their own fail. If the
 model then fails even on the warm-up pair (a broken device, a model that went wrong), the worker stops: every
@@ -131,22 +137,22 @@ class Batcher:
                     job.future.set_exception(WorkerStopped())
 
     async def _next_ready_queue(self) -> str:
-        """The kind of the next batch, once its oldest pair has waited long enough or a full batch is there."""
+        """The kind of the next batch, as soon as any queue holds a pair: the model is free, so nothing waits."""
         while True:
             self._changed.clear()
             waiting = [kind for kind, queue in self._queues.items() if queue]
-            if not waiting:
-                await self._changed.wait()
-                continue
-            kind = min(waiting, key=lambda k: self._queues[k][0].enqueued_at)
-            queue = self._queues[kind]
-            remaining = queue[0].enqueued_at + self._max_batch_wait_s - time.monotonic()
-            if len(queue) >= self._max_batch_size or remaining <= 0:
-                return kind
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                pass
+            if waiting:
+                now = time.monotonic()
+                return min(waiting, key=lambda kind: self._precedence(kind, now))
+            await self._changed.wait()
+
+    def _precedence(self, kind: str, now: float) -> tuple[bool, float]:
+        """Sorts first: full batches and partial ones overdue by `max_batch_wait_s`, then the other partial ones;
+        the oldest first within each."""
+        queue = self._queues[kind]
+        oldest = queue[0].enqueued_at
+        ready = len(queue) >= self._max_batch_size or now - oldest >= self._max_batch_wait_s
+        return (not ready, oldest)
 
     async def _run_batch(self, kind: str, jobs: list[Job]) -> None:
         started = time.monotonic()

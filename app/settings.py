@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(16, ge=1, le=256, description="most pairs run together in one batch")
     max_batch_wait_ms: float = Field(
-        5.0, ge=0, description="how long the first pair of a batch waits for others to join it"
+        5.0, ge=0, description="how long a partial batch may be passed over for full batches of the other queue"
     )
     queue_capacity: int = Field(128, ge=1, description="pairs each queue holds before answering 503")
     request_timeout_s: float = Field(30.0, gt=0, description="a request still waiting after this gets 504")

@@ -44,8 +44,8 @@ def failing_model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def service_url(serve: Callable[..., AbstractContextManager[str]]) -> Iterator[str]:
-    """One service with the default settings (but a short batch window), shared by the tests that need no other."""
-    with serve(max_batch_wait_ms=10) as url:
+    """One service with the default settings, shared by the tests that need no other."""
+    with serve() as url:
         yield url
 
 

@@ -3,8 +3,9 @@
 Its `features` raises (as TorchScript does: a RuntimeError) for an all-red image, and for every input, the
 warm-up pair included, once it has seen an all-blue image, as a device does after a sticky CUDA error. Its
 `forward` (the /similarity path) returns one score too many for a batch holding an all-green first image, a
-result the batcher cannot hand out. On any other input it is an ordinary, if small and untrained, Siamese
-network.
+result the batcher cannot hand out. An all-yellow image takes it a second or so of CPU (matrix products it
+then discards), to keep the model busy while a test queues pairs behind it. On any other input it is an
+ordinary, if small and untrained, Siamese network.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from training.model import SiameseNet
 
 FAILING_MODEL_NAME = "failing"
 INPUT_SIZE = (32, 32)
-_RED, _GREEN, _BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+_RED, _GREEN, _BLUE, _YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 
 
 def _single_colour_png(colour: tuple[int, int, int]) -> bytes:
@@ -32,6 +33,7 @@ def _single_colour_png(colour: tuple[int, int, int]) -> bytes:
 RED = _single_colour_png(_RED)  # fails this pair only
 GREEN = _single_colour_png(_GREEN)  # as image1: one score too many
 BLUE = _single_colour_png(_BLUE)  # breaks the model for good
+YELLOW = _single_colour_png(_YELLOW)  # keeps the model busy a while
 
 
 def _normalized(colour: tuple[int, int, int]) -> torch.Tensor:
@@ -47,6 +49,7 @@ class FailingSiameseNet(SiameseNet):
         self.register_buffer("red", _normalized(_RED))
         self.register_buffer("green", _normalized(_GREEN))
         self.register_buffer("blue", _normalized(_BLUE))
+        self.register_buffer("yellow", _normalized(_YELLOW))
         self.register_buffer("broken", torch.zeros((), dtype=torch.bool))
 
     def _any_is(self, x: torch.Tensor, colour: torch.Tensor) -> bool:
@@ -60,6 +63,11 @@ class FailingSiameseNet(SiameseNet):
             raise RuntimeError("the model is broken: it saw a blue image")
         if self._any_is(x, self.red):
             raise RuntimeError("the model cannot take a red image")
+        if self._any_is(x, self.yellow):
+            busy = torch.full((512, 512), 1.0 / 512)
+            for _ in range(150):  # 150 products of 512 x 512 matrices: about 40 GFLOP
+                busy = torch.tanh(busy @ busy)
+            x = x + 0.0 * busy.mean()  # used, so that nothing can skip the work
         return self.backbone(x)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from app.main import create_app
 from app.settings import Settings
 from contract.torchscript import save_torchscript, sha256_of
 from deploy.local_cluster import Replica
+from tests.app.busy_model import model_kept_busy
 from tests.app.conftest import TEST_MODEL_NAME
 from tests.app.failing_model import BLUE, FAILING_MODEL_NAME
 from tests.support.images import drawn_image, encode, pair_files
@@ -151,21 +152,23 @@ def _wait_until(condition: Callable[[], bool], timeout_s: float, replica: Replic
         time.sleep(0.1)
 
 
-def test_sigterm_drains_then_exits(model_store: Path, tmp_path: Path) -> None:
+def test_sigterm_drains_then_exits(failing_model_store: Path, tmp_path: Path) -> None:
     in_flight = 4
     grace_s = 30
-    # A long batch window keeps the accepted requests queued when SIGTERM arrives.
-    env = {"MODEL_STORE": str(model_store), "MODEL_NAME": TEST_MODEL_NAME, "MAX_BATCH_WAIT_MS": "2000",
-           "DRAIN_GRACE_S": str(grace_s)}
+    env = {"MODEL_STORE": str(failing_model_store), "MODEL_NAME": FAILING_MODEL_NAME, "DRAIN_GRACE_S": str(grace_s)}
     with running_service(env, tmp_path / "uvicorn.log") as replica, \
             httpx.Client(base_url=replica.url, timeout=60, trust_env=False) as client, \
             ThreadPoolExecutor(in_flight) as pool:
-        accepted = [pool.submit(client.post, "/explain", files=PAIR) for _ in range(in_flight)]
-        _wait_until(lambda: metric_value(client, "siamcam_queue_depth", queue="explain") == in_flight, 10, replica)
-        signalled = time.monotonic()
-        replica.process.send_signal(signal.SIGTERM)
-        _wait_until(lambda: client.get("/readyz").status_code == 503, 2, replica)
-        late = client.post("/similarity", files=PAIR)
+        # Queued behind a busy model, the accepted requests are still waiting when SIGTERM arrives.
+        with model_kept_busy(client) as still_busy:
+            accepted = [pool.submit(client.post, "/similarity", files=PAIR) for _ in range(in_flight)]
+            _wait_until(lambda: metric_value(client, "siamcam_queue_depth", queue="similarity") == in_flight, 10,
+                        replica)
+            signalled = time.monotonic()
+            replica.process.send_signal(signal.SIGTERM)
+            _wait_until(lambda: client.get("/readyz").status_code == 503, 2, replica)
+            late = client.post("/similarity", files=PAIR)
+            assert still_busy(), "the busy batch ended before the drain was checked"
         assert late.status_code == 503 and late.headers["retry-after"]
         assert late.headers["content-type"] == "application/problem+json"
         assert [future.result().status_code for future in accepted] == [200] * in_flight

@@ -14,9 +14,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.app.busy_model import model_kept_busy
 from tests.app.failing_model import BLUE, FAILING_MODEL_NAME, GREEN, RED
 from tests.support.images import drawn_image, encode, pair_files
 from tests.support.metrics import metric_value
+from tests.support.waiting import wait_for
 
 GOOD1, GOOD2 = encode(drawn_image(41), "PNG"), encode(drawn_image(42), "JPEG")
 Serve = Callable[..., AbstractContextManager[str]]
@@ -36,13 +38,6 @@ def _local_port(response: httpx.Response) -> int | None:
         return response.extensions["network_stream"].get_extra_info("socket").getsockname()[1]
     except OSError:
         return None
-
-
-def _wait_for(condition: Callable[[], bool], timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def _client(url: str) -> httpx.Client:
@@ -83,13 +78,16 @@ def test_one_failing_pair_fails_alone_in_a_batch_of_good_pairs(serve: Serve, fai
     """A batch that fails (here: the model raises on one pair, or returns a score too many) is run again one
     pair at a time: only the pairs that fail on their own get a 500, the others their scores."""
     good1, good2 = (GOOD1, GOOD2), (GOOD2, GOOD1)
-    # A long window and batches of exactly four pairs: each four sent together run as one batch.
-    with serve(model_store=failing_model_store, model_name=FAILING_MODEL_NAME, max_batch_size=4,
-               max_batch_wait_ms=5000) as url, _client(url) as client, ThreadPoolExecutor(4) as pool:
+    # Four pairs queued behind a busy model, in batches of at most four: they run as one batch.
+    with serve(model_store=failing_model_store, model_name=FAILING_MODEL_NAME, max_batch_size=4) as url, \
+            _client(url) as client, ThreadPoolExecutor(4) as pool:
 
         def one_batch(*pairs: tuple[bytes, bytes]) -> list[httpx.Response]:
             batches_before = metric_value(client, "siamcam_batch_size_count", queue="similarity")
-            futures = [pool.submit(client.post, "/similarity", files=pair_files(*pair)) for pair in pairs]
+            with model_kept_busy(client) as still_busy:
+                futures = [pool.submit(client.post, "/similarity", files=pair_files(*pair)) for pair in pairs]
+                wait_for(lambda: metric_value(client, "siamcam_queue_depth", queue="similarity") == len(pairs))
+                assert still_busy(), "the busy batch ended before the pairs queued"
             answers = [future.result() for future in futures]
             assert metric_value(client, "siamcam_batch_size_count", queue="similarity") == batches_before + 1
             return answers
@@ -112,18 +110,21 @@ def test_a_broken_model_stops_the_worker_and_every_request_gets_503_at_once(
     its batch and those waiting in the other queue get 503 at once, /readyz turns 503, and so does every new
     request. (Served in a thread here, the process cannot exit; test_lifecycle checks that it does.)"""
     timeout_s = 60
+    # A long MAX_BATCH_WAIT_MS: of two partial batches, the one queued first runs first.
     with serve(model_store=failing_model_store, model_name=FAILING_MODEL_NAME, max_batch_size=8,
-               max_batch_wait_ms=2000, request_timeout_s=timeout_s) as url, _client(url) as client, \
+               max_batch_wait_ms=60_000, request_timeout_s=timeout_s) as url, _client(url) as client, \
             ThreadPoolExecutor(5) as pool:
         assert client.get("/readyz").status_code == 200
         refused_before = metric_value(client, "siamcam_rejections_total", reason="worker_stopped")
-        started = time.monotonic()
-        in_batch = [pool.submit(client.post, "/similarity", files=pair_files(*pair))
-                    for pair in ((GOOD1, BLUE), (GOOD1, GOOD2), (GOOD2, GOOD1))]
-        _wait_for(lambda: metric_value(client, "siamcam_queue_depth", queue="similarity") == len(in_batch))
-        # Queued after them, so their batch comes second: still waiting when the worker stops.
-        queued = [pool.submit(client.post, "/explain", files=pair_files(GOOD1, GOOD2)) for _ in range(2)]
-        _wait_for(lambda: metric_value(client, "siamcam_queue_depth", queue="explain") == len(queued))
+        with model_kept_busy(client) as still_busy:
+            started = time.monotonic()
+            in_batch = [pool.submit(client.post, "/similarity", files=pair_files(*pair))
+                        for pair in ((GOOD1, BLUE), (GOOD1, GOOD2), (GOOD2, GOOD1))]
+            wait_for(lambda: metric_value(client, "siamcam_queue_depth", queue="similarity") == len(in_batch))
+            # Queued after them, so their batch comes second: still waiting when the worker stops.
+            queued = [pool.submit(client.post, "/explain", files=pair_files(GOOD1, GOOD2)) for _ in range(2)]
+            wait_for(lambda: metric_value(client, "siamcam_queue_depth", queue="explain") == len(queued))
+            assert still_busy(), "the busy batch ended before the pairs queued"
         for future in [*in_batch, *queued]:
             _problem(future.result(), 503, "service-unavailable")
         assert time.monotonic() - started < 10 < timeout_s  # not a 504 after REQUEST_TIMEOUT_S

@@ -1,0 +1,164 @@
+"""siamcam side by side with a generic model server (LitServe), the same model behind both, in one run.
+
+Run from the repository root: `.venv/bin/python -m bench.peers` (needs the `bench` extra:
+`pip install -e '.[bench]'`). It starts `uvicorn app.main:app` with its default settings (tests/support/service.py)
+and bench/litserve_peer.py on the same model_store model, both on 127.0.0.1, checks that both give every pair
+the same score, then drives /similarity of each in turn at 1, 8 and 32 concurrent clients (deploy/load.py's
+clients, every answer checked against that server's own unbatched score), for ROUNDS rounds whose server order
+alternates, so that a change in the machine's load falls on both. It prints pairs/s, p50 and p99 per server and
+level, then issue 13's targets with met / NOT met. Images: real JPEG files from ../shared/datasets/flowers when
+present, otherwise deploy/load.py's Pillow drawings. Clients and both servers share this machine's CPU cores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import litserve
+import torch
+
+from bench.service_bench import MODEL_NAME, MODEL_STORE, load_pairs
+from deploy.load import FLOWERS_DIR, Pair, make_jobs, percentile, reference_scores, run_load
+from deploy.local_cluster import Replica, free_port
+from deploy.nginx_config import REPO_ROOT
+from tests.support.service import STARTUP_TIMEOUT_S, running_service
+
+CLIENT_COUNTS = (1, 8, 32)
+ROUNDS = 2
+PAIR_COUNT = 32  # distinct pairs, cycled by the clients
+REQUESTS = 96  # timed requests per server, level and round
+WARMUP_REQUESTS = 32  # untimed, at the same concurrency, before each timed run
+SCORE_AGREEMENT = 1e-5  # the largest difference allowed between the two servers' scores of a pair
+TARGET_THROUGHPUT = 1.15  # siamcam's pairs/s over LitServe's, at 8 and 32 clients
+TARGET_LONE_P50 = 0.9  # siamcam's p50 over LitServe's, at 1 client
+SERVERS = ("siamcam", "LitServe")
+
+
+@dataclass
+class Level:
+    """One server at one concurrency level, over all rounds: every request answered with a correct 200."""
+
+    requests: int = 0
+    wall_s: float = 0.0
+    latencies_s: list[float] = field(default_factory=list)
+
+    @property
+    def pairs_per_s(self) -> float:
+        return self.requests / self.wall_s
+
+    def latency_ms(self, fraction: float) -> float:
+        return 1000 * percentile(self.latencies_s, fraction)
+
+
+@contextmanager
+def litserve_running(model_dir: Path, log_path: Path) -> Iterator[str]:
+    """bench/litserve_peer.py in its own process group, until its /readyz answers; stopped on exit."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "bench.litserve_peer", str(model_dir), str(port)],
+                                   cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Replica(port=port, process=process, log_path=log_path)  # its readiness wait fits any server
+    try:
+        server.wait_ready(STARTUP_TIMEOUT_S)
+        yield server.url
+    finally:
+        # LitServe's worker and HTTP processes outlive a SIGTERM to their parent: end the whole group.
+        with suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+async def _no_progress(done: int) -> None:
+    """run_load reports each answer; the benchmark only needs the outcomes."""
+
+
+def drive(url: str, clients: int, pairs: list[Pair], expected: list[float], level: Level) -> None:
+    """A warm-up at `clients`, then REQUESTS timed requests added to `level`; fails on any wrong answer."""
+    asyncio.run(run_load(url, make_jobs(WARMUP_REQUESTS, 0, len(pairs)), pairs, expected, clients, _no_progress))
+    started = time.perf_counter()
+    outcomes = asyncio.run(run_load(url, make_jobs(REQUESTS, 0, len(pairs)), pairs, expected, clients,
+                                    _no_progress))
+    wall_s = time.perf_counter() - started
+    problems = [outcome.problem for outcome in outcomes if outcome.problem]
+    if problems:
+        raise RuntimeError(f"{len(problems)} of {len(outcomes)} answers of {url} were wrong, e.g. {problems[0]}")
+    level.requests += len(outcomes)
+    level.wall_s += wall_s
+    level.latencies_s += [outcome.latency_s for outcome in outcomes]
+
+
+def verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def load_average() -> str:
+    """This machine's 1-minute load average over its cores: above 1, other work competed for the CPU."""
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+
+
+def main() -> None:
+    # Importing litserve sets up logging so that httpx would log every request of the load.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    model_dir = MODEL_STORE / MODEL_NAME
+    pairs = load_pairs(PAIR_COUNT)
+    images = "flowers JPEG files" if FLOWERS_DIR.is_dir() else "Pillow drawings (JPEG + PNG)"
+    print(f"model {MODEL_NAME}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+          f"litserve {litserve.__version__}, {PAIR_COUNT} pairs of {images}, "
+          f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, {load_average()}")
+    levels = {server: {clients: Level() for clients in CLIENT_COUNTS} for server in SERVERS}
+    with tempfile.TemporaryDirectory(prefix="peers-") as logs, \
+            running_service({"MODEL_STORE": str(MODEL_STORE), "MODEL_NAME": MODEL_NAME},
+                            Path(logs) / "siamcam.log") as siamcam, \
+            litserve_running(model_dir, Path(logs) / "litserve.log") as litserve_url:
+        urls = {"siamcam": siamcam.url, "LitServe": litserve_url}
+        expected = {server: reference_scores(url, pairs) for server, url in urls.items()}
+        disagreement = max(abs(ours - theirs) for ours, theirs in zip(*expected.values(), strict=True))
+        print(f"scores of the {PAIR_COUNT} pairs, one at a time: largest difference between the servers "
+              f"{disagreement:.1e} (allowed {SCORE_AGREEMENT:.0e})")
+        if disagreement > SCORE_AGREEMENT:
+            raise RuntimeError("the two servers do not give the same scores: they do not serve the same model "
+                               "through the same preprocessing")
+        for round_index in range(ROUNDS):
+            for clients in CLIENT_COUNTS:
+                order = SERVERS if (round_index + CLIENT_COUNTS.index(clients)) % 2 == 0 else SERVERS[::-1]
+                for server in order:
+                    drive(urls[server], clients, pairs, expected[server], levels[server][clients])
+
+    print(f"{load_average()} at the end of the load")
+    print(f"\n/similarity, {ROUNDS} rounds x {REQUESTS} requests per server and level (each after "
+          f"{WARMUP_REQUESTS} warm-up requests)")
+    print(f"{'clients':>7} | {'siamcam pairs/s, p50, p99':>28} | {'LitServe pairs/s, p50, p99':>28} | ratio")
+    for clients in CLIENT_COUNTS:
+        cells = [f"{levels[server][clients].pairs_per_s:6.1f}, {levels[server][clients].latency_ms(0.5):5.0f} ms, "
+                 f"{levels[server][clients].latency_ms(0.99):5.0f} ms" for server in SERVERS]
+        ratio = levels["siamcam"][clients].pairs_per_s / levels["LitServe"][clients].pairs_per_s
+        print(f"{clients:>7} | {cells[0]:>28} | {cells[1]:>28} | {ratio:.2f}x")
+
+    print("\ntargets (issue 13):")
+    for clients in CLIENT_COUNTS[1:]:
+        ratio = levels["siamcam"][clients].pairs_per_s / levels["LitServe"][clients].pairs_per_s
+        print(f"  pairs/s at {clients} clients, siamcam / LitServe >= {TARGET_THROUGHPUT}: {ratio:.2f}x "
+              f"{verdict(ratio >= TARGET_THROUGHPUT)}")
+    lone = CLIENT_COUNTS[0]
+    p50_ratio = levels["siamcam"][lone].latency_ms(0.5) / levels["LitServe"][lone].latency_ms(0.5)
+    print(f"  p50 at {lone} client, siamcam / LitServe <= {TARGET_LONE_P50}: {p50_ratio:.2f}x "
+          f"{verdict(p50_ratio <= TARGET_LONE_P50)}")
+
+
+if __name__ == "__main__":
+    main()
