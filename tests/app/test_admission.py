@@ -5,15 +5,19 @@ decoding, and every admitted pixel is given back, /explain's backgrounds include
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import httpx
 from PIL import Image
 
+from tests.app.busy_model import model_kept_busy
+from tests.app.failing_model import FAILING_MODEL_NAME
 from tests.support.images import drawn_image, encode, pair_files
 from tests.support.metrics import metric_value
+from tests.support.waiting import wait_for
 
 LARGE_SIDE = 3000  # 9 Mpx per image
 # Blocks of flat colour: 9 Mpx in a file far below MAX_UPLOAD_BYTES.
@@ -63,26 +67,21 @@ def test_a_pair_larger_than_the_whole_budget_gets_422(serve: Callable[..., Abstr
         assert client.post("/similarity", files=pair_files(SMALL_PNG, SMALL_PNG)).status_code == 200
 
 
-def test_a_full_queue_refuses_before_decoding(serve: Callable[..., AbstractContextManager[str]]) -> None:
+def test_a_full_queue_refuses_before_decoding(serve: Callable[..., AbstractContextManager[str]],
+                                              failing_model_store: Path) -> None:
     huge_jpeg = encode(Image.new("RGB", (6000, 6000), (90, 140, 30)), "JPEG")  # 36 Mpx, a small file
-    # A long batch window keeps the first pair queued while the second arrives.
-    with serve(queue_capacity=1, max_batch_size=8, max_batch_wait_ms=4000) as url, \
-            httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
-
-        async def refuse_while_queued() -> httpx.Response:
-            async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as other:
-                queued = asyncio.create_task(other.post("/similarity", files=pair_files(SMALL_PNG, SMALL_PNG)))
-                deadline = time.monotonic() + 3
-                while metric_value(client, "siamcam_queue_depth", queue="similarity") != 1:
-                    assert time.monotonic() < deadline, "the first pair was not queued"
-                    await asyncio.sleep(0.02)
-                admitted_before = metric_value(client, "siamcam_decode_pixels_admitted_total")
-                refused = await other.post("/similarity", files=pair_files(huge_jpeg, huge_jpeg))
-                assert metric_value(client, "siamcam_decode_pixels_admitted_total") == admitted_before
-                assert (await queued).status_code == 200
-                return refused
-
-        refused = asyncio.run(refuse_while_queued())
+    # The model is kept busy, so that the first pair stays queued while the second arrives.
+    with serve(model_store=failing_model_store, model_name=FAILING_MODEL_NAME, queue_capacity=1,
+               max_batch_size=8) as url, \
+            httpx.Client(base_url=url, timeout=60, trust_env=False) as client, ThreadPoolExecutor(1) as pool:
+        with model_kept_busy(client) as still_busy:
+            queued = pool.submit(client.post, "/similarity", files=pair_files(SMALL_PNG, SMALL_PNG))
+            wait_for(lambda: metric_value(client, "siamcam_queue_depth", queue="similarity") == 1)
+            admitted_before = metric_value(client, "siamcam_decode_pixels_admitted_total")
+            refused = client.post("/similarity", files=pair_files(huge_jpeg, huge_jpeg))
+            assert still_busy(), "the first pair must still have been queued when the second was refused"
+            assert metric_value(client, "siamcam_decode_pixels_admitted_total") == admitted_before
+        assert queued.result().status_code == 200
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
         assert "at capacity" in refused.json()["detail"]
