@@ -18,14 +18,13 @@ from typing import Any
 import litserve
 import torch
 
-from contract.manifest import read_manifest
+from contract.manifest import MODEL_FILE, read_manifest
 from contract.preprocess import Preprocessing
 from contract.torchscript import load_torchscript
 
 MAX_BATCH_SIZE = 16  # siamcam's default MAX_BATCH_SIZE
 BATCH_TIMEOUT_S = 0.005  # as in issue 13's first measurement: LitServe waits this long for a batch to fill
 MAX_IMAGE_PIXELS = 40_000_000  # siamcam's default MAX_IMAGE_PIXELS
-MODEL_FILE = "model.pt"
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 
@@ -38,7 +37,7 @@ class SimilarityAPI(litserve.LitAPI):
     def setup(self, device: str) -> None:
         manifest = read_manifest(self.model_dir)
         self.device = torch.device(device)
-        self.module = load_torchscript(self.model_dir / MODEL_FILE, self.device)
+        self.module = load_torchscript(self.model_dir / MODEL_FILE, manifest.format_version, self.device)
         self.preprocessing = Preprocessing.of(manifest)
 
     # `request` stays unannotated: LitServe reads that annotation to type the endpoint's body, and without one
