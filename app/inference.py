@@ -18,23 +18,21 @@ from app.admission import BudgetExhausted, ImageWork, OverBudget
 from app.batcher import Batcher, Job, Outcome, QueueFull, WorkerStopped
 from app.errors import CLIENT_CLOSED_REQUEST, Problem, service_unavailable
 from app.model import PairExplanation, ServedModel
-from app.overlays import MEDIA_TYPES, ColormapName, OverlayFormat, overlay_background, render_overlay
+from app.overlays import MEDIA_TYPES, Background, ColormapName, OverlayFormat, overlay_background, render_overlay
 from app.schemas import Contributions, Explanation, Explanations, ImageContributions, Match, Overlay, Target
 from app.service import Service
 from app.settings import Settings
 from contract.explainers import Method, cell_box
 from contract.explainers.contributions import PairContributions
-from contract.images import header_pixels, upright_size
+from contract.images import header_pixels
 
 
 @dataclass(frozen=True)
 class DecodedPair:
     inputs: tuple[torch.Tensor, torch.Tensor]  # what the model sees
-    # /explain only: each upright original at overlay size, BGR, decoded and resized once for all its overlays
-    # (still being decoded while the pair waits for and runs its batch), and each original's own upright
-    # (width, height), which contributions' boxes are measured in
-    backgrounds: asyncio.Future[list[np.ndarray]] | None = None
-    sizes: tuple[tuple[int, int], ...] | None = None
+    # /explain only: each upright original at overlay size, decoded and resized once for all its overlays, still
+    # being decoded while the pair waits for and runs its batch
+    backgrounds: asyncio.Future[list[Background]] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,11 +90,10 @@ async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, 
         [partial(overlay_background, data, field, settings.max_image_pixels, overlay_max_side)
          for data, field in files]))
     backgrounds.add_done_callback(lambda done: _backgrounds_decoded(done, images, pixels))
-    sizes = tuple(upright_size(data, field, settings.max_image_pixels) for data, field in files)
-    return DecodedPair((first, second), backgrounds, sizes)
+    return DecodedPair((first, second), backgrounds)
 
 
-def _backgrounds_decoded(backgrounds: asyncio.Future[list[np.ndarray]], images: ImageWork, pixels: int) -> None:
+def _backgrounds_decoded(backgrounds: asyncio.Future[list[Background]], images: ImageWork, pixels: int) -> None:
     images.discharge(pixels)
     if not backgrounds.cancelled():
         backgrounds.exception()  # retrieved here, for a request that failed before it needed them
@@ -182,7 +179,7 @@ async def render_in_time(images: ImageWork, pair: DecodedPair, result: PairExpla
         raise _timed_out(settings) from None
 
 
-async def render_explanations(images: ImageWork, backgrounds: list[np.ndarray], result: PairExplanation,
+async def render_explanations(images: ImageWork, backgrounds: list[Background], result: PairExplanation,
                               options: OverlayOptions) -> Explanations:
     """The four overlays of one pair, drawn over its two `backgrounds` on the image threads."""
     factual: Target = "similar" if result.similar else "dissimilar"
@@ -190,7 +187,8 @@ async def render_explanations(images: ImageWork, backgrounds: list[np.ndarray], 
     maps = result.maps
     heatmaps = (maps.factual1, maps.factual2, maps.counterfactual1, maps.counterfactual2)
     factual1, factual2, counterfactual1, counterfactual2 = await images.run_all(
-        [partial(_overlay, backgrounds[index % 2], heatmap, options) for index, heatmap in enumerate(heatmaps)])
+        [partial(_overlay, backgrounds[index % 2].pixels, heatmap, options)
+         for index, heatmap in enumerate(heatmaps)])
     return Explanations(
         factual=Explanation(target=factual, image1=factual1, image2=factual2),
         counterfactual=Explanation(target=counterfactual, image1=counterfactual1, image2=counterfactual2),
@@ -199,10 +197,11 @@ async def render_explanations(images: ImageWork, backgrounds: list[np.ndarray], 
 
 def describe_contributions(pair: DecodedPair, found: PairContributions, top_matches: int,
                            include_correspondence: bool) -> Contributions:
-    """One pair's contributions, its top matches boxed in the original (upright) images' pixels."""
-    assert pair.sizes is not None, "read the pair with overlay_max_side to describe its contributions"
+    """One pair's contributions, its top matches boxed in the original (upright) images' pixels; call it once the
+    pair's backgrounds are decoded (after `render_in_time`), which tell the originals' sizes."""
+    assert pair.backgrounds is not None and pair.backgrounds.done(), "render the explanations first"
     grid = found.grid
-    size1, size2 = pair.sizes
+    size1, size2 = (background.original_size for background in pair.backgrounds.result())
     return Contributions(
         raw_logit=found.raw_logit,
         offset=found.offset,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import cv2
 import numpy as np
@@ -18,7 +18,7 @@ from app.colormaps import BGR_LOOKUP_TABLES, COLORMAPS, ColormapName
 from contract.images import decode_upright_rgb_fitted
 
 __all__ = ["COLORMAPS", "DEFAULT_FORMAT", "DEFAULT_QUALITY", "MEDIA_TYPES", "ColormapName", "OverlayFormat",
-           "overlay_background", "render_overlay"]
+           "Background", "overlay_background", "render_overlay"]
 
 OverlayFormat = Literal["jpeg", "webp", "png"]
 # Measured by bench/overlay_bench.py (bench/RESULTS.md): JPEG encodes many times faster than WebP (libwebp's
@@ -32,11 +32,16 @@ MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp":
 _WEBP_METHOD = 2
 
 
-def overlay_background(source: bytes | Path, name: str, max_pixels: int | None, max_side: int) -> np.ndarray:
-    """The upright original at overlay size (its longest side at most `max_side`, never enlarged, aspect kept),
-    [height, width, 3] uint8 in OpenCV's BGR order: decoded only as large as that size needs, resized once."""
-    picture = decode_upright_rgb_fitted(source, name, max_pixels, max_side)
-    return cv2.cvtColor(np.asarray(picture), cv2.COLOR_RGB2BGR)
+class Background(NamedTuple):
+    pixels: np.ndarray  # the upright original at overlay size, [height, width, 3] uint8, BGR (OpenCV's order)
+    original_size: tuple[int, int]  # the whole original's upright (width, height): what boxes are measured in
+
+
+def overlay_background(source: bytes | Path, name: str, max_pixels: int | None, max_side: int) -> Background:
+    """The upright original at overlay size (its longest side at most `max_side`, never enlarged, aspect kept):
+    decoded only as large as that size needs, resized once."""
+    picture, original_size = decode_upright_rgb_fitted(source, name, max_pixels, max_side)
+    return Background(cv2.cvtColor(np.asarray(picture), cv2.COLOR_RGB2BGR), original_size)
 
 
 def render_overlay(background: np.ndarray, heatmap: np.ndarray, colormap: ColormapName, opacity: float,

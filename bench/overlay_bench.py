@@ -103,7 +103,7 @@ def print_jpeg_sizes(heatmap: np.ndarray) -> None:
           + "".join(f"{quality:>6}" for quality in SIZE_QUALITIES))
     for path in photos:
         background = overlay_background(phone_photo(2, PHONE_SIZE, picture=Image.open(path)), "image1", None,
-                                        MAX_SIDE)
+                                        MAX_SIDE).pixels
         sizes = [len(render_overlay(background, heatmap, COLORMAP, OPACITY, "jpeg", quality)) / 1000
                  for quality in SIZE_QUALITIES]
         print(f" {path.name[:60]:60}" + "".join(f"{size:6.0f}" for size in sizes))
@@ -121,7 +121,7 @@ def main() -> None:
     print(f"photo: {origin}; OpenCV {cv2.__version__}, {cv2.getNumThreads()} OpenCV threads; medians of "
           f"{REPEATS} runs\n")
 
-    background = overlay_background(original_jpeg, "image1", None, MAX_SIDE)
+    background = overlay_background(original_jpeg, "image1", None, MAX_SIDE).pixels
     print(f"one overlay at {MAX_SIDE} px ({ORIGINAL_SIZE[0]} x {ORIGINAL_SIZE[1]} original), colormap {COLORMAP}, "
           f"opacity {OPACITY}")
     print(" format  | before (matplotlib + Pillow, quality 90) | now (app/overlays.py, quality "

@@ -142,7 +142,7 @@ def photos_section() -> list[tuple[str, str, bool]]:
     small, phone, explain = latencies["small"], latencies["phone"], latencies["explain"]
     small_ms, phone_ms, explain_ms, explain_bytes = small.median_ms, phone.median_ms, explain.median_ms, \
         explain.largest_bytes
-    background = overlay_background(pairs[0].phone["image1"][1], "image1", None, 1024)
+    background = overlay_background(pairs[0].phone["image1"][1], "image1", None, 1024).pixels
     heatmap = grad_cam_like_heatmap()
     overlay_ms = median_ms(lambda: render_overlay(background, heatmap, "jet", 0.5, DEFAULT_FORMAT,
                                                   DEFAULT_QUALITY))

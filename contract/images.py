@@ -81,12 +81,12 @@ def fitted_size(width: int, height: int, max_side: int) -> tuple[int, int]:
 
 
 def decode_upright_rgb_fitted(source: bytes | Path, name: str, max_pixels: int | None,
-                              max_side: int) -> Image.Image:
+                              max_side: int) -> tuple[Image.Image, tuple[int, int]]:
     """`decode_upright_rgb`'s picture at exactly `fitted_size(its size, max_side)`: decoded only as large as that
-    needs, then resized once (antialiased bilinear)."""
+    needs, then resized once (antialiased bilinear); and the whole picture's upright (width, height)."""
     picture, upright = _decode(source, name, max_pixels, lambda upright: fitted_size(*upright, max_side))
     size = fitted_size(*upright, max_side)
-    return picture if picture.size == size else picture.resize(size, Image.Resampling.BILINEAR)
+    return (picture if picture.size == size else picture.resize(size, Image.Resampling.BILINEAR)), upright
 
 
 def _decode(source: bytes | Path, name: str, max_pixels: int | None,
@@ -120,19 +120,6 @@ def _decode(source: bytes | Path, name: str, max_pixels: int | None,
         raise
     except Exception as error:  # truncated or damaged data fails in Pillow's decoders with many exception types
         raise _corrupt(name, error) from error
-
-
-def upright_size(source: bytes | Path, name: str = "image", max_pixels: int | None = None) -> tuple[int, int]:
-    """(width, height) of the whole picture once stood upright (EXIF orientation applied), from its header: the
-    size that boxes in original-image pixels refer to."""
-    image = _open(source, name, max_pixels)
-    try:
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    except MemoryError:
-        raise
-    except Exception as error:  # a damaged EXIF block
-        raise _corrupt(name, error) from error
-    return (image.height, image.width) if orientation in _SWAPS_SIDES else image.size
 
 
 def _open(source: bytes | Path, name: str, max_pixels: int | None) -> Image.Image:

@@ -117,8 +117,8 @@ def test_jpeg_is_the_default_and_quality_trades_size_for_fidelity(client: httpx.
 
 def test_a_12_megapixel_background_is_decoded_small_and_registers_with_the_original() -> None:
     data = phone_photo(36, (4000, 3000), orientation=ROTATED_90)
-    background = overlay_background(data, "image1", None, 1024)
-    assert background.shape == (1024, 768, 3)
+    background, original_size = overlay_background(data, "image1", None, 1024)
+    assert background.shape == (1024, 768, 3) and original_size == (3000, 4000)
     upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
     expected = cv2.resize(upright, (768, 1024), interpolation=cv2.INTER_AREA).astype(np.float64)
     difference = np.abs(cv2.cvtColor(background, cv2.COLOR_BGR2RGB) - expected)
