@@ -66,7 +66,8 @@ async def explain(
     max_side: Annotated[int, Form(ge=16, description="longest side of the overlays, in pixels; capped by "
                                   "MAX_OVERLAY_SIDE; never larger than the original")] = 1024,
     include_heatmaps: Annotated[bool, Form(description="also return the raw heatmaps")] = False,
-    quality: Annotated[int, Form(ge=1, le=100, description="JPEG and WebP quality (PNG is lossless)")] = DEFAULT_QUALITY,
+    quality: Annotated[int, Form(ge=1, le=100,
+                                 description="JPEG and WebP quality (PNG is lossless)")] = DEFAULT_QUALITY,
     method: Annotated[Method, Form(description="gradcam (the paper's) or contributions (exact, format "
                                           "version 2 models)")] = "gradcam",
     top_matches: Annotated[int, Form(ge=0, le=MAX_TOP_MATCHES, description="with contributions: how many "

@@ -1,4 +1,4 @@
-"""Export a trained SiameseNet as TorchScript plus manifest.json (the contract in contract/ and model_store/README.md)."""
+"""Export a trained SiameseNet as TorchScript plus manifest.json (the contract: contract/, model_store/README.md)."""
 
 from __future__ import annotations
 

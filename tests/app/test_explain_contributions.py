@@ -3,8 +3,6 @@ still served with Grad-CAM and refuse contributions with a clear 422."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import httpx
@@ -15,9 +13,9 @@ from torch import nn
 
 from app.model import ModelLoadError, load_model
 from app.settings import Settings
-from contract.torchscript import save_torchscript, sha256_of
 from tests.app.conftest import TEST_MODEL_NAME
 from tests.support.images import drawn_image, encode, pair_files
+from tests.support.model_folders import with_module
 from tests.support.service import serve_in_thread
 
 EXIF_ORIENTATION = 0x0112
@@ -129,12 +127,8 @@ class _Version1Siamese(nn.Module):
 
 def _store_with(model_store: Path, folder: Path, module: nn.Module, format_version: int) -> None:
     """A copy of the test model whose model.pt is `module`, scripted, under a manifest of `format_version`."""
-    shutil.copytree(model_store / TEST_MODEL_NAME, folder)
-    save_torchscript(module.eval(), folder / "model.pt")
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest.update(format_version=format_version, sha256=sha256_of(folder / "model.pt"),
-                    feature_map={"channels": 8, "height": 4, "width": 4}, embedding_dim=16)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with_module(model_store / TEST_MODEL_NAME, folder, module.eval(), format_version=format_version,
+                feature_map={"channels": 8, "height": 4, "width": 4}, embedding_dim=16)
 
 
 def test_a_version_1_model_is_served_with_grad_cam_and_refuses_contributions(model_store: Path,

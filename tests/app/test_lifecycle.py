@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -19,13 +18,13 @@ from torch import nn
 
 from app.main import create_app
 from app.settings import Settings
-from contract.torchscript import save_torchscript, sha256_of
 from deploy.local_cluster import Replica
 from tests.app.busy_model import model_kept_busy
 from tests.app.conftest import TEST_MODEL_NAME
 from tests.app.failing_model import BLUE, FAILING_MODEL_NAME
 from tests.support.images import drawn_image, encode, pair_files
 from tests.support.metrics import metric_value
+from tests.support.model_folders import copy_of_model, with_module
 from tests.support.service import running_service
 
 PAIR = pair_files(encode(drawn_image(31), "PNG"), encode(drawn_image(32), "JPEG"))
@@ -66,30 +65,17 @@ def test_a_missing_model_stops_start_up_with_one_clear_line(model_store: Path, t
 
 
 def test_a_corrupt_model_stops_start_up_with_one_clear_line(model_store: Path, tmp_path: Path) -> None:
-    shutil.copytree(model_store / TEST_MODEL_NAME, tmp_path / "broken")
+    copy_of_model(model_store / TEST_MODEL_NAME, tmp_path / "broken")
     with (tmp_path / "broken" / "model.pt").open("r+b") as model_file:
         model_file.seek(1000)
         model_file.write(b"\xff\xfe\xfd")
     _start_fails_with_one_line(tmp_path, "broken", "does not match its manifest", tmp_path / "uvicorn.log")
 
 
-def _copy_of_tiny(model_store: Path, folder: Path, **manifest_changes: object) -> dict[str, object]:
-    """A copy of the test model in `folder` with these manifest fields changed (None: removed); its manifest."""
-    shutil.copytree(model_store / TEST_MODEL_NAME, folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for key, value in manifest_changes.items():
-        if value is None:
-            manifest.pop(key)
-        else:
-            manifest[key] = value
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return manifest
-
-
 def test_a_manifest_without_a_required_field_stops_start_up_with_one_clear_line(model_store: Path,
                                                                                tmp_path: Path) -> None:
-    _copy_of_tiny(model_store, tmp_path / "no-normalization", normalization=None)
-    _copy_of_tiny(model_store, tmp_path / "bad-size", input_size=[0, 128])
+    copy_of_model(model_store / TEST_MODEL_NAME, tmp_path / "no-normalization", normalization=None)
+    copy_of_model(model_store / TEST_MODEL_NAME, tmp_path / "bad-size", input_size=[0, 128])
     _start_fails_with_one_line(tmp_path, "no-normalization", "manifest.json is not a valid manifest (normalization: "
                                "Field required)", tmp_path / "first.log")
     _start_fails_with_one_line(tmp_path, "bad-size", "input_size.0: Input should be greater than 0",
@@ -117,24 +103,17 @@ class _FailsOnEveryBatch(_OnlyForward):
         return torch.sigmoid((e1 * e2).sum(dim=1))
 
 
-def _with_module(model_store: Path, folder: Path, module: nn.Module) -> None:
-    """A copy of the test model whose model.pt is `module`, scripted, with its manifest's sha256 to match; the
-    manifest says format version 1, whose four methods these modules are about."""
-    manifest = _copy_of_tiny(model_store, folder, format_version=1)
-    save_torchscript(module, folder / "model.pt")
-    manifest["sha256"] = sha256_of(folder / "model.pt")
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-
-
 def test_a_model_without_a_contract_method_stops_start_up_with_one_clear_line(model_store: Path,
                                                                               tmp_path: Path) -> None:
-    _with_module(model_store, tmp_path / "forward-only", _OnlyForward())
+    # these modules have format version 1\'s four methods only
+    with_module(model_store / TEST_MODEL_NAME, tmp_path / "forward-only", _OnlyForward(), format_version=1)
     _start_fails_with_one_line(tmp_path, "forward-only", "model.pt lacks the contract method(s) features, embed, "
                                "similarity", tmp_path / "uvicorn.log")
 
 
 def test_a_model_failing_its_warm_up_stops_start_up_with_one_clear_line(model_store: Path, tmp_path: Path) -> None:
-    _with_module(model_store, tmp_path / "failing", _FailsOnEveryBatch())
+    # these modules have format version 1\'s four methods only
+    with_module(model_store / TEST_MODEL_NAME, tmp_path / "failing", _FailsOnEveryBatch(), format_version=1)
     _start_fails_with_one_line(tmp_path, "failing", f"{tmp_path / 'failing' / 'model.pt'} failed its warm-up batch",
                                tmp_path / "uvicorn.log")
 

@@ -1,1 +1,3 @@
-"""What tests and benchmarks share: drawn images, one service launcher, reading /metrics. Product code never imports it."""
+"""What tests and benchmarks share: drawn images, one service launcher, model folders, reading /metrics.
+
+Product code never imports it."""

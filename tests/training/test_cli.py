@@ -11,7 +11,8 @@ from training.__main__ import main
 
 @pytest.mark.parametrize(("command", "expected"), [
     (["train", "--data", "{tmp}/missing"], "is not a folder; pass an image-folder dataset"),
-    (["evaluate", "--model", "{tmp}/missing", "--data", "{tmp}"], "manifest.json is missing): point to a folder holding model.pt"),
+    (["evaluate", "--model", "{tmp}/missing", "--data", "{tmp}"],
+     "manifest.json is missing): point to a folder holding model.pt"),
 ], ids=["train on a missing folder", "evaluate a missing model"])
 def test_user_errors_are_one_line_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str],
                                            expected: str) -> None:

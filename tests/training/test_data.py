@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SHARED_DATASETS
-from tests.training.conftest import IMAGES_PER_CLASS, SHAPES, draw_shapes_dataset
+from tests.training.conftest import SHAPES, draw_shapes_dataset
 from training.data import MIN_IMAGES_TO_SPLIT, SPLITS, DatasetError, make_pairs, scan_image_folder, split_by_image
 
 AIRBNB = SHARED_DATASETS / "airbnb"

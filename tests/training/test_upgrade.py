@@ -1,9 +1,8 @@
-"""`python -m training upgrade`: a model of an earlier format re-exported in the current one, same weights and scores."""
+"""`python -m training upgrade`: a model of an earlier format re-exported in the current one, same weights and
+scores."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 from contract.manifest import FORMAT_VERSION, read_manifest
 from contract.torchscript import load_torchscript, sha256_of
+from tests.support.model_folders import copy_of_model
 from training.__main__ import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,10 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _relabelled(model_store: Path, folder: Path, **changes: object) -> Path:
     """The suite's tiny model under a manifest with these fields changed, as an earlier export would have it."""
-    shutil.copytree(model_store / "tiny", folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest.update(changes)
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    copy_of_model(model_store / "tiny", folder, **changes)
     return folder
 
 
