@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench.paper_table import RECIPES
 from contract.torchscript import load_torchscript
 from tests.conftest import SHARED_DATASETS
 from training.data import scan_image_folder, split_by_image
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "model_store" / "flowers"
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = REPO / "model_store" / "flowers"
+DEFAULT_RECIPE = "lite0-pretrained"
 FLOWERS = SHARED_DATASETS / "flowers"
 
 pytestmark = pytest.mark.skipif(
@@ -25,7 +29,10 @@ pytestmark = pytest.mark.skipif(
 def test_default_model_matches_its_manifest_and_keeps_the_contract() -> None:
     manifest = json.loads((DEFAULT_MODEL / "manifest.json").read_text())
     assert hashlib.sha256((DEFAULT_MODEL / "model.pt").read_bytes()).hexdigest() == manifest["sha256"]
-    assert (DEFAULT_MODEL / "model.pt").stat().st_size <= 50 * 2**20
+    assert (DEFAULT_MODEL / "model.pt").stat().st_size <= 30 * 10**6
+    # maps of at least 7 x 7 cells: an input of at least 224 px on a backbone of stride 32
+    assert min(manifest["input_size"]) >= 224
+    assert min(manifest["feature_map"]["height"], manifest["feature_map"]["width"]) >= 7
     module = load_torchscript(DEFAULT_MODEL / "model.pt", manifest["format_version"])
     x = torch.randn(2, 3, *manifest["input_size"], generator=torch.Generator().manual_seed(0))
     feature_maps = module.features(x).detach().requires_grad_()
@@ -66,3 +73,19 @@ def test_both_explanations_beat_a_random_order_on_the_default_model() -> None:
     for method in ("gradcam", "contributions"):
         assert measured["deletion"][method] <= measured["deletion"]["random"] - FAITHFULNESS_MARGIN, measured
         assert measured["insertion"][method] >= measured["insertion"]["random"] + FAITHFULNESS_MARGIN, measured
+
+
+def test_make_default_model_trains_the_paper_tables_recipe() -> None:
+    """`make default-model` and bench/paper_table.py's recipe of the default model must not drift apart, and the
+    committed model must have been trained by that command."""
+    lines = (REPO / "Makefile").read_text().split("default-model: install\n", 1)[1].split("\n")
+    recipe: list[str] = []
+    for line in lines:
+        recipe += shlex.split(line.strip().removesuffix("\\"))
+        if not line.endswith("\\"):
+            break
+    data_at = recipe.index("--data")
+    assert recipe[recipe.index("-m") + 1:data_at] == ["training", "train"]
+    assert tuple(recipe[data_at + 2:]) == RECIPES[DEFAULT_RECIPE]
+    command = json.loads((DEFAULT_MODEL / "manifest.json").read_text())["training"]["command"]
+    assert shlex.split(command)[6:] == list(RECIPES[DEFAULT_RECIPE])
