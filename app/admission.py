@@ -67,25 +67,42 @@ class PixelBudget:
         metrics.DECODE_PIXELS_IN_FLIGHT.set(self._in_use)
 
 
+# How long no image may have been decoded before the freed memory is given back. Trimming between two requests
+# of a steady stream costs them: malloc_trim locks every arena in turn (the model thread's mid-batch too) and
+# unmaps free pages that the next request's tensors then fault back in (bench/RESULTS.md, "Peers").
+IDLE_BEFORE_TRIM_S = 1.0
+
+
 class ImageWork:
     """Where uploads are decoded and overlays rendered: a small thread pool of the service's own (not asyncio's
     default one, which other libraries share), so that image work queues there and never delays the model's
     thread; and the budget of pixels those threads may be decoding at once."""
 
-    def __init__(self, workers: int, max_pixels_in_flight: int) -> None:
+    def __init__(self, workers: int, max_pixels_in_flight: int, idle_before_trim_s: float = IDLE_BEFORE_TRIM_S,
+                 give_back: Callable[[], None] = give_back_free_memory) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images")
         self.budget = PixelBudget(max_pixels_in_flight)
+        self.idle_before_trim_s = idle_before_trim_s
+        self._give_back = give_back
+        self._trim: asyncio.TimerHandle | None = None
 
     async def admit(self, pixels: int, wait_s: float) -> None:
         """Charge `pixels` to the budget (see PixelBudget.acquire); give them back with `discharge`."""
         await self.budget.acquire(pixels, wait_s)
 
     def discharge(self, pixels: int) -> None:
-        """Give back admitted pixels once their images are decoded; after the last decode in flight, the freed
-        memory is given back to the system too, on an image thread (nobody waits for it)."""
+        """Give back admitted pixels once their images are decoded. Once no image has been decoded for
+        `idle_before_trim_s`, the freed memory is given back to the system too, on an image thread (nobody waits
+        for it): after a burst, not between the requests of a steady stream."""
         self.budget.release(pixels)
+        if self._trim is not None:
+            self._trim.cancel()
+        self._trim = asyncio.get_running_loop().call_later(self.idle_before_trim_s, self._trim_if_idle)
+
+    def _trim_if_idle(self) -> None:
+        self._trim = None
         if self.budget.in_use == 0:
-            self.pool.submit(give_back_free_memory)
+            self.pool.submit(self._give_back)
 
     async def run_all(self, calls: Sequence[Callable[[], T]]) -> list[T]:
         """The `calls` side by side on the image threads; every one ends before the first error is raised, so
@@ -102,4 +119,6 @@ class ImageWork:
         return await asyncio.get_running_loop().run_in_executor(self.pool, partial(function, *args))
 
     def close(self) -> None:
+        if self._trim is not None:
+            self._trim.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)

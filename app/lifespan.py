@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from app.admission import ImageWork
 from app.batcher import Batcher
+from app.memory import keep_freed_memory_for_reuse
 from app.model import (
     EXPLAIN_QUEUES, ModelLoadError, ServedModel, explain_pairs, load_model, score_blank_pair, score_pairs, warm_up,
 )
@@ -26,6 +27,7 @@ EXIT_MODEL_UNAVAILABLE = 1
 
 
 def _load_and_warm_up(settings: Settings) -> ServedModel:
+    keep_freed_memory_for_reuse()
     model = load_model(settings.model_dir, settings.device)
     warm_up(model)
     return model

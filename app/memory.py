@@ -1,11 +1,18 @@
-"""Memory given back to the system once the images in flight are decoded.
+"""How the service's C heap is managed: freed memory kept for reuse while requests come, given back after a burst.
 
-glibc's malloc keeps what a thread frees in that thread's arena, and gives back to the system only the large
-blocks it mapped on their own and the free top of each heap: after a burst of large images, the decoding
-threads' arenas keep freed pages that sit below memory still in use, and the process stays large.
-`malloc_trim(0)` returns every free page of every arena (bench/RESULTS.md, "Real photos", measures the
-difference). Pillow's own block cache is off by default (`PIL.Image.core.get_blocks_max()` is 0), so it keeps
-nothing; PyTorch's CPU allocator hands its blocks to malloc, and the model's tensors are small next to images.
+glibc's malloc, left to itself, serves every block above its mmap threshold (128 kB, rising to at most 32 MB
+as such blocks are freed) with a fresh mapping and unmaps it on free, and gives the free top of each heap back
+to the system as soon as it exceeds the trim threshold. A forward pass allocates and frees activations of
+several MB per image, so every batch faulted its memory in again, page by page: the same model's batch of 8
+pairs took about twice as long as with the memory kept (bench/RESULTS.md, "Peers"). `keep_freed_memory_for_reuse`
+turns both off at start-up, before the model is loaded.
+
+Kept memory is given back once the service is idle: glibc keeps what a thread frees in that thread's arena,
+so after a burst of large images the decoding threads' arenas would hold freed pages; `malloc_trim(0)`
+returns every free page of every arena, and app/admission.py calls it once no image has been decoded for a
+moment (bench/RESULTS.md, "Real photos", measures the memory given back). Pillow's own block cache is off by
+default (`PIL.Image.core.get_blocks_max()` is 0), so it keeps nothing; PyTorch's CPU allocator hands its
+blocks to malloc.
 """
 
 from __future__ import annotations
@@ -17,15 +24,31 @@ from collections.abc import Callable
 _LIBC_NAME = ctypes.util.find_library("c")
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None on a C library without it (musl, macOS)."""
+# mallopt's parameters (glibc's malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_KEPT_FREE_BYTES = 1 << 30  # free heap top kept before glibc trims it on its own: malloc_trim does it when idle
+_TOP_PAD_BYTES = 64 << 20  # grow a heap by at least this much: fewer, larger extensions
+
+
+def _glibc_function(name: str) -> Callable[..., int] | None:
+    """A glibc malloc function, or None on a C library without it (musl, macOS)."""
     try:
-        return ctypes.CDLL(_LIBC_NAME).malloc_trim if _LIBC_NAME else None
+        return getattr(ctypes.CDLL(_LIBC_NAME), name) if _LIBC_NAME else None
     except (OSError, AttributeError):
         return None
 
 
-_TRIM = _malloc_trim()
+_TRIM = _glibc_function("malloc_trim")
+_MALLOPT = _glibc_function("mallopt")
+
+
+def keep_freed_memory_for_reuse() -> None:
+    """Serve large blocks from the heaps and keep freed memory there for the next request (a no-op without
+    glibc). Only later allocations are affected: call it before loading the model."""
+    if _MALLOPT is not None:
+        _MALLOPT(_M_MMAP_MAX, 0)
+        _MALLOPT(_M_TRIM_THRESHOLD, _KEPT_FREE_BYTES)
+        _MALLOPT(_M_TOP_PAD, _TOP_PAD_BYTES)
 
 
 def give_back_free_memory() -> None:

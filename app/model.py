@@ -13,7 +13,7 @@ from contract.explainers import Method, PairMaps, contributions, decide, gradcam
 from contract.explainers.contributions import PairContributions, ThresholdUnreachable
 from contract.manifest import MODEL_FILE, Manifest, ManifestError, read_manifest
 from contract.preprocess import Preprocessing
-from contract.torchscript import TorchScriptError, load_torchscript, sha256_of
+from contract.torchscript import TorchScriptError, load_torchscript, optimized_for_inference, sha256_of
 
 # The batcher's queue for each explanation method: the methods' batches never mix.
 EXPLAIN_QUEUES: dict[Method, str] = {"gradcam": "explain", "contributions": "contributions"}
@@ -93,7 +93,8 @@ def load_model(model_dir: Path, device: str) -> ServedModel:
         )
     chosen = pick_device(device)
     try:
-        module = load_torchscript(model_path, manifest.format_version, chosen)
+        module = optimized_for_inference(load_torchscript(model_path, manifest.format_version, chosen),
+                                         manifest.format_version, chosen)
     except TorchScriptError as error:
         raise ModelLoadError(str(error)) from error
     threshold_raw_logit, refusal = _contributions_support(model_path, module, manifest)

@@ -9,18 +9,19 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from app.model import ServedModel
+from contract.torchscript import load_torchscript
 
 
 class ScoreAgainstFixedImage(nn.Module):
     """pytorch-grad-cam's view of the Siamese model: one image in, [dissimilar, similar] out, the other image
     fixed. Its target layer, `features`, outputs exactly the feature maps our Grad-CAM uses."""
 
-    def __init__(self, served: ServedModel, other_image: torch.Tensor, other_first: bool) -> None:
+    def __init__(self, module: torch.jit.ScriptModule, other_image: torch.Tensor, other_first: bool) -> None:
         super().__init__()
-        self.features = _Features(served.module)
-        self.module = served.module
+        self.features = _Features(module)
+        self.module = module
         with torch.no_grad():
-            self.other_embedding = served.module.embed(served.module.features(other_image))
+            self.other_embedding = module.embed(module.features(other_image))
         self.other_first = other_first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,13 @@ class _Features(nn.Module):
         return self.module.features(x)
 
 
-def pytorch_grad_cam_maps(served: ServedModel, x1: torch.Tensor, x2: torch.Tensor, similar: bool
+def as_loaded(served: ServedModel) -> torch.jit.ScriptModule:
+    """The served model's file as loaded, not frozen for serving: pytorch-grad-cam reads the device off the
+    model's parameters, which freezing turns into constants."""
+    return load_torchscript(served.path, served.manifest.format_version, served.device)
+
+
+def pytorch_grad_cam_maps(module: torch.jit.ScriptModule, x1: torch.Tensor, x2: torch.Tensor, similar: bool
                           ) -> dict[str, np.ndarray]:
     """pytorch-grad-cam's four maps [H, W] for one pair (x1, x2 each [1, 3, H, W]), named as the fields of
     `contract.explainers.PairMaps`; `similar` is the pair's decision, which makes "similar" the factual target."""
@@ -49,7 +56,7 @@ def pytorch_grad_cam_maps(served: ServedModel, x1: torch.Tensor, x2: torch.Tenso
         # An exported model's parameters are frozen: unless the input requires grad, nothing in the graph does
         # and pytorch-grad-cam's hook receives no gradient.
         this = this.detach().requires_grad_(True)
-        wrapper = ScoreAgainstFixedImage(served, other, other_first)
+        wrapper = ScoreAgainstFixedImage(module, other, other_first)
         with GradCAM(model=wrapper, target_layers=[wrapper.features]) as reference:
             for kind, category in targets.items():
                 target = [ClassifierOutputTarget(category)]

@@ -21,7 +21,7 @@ import httpx
 import torch
 
 from app.model import ServedModel, explain_pairs, load_model, score_batch
-from bench.gradcam_reference import pytorch_grad_cam_maps
+from bench.gradcam_reference import as_loaded, pytorch_grad_cam_maps
 from deploy.load import FLOWERS_DIR, Pair, Upload, make_jobs, make_pairs, percentile, reference_scores, run_load
 from deploy.local_cluster import LocalCluster
 from deploy.nginx_config import REPO_ROOT
@@ -209,8 +209,9 @@ def main() -> None:
     similar = [pair.similar for pair in explain_pairs(served, list(x1), list(x2), "gradcam")]
     ours_s = per_pair_seconds(lambda i: explain_pairs(served, [x1[i]], [x2[i]], "gradcam"),
                               GRADCAM_PAIRS)
+    reference_module = as_loaded(served)  # pytorch-grad-cam cannot run the module frozen for serving
     theirs_s = per_pair_seconds(
-        lambda i: pytorch_grad_cam_maps(served, x1[i:i + 1], x2[i:i + 1], bool(similar[i])), GRADCAM_PAIRS)
+        lambda i: pytorch_grad_cam_maps(reference_module, x1[i:i + 1], x2[i:i + 1], bool(similar[i])), GRADCAM_PAIRS)
     print(f"four maps per pair, one pair at a time, {GRADCAM_PAIRS} pairs: ours {1000 * ours_s:.1f} ms, "
           f"pytorch-grad-cam {1000 * theirs_s:.1f} ms")
 

@@ -5,6 +5,7 @@ decoding, and every admitted pixel is given back, /explain's backgrounds include
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -13,6 +14,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from app.admission import ImageWork
 from tests.app.busy_model import model_kept_busy
 from tests.app.failing_model import FAILING_MODEL_NAME
 from tests.support.images import drawn_image, encode, pair_files
@@ -102,3 +104,26 @@ def test_explain_gives_its_pixels_back_once_its_backgrounds_are_decoded(
         assert metric_value(client, "siamcam_decode_pixels_admitted_total") == admitted_before + 3 * pair_pixels
         assert metric_value(client, "siamcam_decode_pixels_in_flight") == 0
         assert client.post("/similarity", files=pair_files(LARGE_PNG, LARGE_PNG)).status_code == 200
+
+
+def test_memory_is_given_back_after_a_pause_not_between_the_requests_of_a_stream() -> None:
+    given_back: list[str] = []
+
+    async def stream_then_pause() -> tuple[int, int]:
+        work = ImageWork(1, 10_000, idle_before_trim_s=0.3,
+                         give_back=lambda: given_back.append(threading.current_thread().name))
+        try:
+            for _ in range(8):  # a request every 0.05 s: the decoder is never idle for 0.3 s
+                await work.admit(100, 0)
+                work.discharge(100)
+                await asyncio.sleep(0.05)
+            during_stream = len(given_back)
+            await asyncio.sleep(0.6)
+            return during_stream, len(given_back)
+        finally:
+            work.close()
+
+    during_stream, after_pause = asyncio.run(stream_then_pause())
+    assert during_stream == 0
+    assert after_pause == 1
+    assert given_back[0].startswith("images")  # on an image thread, never on the event loop

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from app.model import ServedModel, load_model
-from bench.gradcam_reference import pytorch_grad_cam_maps
+from bench.gradcam_reference import as_loaded, pytorch_grad_cam_maps
 from contract.explainers import Decided, PairMaps, decide, gradcam
 
 from tests.app.conftest import TEST_MODEL_NAME
@@ -56,9 +56,10 @@ def test_maps_match_pytorch_grad_cam(served: ServedModel, batch) -> None:
     x1, x2 = batch
     decided, ours = explain_batch(served, x1, x2)
     compared = 0
+    as_in_its_file = as_loaded(served)
     for index in range(3):
         pair = (x1[index:index + 1], x2[index:index + 1])
-        for name, theirs in pytorch_grad_cam_maps(served, *pair, bool(decided.similar[index])).items():
+        for name, theirs in pytorch_grad_cam_maps(as_in_its_file, *pair, bool(decided.similar[index])).items():
             mine = getattr(ours, name)[index].numpy()
             assert theirs.shape == mine.shape
             if mine.max() == 0:  # no positive evidence: theirs must be blank too
