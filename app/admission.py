@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TypeVar
 
 from app import metrics
 from app.memory import give_back_free_memory
+from app.torch_threads import single_threaded_pool
 
 T = TypeVar("T")
 
@@ -80,7 +80,7 @@ class ImageWork:
 
     def __init__(self, workers: int, max_pixels_in_flight: int, idle_before_trim_s: float = IDLE_BEFORE_TRIM_S,
                  give_back: Callable[[], None] = give_back_free_memory) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images")
+        self.pool = single_threaded_pool(workers, "images")
         self.budget = PixelBudget(max_pixels_in_flight)
         self.idle_before_trim_s = idle_before_trim_s
         self._give_back = give_back

@@ -68,9 +68,10 @@ class Job:
 class Batcher:
     def __init__(
         self, runners: dict[str, BatchRunner], self_check: Callable[[], object], max_batch_size: int,
-        max_batch_wait_s: float, queue_capacity: int,
+        max_batch_wait_s: float, queue_capacity: int, model_thread: ThreadPoolExecutor,
     ) -> None:
-        """`self_check` runs the model on the warm-up pair, raising if it fails."""
+        """`self_check` runs the model on the warm-up pair, raising if it fails. Every model call runs on
+        `model_thread` (app/torch_threads.py), which the batcher shuts down when it stops."""
         self._runners = runners
         self._self_check = self_check
         self._max_batch_size = max_batch_size
@@ -82,7 +83,7 @@ class Batcher:
         self.stopped = False
         # One thread for every model call: batches are sequential anyway, and timings_ms.inference stays the
         # model's time, never a wait for a thread busy with decoding or rendering.
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._model_thread = model_thread
         for kind in runners:
             metrics.QUEUE_DEPTH.labels(kind).set(0)
 

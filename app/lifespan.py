@@ -16,11 +16,19 @@ from app.admission import ImageWork
 from app.batcher import Batcher
 from app.memory import keep_freed_memory_for_reuse
 from app.model import (
-    EXPLAIN_QUEUES, ModelLoadError, ServedModel, explain_pairs, load_model, score_blank_pair, score_pairs, warm_up,
+    EXPLAIN_QUEUES,
+    ModelLoadError,
+    ServedModel,
+    explain_pairs,
+    load_model,
+    score_blank_pair,
+    score_pairs,
+    warm_up,
 )
 from app.service import Service
 from app.settings import Settings
 from app.shutdown import drain_on_signals
+from app.torch_threads import model_thread_executor, run_torch_here_only
 
 logger = logging.getLogger(__name__)
 EXIT_MODEL_UNAVAILABLE = 1
@@ -44,8 +52,11 @@ def _exit_now(status: int) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
     settings = service.settings
+    run_torch_here_only()  # the event loop's thread
+    model_thread = model_thread_executor()
     try:
-        model = await asyncio.to_thread(_load_and_warm_up, settings)
+        # Loaded and warmed up on the thread that will run it: no other thread may run torch in parallel.
+        model = await asyncio.get_running_loop().run_in_executor(model_thread, _load_and_warm_up, settings)
     except ModelLoadError as error:
         logger.critical(f"cannot start: {error}")
         # Leave now: through uvicorn, a failed start-up is logged as a traceback plus more lines, and
@@ -58,6 +69,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_batch_size=settings.max_batch_size,
         max_batch_wait_s=settings.max_batch_wait_ms / 1000,
         queue_capacity=settings.queue_capacity,
+        model_thread=model_thread,
     )
     images = ImageWork(settings.image_workers, settings.max_decode_pixels_in_flight)
     worker = asyncio.create_task(batcher.run(), name="inference-worker")
