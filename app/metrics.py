@@ -10,6 +10,10 @@ REQUESTS = Counter("siamcam_requests_total", "HTTP requests answered", ["route",
 REQUEST_LATENCY = Histogram(
     "siamcam_request_duration_seconds", "Time to answer an HTTP request", ["route"], buckets=_LATENCY_BUCKETS
 )
+REQUESTS_IN_PROGRESS = Gauge(
+    "siamcam_inference_requests_in_progress",
+    "Requests to /similarity and /explain admitted and not yet answered: what a drain waits for",
+)
 QUEUE_DEPTH = Gauge("siamcam_queue_depth", "Pairs waiting in a queue for the inference worker", ["queue"])
 QUEUE_WAIT = Histogram(
     "siamcam_queue_wait_seconds", "Time a pair waited before its batch started", ["queue"], buckets=_LATENCY_BUCKETS

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+from app import metrics
+
 logger = logging.getLogger(__name__)
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -33,11 +35,13 @@ class Drain:
     @contextmanager
     def track(self) -> Iterator[None]:
         self._active += 1
+        metrics.REQUESTS_IN_PROGRESS.inc()
         self._idle.clear()
         try:
             yield
         finally:
             self._active -= 1
+            metrics.REQUESTS_IN_PROGRESS.dec()
             if self._active == 0:
                 self._idle.set()
 

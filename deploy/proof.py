@@ -48,6 +48,7 @@ REPLICAS = 3
 EXIT_SLACK_S = 5.0
 # Requests the proof sends straight to the replica it is about to SIGTERM, so that the drain has work to finish.
 DIRECT_IN_FLIGHT = 4
+IN_PROGRESS_METRIC = "siamcam_inference_requests_in_progress"
 # Exit statuses of a clean shutdown: 0, or SIGTERM re-raised by uvicorn after it finished (Popen: -15).
 CLEAN_EXIT_CODES = (0, -signal.SIGTERM)
 
@@ -202,13 +203,25 @@ def _wait_exit(process: subprocess.Popen, since: float, timeout_s: float) -> tup
     return code, time.monotonic() - since
 
 
+async def _until_admitted(replica: httpx.AsyncClient, count: int, timeout_s: float = 5.0) -> None:
+    """Wait until the replica has admitted at least `count` inference requests not yet answered (or
+    `timeout_s`): on a busy machine its event loop may take a while to read requests that were sent at once."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        exposition = (await replica.get("/metrics")).text
+        for line in exposition.splitlines():
+            if line.startswith(f"{IN_PROGRESS_METRIC} ") and float(line.split()[1]) >= count:
+                return
+        await asyncio.sleep(0.01)
+
+
 async def _terminate_while_busy(replica: Replica, pairs: list[Pair], expected: list[float],
                                 settings: ProofSettings, check: DrainCheck, headers: dict[str, str]) -> None:
     """SIGTERM `replica` while /explain requests sent straight to it are in flight; record how it drains."""
     async with httpx.AsyncClient(base_url=replica.url, headers=headers, trust_env=False, timeout=120.0) as direct:
         in_flight = [asyncio.create_task(direct.post("/explain", files=pairs[i % len(pairs)].files()))
                      for i in range(DIRECT_IN_FLIGHT)]
-        await asyncio.sleep(0.1)  # long enough for the replica to admit them, short of answering them
+        await _until_admitted(direct, DIRECT_IN_FLIGHT)
         unanswered = [not task.done() for task in in_flight]
         check.in_flight_at_sigterm = sum(unanswered)
         sent_at = time.monotonic()
