@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import httpx
 import torch
 
+from app.memory import keep_freed_memory_for_reuse
 from app.model import ServedModel, explain_pairs, load_model, score_batch
 from bench.gradcam_reference import as_loaded, pytorch_grad_cam_maps
 from deploy.load import FLOWERS_DIR, Pair, Upload, make_jobs, make_pairs, percentile, reference_scores, run_load
@@ -41,7 +42,7 @@ WARMUP_CALLS = 10
 RAW_SECONDS = 3.0  # timed in-process calls per measurement run for at least this long
 GRADCAM_PAIRS = 8  # pairs explained one at a time by both Grad-CAM implementations
 
-TARGET_VS_RAW = 0.8
+TARGET_VS_RAW = 0.9  # issue 13 (issue 3 asked 0.8)
 TARGET_BATCHING_GAIN = 1.5
 TARGET_EXPLAIN_REQUEST = 3.0
 TARGET_EXPLAIN_MODEL = 1.5
@@ -151,6 +152,7 @@ def verdict(value: float, goal: float, at_most: bool = False) -> str:
 
 
 def main() -> None:
+    keep_freed_memory_for_reuse()  # the in-process baseline runs the model with the service's memory settings
     served = load_model(MODEL_STORE / MODEL_NAME, "cpu")
     pairs = load_pairs(PAIR_COUNT)
     x1, x2 = model_inputs(served, pairs)
