@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.training.conftest import TINY_TRAIN_ARGS, train_command
+from tests.training.conftest import TINY_TRAIN_ARGS, run_training, train_command
 from training.__main__ import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,9 +24,10 @@ def without_timings(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(trained: tuple[Path, dict[str, Any]],
-                                                             shapes_dataset: Path, tmp_path: Path) -> None:
-    _, uninterrupted = trained
+def test_interrupted_run_resumes_to_the_uninterrupted_result(shapes_dataset: Path, tmp_path: Path) -> None:
+    # the interrupted run is a process of its own (it gets Ctrl-C), so all three runs are
+    run_training(train_command(shapes_dataset, tmp_path / "uninterrupted"))
+    uninterrupted = json.loads((tmp_path / "uninterrupted" / "shapes" / "manifest.json").read_text())
     log = tmp_path / "stderr.log"
     with log.open("w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "training", *train_command(shapes_dataset, tmp_path)],
@@ -45,7 +46,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(trained: tuple[Path
     finished_epochs = len(torch.load(checkpoint, weights_only=False)["history"])
     assert 1 <= finished_epochs < len(uninterrupted["training"]["history"])
 
-    main(train_command(shapes_dataset, tmp_path, "--resume"))
+    run_training(train_command(shapes_dataset, tmp_path, "--resume"))
     resumed = json.loads((tmp_path / "shapes" / "manifest.json").read_text())
     assert without_timings(resumed["training"]["history"]) == without_timings(uninterrupted["training"]["history"])
     assert resumed["metrics"] == uninterrupted["metrics"]
