@@ -69,7 +69,8 @@ class PixelBudget:
 
 # How long no image may have been decoded before the freed memory is given back. Trimming between two requests
 # of a steady stream costs them: malloc_trim locks every arena in turn (the model thread's mid-batch too) and
-# unmaps free pages that the next request's tensors then fault back in (bench/RESULTS.md, "Peers").
+# unmaps free pages that the next request's tensors then fault back in (what faulting costs the model:
+# bench/RESULTS.md, "Model runtime").
 IDLE_BEFORE_TRIM_S = 1.0
 
 

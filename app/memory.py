@@ -4,7 +4,7 @@ glibc's malloc, left to itself, serves every block above its mmap threshold (128
 as such blocks are freed) with a fresh mapping and unmaps it on free, and gives the free top of each heap back
 to the system as soon as it exceeds the trim threshold. A forward pass allocates and frees activations of
 several MB per image, so every batch faulted its memory in again, page by page: the same model's batch of 8
-pairs took about twice as long as with the memory kept (bench/RESULTS.md, "Peers"). `keep_freed_memory_for_reuse`
+pairs took 2.3-2.4x as long as with the memory kept (bench/RESULTS.md, "Model runtime"). `keep_freed_memory_for_reuse`
 turns both off at start-up, before the model is loaded.
 
 Kept memory is given back once the service is idle: glibc keeps what a thread frees in that thread's arena,

@@ -25,8 +25,8 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto picks CUDA when it is available"
     )
-    # 8: on a 2-core CPU the default model served 43 pairs/s at 32 clients with batches of up to 8 and 26 with
-    # up to 16 (bench/RESULTS.md, "Service benchmarks"); on a GPU larger batches pay, so raise it there.
+    # 8: on a 2-core CPU the default model served 45.5 pairs/s at 32 clients with batches of up to 8 and 26.0
+    # with up to 16 (`python -m bench.service_bench`, bench/RESULTS.md, "Peers"); on a GPU larger batches pay.
     max_batch_size: int = Field(8, ge=1, le=256, description="most pairs run together in one batch")
     max_batch_wait_ms: float = Field(
         5.0, ge=0, description="how long a partial batch may be passed over for full batches of the other queue"

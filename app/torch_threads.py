@@ -4,8 +4,8 @@ PyTorch runs a large operator on a team of OpenMP threads, and every Python thre
 of its own. GNU OpenMP lets idle workers spin, ready for the next operator, only while the process holds no
 more OpenMP threads than CPUs; beyond that, each of the hundreds of operators of a forward pass wakes its
 workers through the kernel. Measured on the 2-core machine with the default model (EfficientNet-Lite0,
-224 px), one pair: 22 ms while one thread had run torch, 48 ms once a second one had (bench/RESULTS.md,
-"Peers"). So the model is loaded, warmed up and run on one thread, with torch's threads, and every other thread
+224 px), one pair: 27.7 ms while one thread had run torch, 56.2 ms once a second one had
+(`python -m bench.model_runtime`, bench/RESULTS.md, "Model runtime"). So the model is loaded, warmed up and run on one thread, with torch's threads, and every other thread
 of ours that touches tensors (decoding and rendering on the image threads, the event loop) runs its operators
 by itself.
 """

@@ -64,8 +64,8 @@ def optimized_for_inference(module: torch.jit.ScriptModule, format_version: int,
     into the convolution before it and skips the attribute lookups of every call; on the CPU the convolutions are
     also rewritten for oneDNN. The contract methods stay, and so do their gradients with respect to their inputs
     (the explainers differentiate `embed` and `similarity` by the feature maps). Scores match the file's within
-    about 1e-6 (the folding rounds differently); a forward pass took about 0.6x the time on a 2-core CPU
-    (bench/RESULTS.md, "Peers")."""
+    about 1e-6 (the folding rounds differently); a batch of 8 pairs took 0.62x and 0.77x the time in two runs on a 2-core
+    CPU (bench/RESULTS.md, "Model runtime")."""
     preserved = [name for name in CONTRACT_METHODS[format_version] if name != "forward"]
     with quiet_torchscript():
         frozen = torch.jit.freeze(module.eval(), preserved_attrs=preserved)
