@@ -16,7 +16,7 @@ from functools import partial
 from typing import TypeVar
 
 from app import metrics
-from app.memory import give_back_free_memory
+from contract.memory import give_back_free_memory
 from app.torch_threads import single_threaded_pool
 
 T = TypeVar("T")

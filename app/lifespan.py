@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from app.admission import ImageWork
 from app.batcher import Batcher
-from app.memory import keep_freed_memory_for_reuse
+from contract.memory import keep_freed_memory_for_reuse
 from app.model import (
     EXPLAIN_QUEUES, ModelLoadError, ServedModel, explain_pairs, load_model, score_blank_pair, score_pairs, warm_up,
 )

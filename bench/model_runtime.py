@@ -4,7 +4,7 @@ Run from the repository root: `.venv/bin/python -m bench.model_runtime`. For the
 of one `forward` of a batch of 1 and of 8 pairs (random inputs, after warm-up runs), under four set-ups, each
 adding one thing to the one before:
 - `as loaded`: `contract.torchscript.load_torchscript`, glibc's default malloc settings, the main thread;
-- `memory kept`: `app.memory.keep_freed_memory_for_reuse()` first (no mapping per large block, no trimming);
+- `memory kept`: `contract.memory.keep_freed_memory_for_reuse()` first (no mapping per large block, no trimming);
 - `frozen`: also `contract.torchscript.optimized_for_inference` (what the service serves);
 - `second team`: the same, after another thread ran one parallel torch operator, as the service's image
   threads would without app/torch_threads.py.
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from app.memory import keep_freed_memory_for_reuse
+from contract.memory import keep_freed_memory_for_reuse
 from contract.manifest import MODEL_FILE, read_manifest
 from contract.torchscript import load_torchscript, optimized_for_inference
 from deploy.nginx_config import REPO_ROOT

@@ -33,7 +33,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "resnet18-scratch": ("--backbone", "resnet18", "--input-size", "128", "--classify-epochs", "40",
                          "--epochs", "12", "--freeze-backbone", "--patience", "10"),
     "lite0-pretrained": ("--backbone", "efficientnet_lite0", "--pretrained", "--input-size", "224",
-                         "--classify-epochs", "5", "--lr", "5e-4", "--epochs", "5", "--loss", "bce",
+                         "--classify-epochs", "12", "--lr", "5e-4", "--epochs", "5", "--loss", "bce",
                          "--freeze-backbone"),
 }
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import httpx
 import torch
 
-from app.memory import keep_freed_memory_for_reuse
+from contract.memory import keep_freed_memory_for_reuse
 from app.model import ServedModel, explain_pairs, load_model, score_batch
 from bench.gradcam_reference import as_loaded, pytorch_grad_cam_maps
 from deploy.load import FLOWERS_DIR, Pair, Upload, make_jobs, make_pairs, percentile, reference_scores, run_load

@@ -8,7 +8,8 @@ that what training evaluates is exactly what the service serves:
 - `images`: decoding any supported upload or file into an upright RGB picture, with domain errors;
 - `preprocess`: the manifest's resize policy and normalisation, from a picture to the model's input tensor.
 - `explainers`: the explanation methods, one module each (`gradcam`, `contributions`), batched and hook-free,
-  so that training can measure what the service shows.
+  so that training can measure what the service shows;
+- `memory`: glibc's malloc told to keep freed memory for reuse (both sides run the model) and to give it back.
 
 model_store/README.md documents the contract for people; this package is its code.
 """

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from contract.manifest import Manifest, Normalization
+from contract.memory import keep_freed_memory_for_reuse
 from contract.preprocess import normalize
 from training import distributed
 from training.augment import augment_batch, build_augmentation
@@ -43,6 +44,10 @@ from training.metrics import best_threshold, format_table, pair_metrics, platt_s
 from training.model import BACKBONE_NORMALIZATION, BACKBONES, SiameseNet, build_siamese
 
 STAGES: tuple[str, ...] = ("classify", "pairs")
+# NHWC activations and weights: oneDNN's depthwise and pointwise convolutions run faster on CPU (and cuDNN's under
+# mixed precision on GPU); a Lite0 step took 0.6-0.8x the time (bench/training_step.py). Exported files are
+# contiguous again, as the service expects.
+TRAINING_MEMORY_FORMAT = torch.channels_last
 # Arguments a resumed run may change: where its outputs go and what hardware it runs on. Every other argument
 # shapes the run itself (its schedule, data, model), so resuming with a different value would silently mix two runs.
 CHANGEABLE_ON_RESUME: frozenset[str] = frozenset(
@@ -168,7 +173,8 @@ def embed_images(net: SiameseNet, images: torch.Tensor, normalization: Normaliza
     net.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size].to(device), normalization)
+        x = normalize(images[start:start + batch_size].to(device), normalization).contiguous(
+            memory_format=TRAINING_MEMORY_FORMAT)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             feature_maps = net.features(x)
             out.append((torch.flatten(net.pool(feature_maps), 1) if pooled_only else net.embed(feature_maps)).float())
@@ -224,7 +230,8 @@ class Trainer:
     # -- the pieces of an epoch -------------------------------------------------------------------------
     def augmented(self, indices: np.ndarray) -> torch.Tensor:
         images = augment_batch(self.train_images[torch.from_numpy(indices)], self.augmentation)
-        return normalize(images.to(self.device, non_blocking=True), self.normalization)
+        return normalize(images.to(self.device, non_blocking=True), self.normalization).contiguous(
+            memory_format=TRAINING_MEMORY_FORMAT)
 
     def validation_auc(self) -> float:
         net = self.trainee.net
@@ -395,6 +402,9 @@ class Trainer:
 def train(args: argparse.Namespace) -> Manifest | None:
     """Train, calibrate, evaluate and export; returns the manifest (on the main process)."""
     started = time.perf_counter()
+    # every step frees and allocates the same activations: without this a third of a Lite0 run's CPU time went to
+    # page faults (model_store/README.md)
+    keep_freed_memory_for_reuse()
     args.name = args.name or args.data.resolve().name
     args.output = args.output or Path("model_store") / args.name
     args.checkpoint_dir = args.checkpoint_dir or Path("runs") / args.name
@@ -447,7 +457,7 @@ def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: floa
     train_images = decode_images(paths["train"], (cache_side, cache_side))
     evaluation_images = {s: decode_images(paths[s], size) for s in ("validation", "test")}
 
-    trainee = Trainee(net, len(folder.classes)).to(runtime.device)
+    trainee = Trainee(net, len(folder.classes)).to(runtime.device, memory_format=TRAINING_MEMORY_FORMAT)
     split_sha256 = split.fingerprint(folder)
     trainer = Trainer(args, runtime, trainee, train_images, labels["train"], evaluation_images["validation"],
                       pairs["validation"], run_identity(args, split_sha256, runtime.world_size))
@@ -499,7 +509,7 @@ def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: floa
             "history": trainer.state["history"],
         },
     }
-    net = net.cpu()
+    net = net.to("cpu", memory_format=torch.contiguous_format)
     exported = export_model(net, args.output, manifest)
     print(f"exported {args.output / 'model.pt'} (sha256 {exported.sha256[:12]}...)", flush=True)
     return exported

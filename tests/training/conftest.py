@@ -63,7 +63,7 @@ def train_command(dataset: Path, work: Path, *extra: str) -> list[str]:
 def run_training(arguments: list[str]) -> None:
     """`python -m training ARGUMENTS` in a process of its own, as a user runs it. Runs compared with one made in
     a process of its own must not run in the test process: the services other tests start there change
-    process-wide state (glibc's malloc settings, app/memory.py), and a tiny model's validation ROC AUC then
+    process-wide state (glibc's malloc settings, contract/memory.py), and a tiny model's validation ROC AUC then
     moved by one tied pair (0.7469 against 0.75)."""
     subprocess.run([sys.executable, "-m", "training", *arguments], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
 

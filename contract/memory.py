@@ -1,10 +1,14 @@
-"""How the service's C heap is managed: freed memory kept for reuse while requests come, given back after a burst.
+"""How the C heap is managed while a model runs: freed memory kept for reuse, given back when idle.
+
+Both sides of the contract run the model, so both use this: the service (freed memory kept while requests
+come, given back after a burst) and training (every step allocates and frees the same activations).
 
 glibc's malloc, left to itself, serves every block above its mmap threshold (128 kB, rising to at most 32 MB
 as such blocks are freed) with a fresh mapping and unmaps it on free, and gives the free top of each heap back
 to the system as soon as it exceeds the trim threshold. A forward pass allocates and frees activations of
 several MB per image, so every batch faulted its memory in again, page by page: the same model's batch of 8
-pairs took 2.3-2.4x as long as with the memory kept (bench/RESULTS.md, "Model runtime"). `keep_freed_memory_for_reuse`
+pairs took 2.3-2.4x as long as with the memory kept (bench/RESULTS.md, "Model runtime"), and a training step
+of Lite0 (64 images at 224 px, forward, backward, AdamW) 1.6x (model_store/README.md). `keep_freed_memory_for_reuse`
 turns both off at start-up, before the model is loaded.
 
 Kept memory is given back once the service is idle: glibc keeps what a thread frees in that thread's arena,
