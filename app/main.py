@@ -8,6 +8,7 @@ import sys
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
+from starlette.formparsers import MultiPartParser
 from starlette.middleware.cors import CORSMiddleware
 
 from app.errors import install_problem_handlers
@@ -31,6 +32,7 @@ EXIT_BAD_KEYS = 1
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     configure_logging(settings.log_level)
+    keep_uploads_in_memory(settings.max_upload_bytes)
     # FastAPIOffline serves Swagger UI's and ReDoc's files itself: /docs and /redoc work without internet.
     app = FastAPIOffline(
         title="siamcam",
@@ -64,6 +66,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)  # sees every answer: logs and counts it
     app.add_middleware(SecurityHeadersMiddleware)  # outermost: on every answer, the request log's own included
     return app
+
+
+def keep_uploads_in_memory(max_upload_bytes: int) -> None:
+    """Have Starlette keep every upload this service accepts in memory while it parses the form.
+
+    Decoding reads each upload whole into memory anyway (app/inference.py); Starlette would first write any file
+    over 1 MB to a temporary file on disk and read it back, which made a pair of 12 Mpx phone photos (2-3 MB
+    each) cost far more to receive than to score (bench/RESULTS.md, "Real photos"). Starlette reads this class
+    attribute for every form it parses; tests/app/test_endpoints.py checks that it still does.
+    """
+    MultiPartParser.spool_max_size = max_upload_bytes
 
 
 def _app_from_environment() -> FastAPI:

@@ -41,7 +41,7 @@ def overlay_background(source: bytes | Path, name: str, max_pixels: int | None, 
     """The upright original at overlay size (its longest side at most `max_side`, never enlarged, aspect kept):
     decoded only as large as that size needs, resized once."""
     picture, original_size = decode_upright_rgb_fitted(source, name, max_pixels, max_side)
-    return Background(cv2.cvtColor(np.asarray(picture), cv2.COLOR_RGB2BGR), original_size)
+    return Background(cv2.cvtColor(picture, cv2.COLOR_RGB2BGR), original_size)
 
 
 def render_overlay(background: np.ndarray, heatmap: np.ndarray, colormap: ColormapName, opacity: float,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import re
@@ -11,7 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from starlette.requests import Request
+
+from app.main import create_app
 from app.overlays import COLORMAPS
+from app.settings import Settings
 from tests.support.images import drawn_image, encode, pair_files
 from tests.conftest import SHARED_DATASETS
 
@@ -157,3 +162,30 @@ def test_every_offered_colormap_is_drawn(client: httpx.Client) -> None:
         assert response.status_code == 200, f"{colormap}: {response.text}"
         overlays.add(response.json()["explanations"]["factual"]["image1"]["overlay"])
     assert len(overlays) == len(COLORMAPS)  # each one colours the map differently
+
+
+def test_uploads_up_to_the_limit_are_parsed_in_memory_not_spooled_to_disk() -> None:
+    """What app.main.keep_uploads_in_memory relies on: Starlette's parser honours its class attribute."""
+    create_app(Settings(max_upload_bytes=4 << 20))
+    boundary = b"siamcam-boundary"
+
+    def part(field: str, size: int) -> bytes:
+        return (b"--" + boundary + f'\r\nContent-Disposition: form-data; name="{field}"; filename="{field}.jpg"'
+                f"\r\nContent-Type: image/jpeg\r\n\r\n".encode() + bytes(size) + b"\r\n")
+
+    body = part("image1", 3 << 20) + part("image2", 5 << 20) + b"--" + boundary + b"--\r\n"
+
+    async def parsed() -> dict[str, bool]:
+        chunks = iter([body[start:start + 65536] for start in range(0, len(body), 65536)] + [b""])
+
+        async def receive() -> dict:
+            chunk = next(chunks)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunk)}
+
+        scope = {"type": "http", "method": "POST",
+                 "headers": [(b"content-type", b"multipart/form-data; boundary=" + boundary)]}
+        async with Request(scope, receive).form() as form:
+            return {field: form[field].file._rolled for field in ("image1", "image2")}  # type: ignore[union-attr]
+
+    # on disk only past the limit (such an upload is then refused with 413)
+    assert asyncio.run(parsed()) == {"image1": False, "image2": True}
