@@ -30,9 +30,10 @@ from contract.images import header_pixels
 @dataclass(frozen=True)
 class DecodedPair:
     inputs: tuple[torch.Tensor, torch.Tensor]  # what the model sees
-    # /explain only: each upright original at overlay size, decoded and resized once for all its overlays, still
-    # being decoded while the pair waits for and runs its batch
+    # /explain only: each upright original at overlay size, decoded and resized once for all its overlays, once
+    # `batch_ran` is set (cancelled if the pair's batch fails)
     backgrounds: asyncio.Future[list[Background]] | None = None
+    batch_ran: asyncio.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,8 @@ class OverlayOptions:
 async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, batcher: Batcher, kind: str,
                     images: ImageWork, settings: Settings, overlay_max_side: int | None = None) -> DecodedPair:
     """Both uploads admitted, then decoded and preprocessed side by side on the image threads; with
-    `overlay_max_side`, their overlay backgrounds go on being decoded after this returns (their pixels stay
-    charged until then). Refused before any decoding: 413 for files over the limit, 503 when the
+    `overlay_max_side`, their overlay backgrounds are decoded once `run_in_batch` has run the pair (their pixels
+    stay charged until then). Refused before any decoding: 413 for files over the limit, 503 when the
     `kind` queue is full or the images' pixels cannot be admitted within ADMISSION_WAIT_S, 422 for a pair larger
     than the whole budget, and the contract's image errors (415/422 in errors.py) for what its header says."""
     uploads = {"image1": image1, "image2": image2}
@@ -85,12 +86,19 @@ async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, 
         images.discharge(pixels)
         return DecodedPair((first, second))
     # A second decode, at overlay size (the model's input must not depend on the endpoint that asked for it),
-    # while the pair waits for and runs its batch: the overlays need it only after.
-    backgrounds = asyncio.ensure_future(images.run_all(
-        [partial(overlay_background, data, field, settings.max_image_pixels, overlay_max_side)
-         for data, field in files]))
+    # after the pair's batch: decoding beside the batch took the model's cores, so that its OpenMP team waited
+    # on its preempted threads, and a 12 Mpx pair's /explain took longer (bench/RESULTS.md, "Real photos").
+    batch_ran = asyncio.Event()
+
+    async def backgrounds_after_the_batch() -> list[Background]:
+        await batch_ran.wait()
+        return await images.run_all(
+            [partial(overlay_background, data, field, settings.max_image_pixels, overlay_max_side)
+             for data, field in files])
+
+    backgrounds = asyncio.ensure_future(backgrounds_after_the_batch())
     backgrounds.add_done_callback(lambda done: _backgrounds_decoded(done, images, pixels))
-    return DecodedPair((first, second), backgrounds)
+    return DecodedPair((first, second), backgrounds, batch_ran)
 
 
 def _backgrounds_decoded(backgrounds: asyncio.Future[list[Background]], images: ImageWork, pixels: int) -> None:
@@ -102,7 +110,21 @@ def _backgrounds_decoded(backgrounds: asyncio.Future[list[Background]], images: 
 async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: DecodedPair, arrived: float,
                        settings: Settings) -> Outcome:
     """Queue the pair and wait for its result, until REQUEST_TIMEOUT_S after it `arrived` (time.monotonic)
-    or until the client leaves."""
+    or until the client leaves; then start decoding its overlay backgrounds, if it has any (or drop them if it
+    failed)."""
+    try:
+        outcome = await _run_in_batch(request, batcher, kind, pair, arrived, settings)
+    except BaseException:
+        if pair.backgrounds is not None:
+            pair.backgrounds.cancel()  # never decoded: their pixels go back to the budget
+        raise
+    if pair.batch_ran is not None:
+        pair.batch_ran.set()
+    return outcome
+
+
+async def _run_in_batch(request: Request, batcher: Batcher, kind: str, pair: DecodedPair, arrived: float,
+                        settings: Settings) -> Outcome:
     deadline = arrived + settings.request_timeout_s
     try:
         job = batcher.submit(kind, *pair.inputs)

@@ -59,6 +59,9 @@ def test_a_failing_model_gets_a_traceable_500_and_the_service_keeps_serving(
         assert metric_value(client, "siamcam_requests_total", route="/similarity", method="POST",
                             status="500") == errors_before + 1
         _problem(client.post("/explain", files=pair_files(RED, GOOD2)), 500, "internal-error")
+        # Its overlay backgrounds are decoded only after a batch that succeeds: never, here, and the pixels they
+        # held in the decode budget are given back.
+        wait_for(lambda: metric_value(client, "siamcam_decode_pixels_in_flight") == 0)
         # The model still scores other pairs, on the same connection: it was not dropped after the 500.
         scored = client.post("/similarity", files=pair_files(GOOD1, GOOD2))
         assert scored.status_code == 200
