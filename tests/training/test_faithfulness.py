@@ -13,7 +13,7 @@ import torch
 from app.model import load_model
 from contract.manifest import read_manifest
 from tests.support.images import drawn_image
-from tests.training.conftest import train_command
+from tests.training.conftest import run_training, train_command
 from training import faithfulness
 from training.__main__ import main
 
@@ -66,11 +66,13 @@ def test_faithfulness_needs_a_format_version_2_model(model_store: Path, tmp_path
 
 
 def test_evaluate_records_faithfulness_in_the_manifest(shapes_dataset: Path, tmp_path: Path) -> None:
-    # At 64 x 64 px the resnet18 grid is 2 x 2: cells to rank (the suite's other tiny runs have one cell).
-    main(train_command(shapes_dataset, tmp_path, "--input-size", "64"))
+    # At 64 x 64 px the resnet18 grid is 2 x 2: cells to rank (the suite's other tiny runs have one cell). Both
+    # commands run in processes of their own, so that the model is the same whichever tests ran before (see
+    # run_training): on 36 pairs of 4 cells the margin over the random order is a few hundredths.
+    run_training(train_command(shapes_dataset, tmp_path, "--input-size", "64"))
     model = tmp_path / "shapes"
-    main(["evaluate", "--model", str(model), "--data", str(shapes_dataset), "--split", "test", "--faithfulness",
-          "--json", str(tmp_path / "metrics.json")])
+    run_training(["evaluate", "--model", str(model), "--data", str(shapes_dataset), "--split", "test",
+                  "--faithfulness", "--json", str(tmp_path / "metrics.json")])
     measured = json.loads((tmp_path / "metrics.json").read_text())["faithfulness"]
     recorded = read_manifest(model).metrics["faithfulness"]
     assert recorded == measured

@@ -30,8 +30,14 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(shapes_dataset: Pat
     uninterrupted = json.loads((tmp_path / "uninterrupted" / "shapes" / "manifest.json").read_text())
     log = tmp_path / "stderr.log"
     with log.open("w") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "training", *train_command(shapes_dataset, tmp_path)],
-                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        # A shell's background job starts ignoring SIGINT, and a child inherits that (Python then installs no
+        # KeyboardInterrupt handler and the run goes on): the child is started with this process handling it.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "training", *train_command(shapes_dataset, tmp_path)],
+                                       cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
+        finally:
+            signal.signal(signal.SIGINT, previous)
         checkpoint = tmp_path / "checkpoints" / "checkpoint.pt"
         deadline = time.monotonic() + 300
         while not checkpoint.exists():  # appears when the first epoch has finished
