@@ -16,8 +16,8 @@ from functools import partial
 from typing import TypeVar
 
 from app import metrics
-from contract.memory import give_back_free_memory
 from app.torch_threads import single_threaded_pool
+from contract.memory import give_back_free_memory
 
 T = TypeVar("T")
 

@@ -14,7 +14,6 @@ from fastapi import FastAPI
 
 from app.admission import ImageWork
 from app.batcher import Batcher
-from contract.memory import keep_freed_memory_for_reuse
 from app.model import (
     EXPLAIN_QUEUES, ModelLoadError, ServedModel, explain_pairs, load_model, score_blank_pair, score_pairs, warm_up,
 )
@@ -22,6 +21,7 @@ from app.service import Service
 from app.settings import Settings
 from app.shutdown import drain_on_signals
 from app.torch_threads import model_thread_executor, run_torch_here_only
+from contract.memory import keep_freed_memory_for_reuse
 
 logger = logging.getLogger(__name__)
 EXIT_MODEL_UNAVAILABLE = 1

@@ -72,9 +72,9 @@ def keep_uploads_in_memory(max_upload_bytes: int) -> None:
     """Have Starlette keep every upload this service accepts in memory while it parses the form.
 
     Decoding reads each upload whole into memory anyway (app/inference.py); Starlette would first write any file
-    over 1 MB to a temporary file on disk and read it back, which made a pair of 12 Mpx phone photos (2-3 MB
-    each) cost far more to receive than to score (bench/RESULTS.md, "Real photos"). Starlette reads this class
-    attribute for every form it parses; tests/app/test_endpoints.py checks that it still does.
+    over 1 MB (a phone photo's 2-3 MB) to a temporary file on disk and read it back. No memory is added: only the
+    disk round trip is saved (within what runs vary in bench/RESULTS.md, "Real photos"). Starlette reads this
+    class attribute for every form it parses; tests/app/test_endpoints.py checks that it still does.
     """
     MultiPartParser.spool_max_size = max_upload_bytes
 

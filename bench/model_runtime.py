@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from contract.memory import keep_freed_memory_for_reuse
+from bench.fresh_process import last_line_of
 from contract.manifest import MODEL_FILE, read_manifest
+from contract.memory import keep_freed_memory_for_reuse
 from contract.torchscript import load_torchscript, optimized_for_inference
 from deploy.nginx_config import REPO_ROOT
 
@@ -73,9 +72,7 @@ def main() -> None:
           f"median of {RUNS} forward passes, ms")
     print(f"{'set-up':<12} " + " ".join(f"{f'batch {batch}':>9}" for batch in BATCHES))
     for setup in SETUPS:
-        result = subprocess.run([sys.executable, "-m", "bench.model_runtime", "--setup", setup], cwd=REPO_ROOT,
-                                check=True, capture_output=True, text=True)
-        medians = json.loads(result.stdout.strip().splitlines()[-1])
+        medians = json.loads(last_line_of("bench.model_runtime", setup))
         print(f"{setup:<12} " + " ".join(f"{medians[str(batch)]:>9.1f}" for batch in BATCHES))
 
 

@@ -115,12 +115,13 @@ def print_background_resizes(phone: bytes) -> None:
     the full-size decode (what the picture is, at that size)."""
     draft = Image.open(io.BytesIO(phone))
     draft.draft("RGB", (MAX_SIDE, MAX_SIDE * 3 // 4))
-    decoded = np.asarray(draft.convert("RGB"))
+    picture = draft.convert("RGB")
+    decoded = np.asarray(picture)
     size = (MAX_SIDE, MAX_SIDE * 3 // 4)
     truth = cv2.resize(np.asarray(decode_upright_rgb(phone)), size, interpolation=cv2.INTER_AREA).astype(float)
     ways: dict[str, Callable[[], np.ndarray]] = {
-        "Pillow bilinear (antialiased)": lambda: np.asarray(
-            Image.fromarray(decoded).resize(size, Image.Resampling.BILINEAR)),
+        # as overlay_background did before: Pillow's resize of the decoded picture, then an array
+        "Pillow bilinear (antialiased)": lambda: np.asarray(picture.resize(size, Image.Resampling.BILINEAR)),
         "OpenCV area": lambda: cv2.resize(decoded, size, interpolation=cv2.INTER_AREA),
         "OpenCV bilinear (overlay_background)": lambda: cv2.resize(decoded, size, interpolation=cv2.INTER_LINEAR),
     }

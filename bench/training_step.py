@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 from torch import nn
 
+from bench.fresh_process import last_line_of
 from contract.memory import keep_freed_memory_for_reuse
-from deploy.nginx_config import REPO_ROOT
 from training.efficientnet_lite import packaged_weights
 from training.model import build_siamese
 from training.train import TRAINING_MEMORY_FORMAT
@@ -66,9 +64,7 @@ def main() -> None:
           f"torch threads, median of {STEPS - 1} steps")
     baseline = None
     for setup in SETUPS:
-        result = subprocess.run([sys.executable, "-m", "bench.training_step", "--setup", setup], cwd=REPO_ROOT,
-                                check=True, capture_output=True, text=True)
-        seconds = float(result.stdout.strip().splitlines()[-1])
+        seconds = float(last_line_of("bench.training_step", setup))
         baseline = baseline or seconds
         print(f"{setup:<14} {seconds:6.2f} s  {seconds / baseline:5.2f}x")
 
