@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The GPU checks, on a machine with an NVIDIA GPU, the project's dependencies and ../shared/datasets:
+#   bash bench/gpu_run.sh OUT_DIR STEP...
+# Steps, in the order given, each with its log in OUT_DIR/<step>.log:
+#   info     the GPU, the driver and the Python packages that matter
+#   tests    the service's tests (tests/app, tests/contract): the service picks the GPU itself (DEVICE=auto)
+#   photos   bench.photos_bench (12 Mpx photos, the decompression flood)
+#   service  bench.service_bench
+#   peers    bench.peers (siamcam against LitServe on the same model)
+#   lite2    issue 9's GPU run: EfficientNet-Lite2 fine-tuned at 260 px on flowers with the default model's
+#            recipe, exported to a temporary folder (its manifest copied to OUT_DIR/lite2_manifest.json)
+#   lite1    the same recipe with EfficientNet-Lite1 at 240 px (the largest step a 2-core CPU could afford)
+# Figures measured with it, and how, are in bench/RESULTS.md ("On a GPU") and model_store/README.md.
+set -uo pipefail
+out=$(realpath "$1")
+shift
+python=${PYTHON:-python3}
+flowers=${FLOWERS:-../shared/datasets/flowers}
+work=$(mktemp -d)
+TIMEFORMAT="wall %R s"
+
+train() {  # name backbone input_size
+    local model_dir="$work/$1-model"
+    time "$python" -m training train --data "$flowers" --name "flowers-$1" \
+        --backbone "$2" --pretrained --input-size "$3" --classify-epochs 12 --lr 5e-4 --epochs 5 --loss bce \
+        --freeze-backbone --device cuda --output "$model_dir" --checkpoint-dir "$work/$1-runs" \
+        && cp "$model_dir/manifest.json" "$out/$1_manifest.json"
+}
+
+status=0
+for step in "$@"; do
+    started=$(date +%s)
+    case "$step" in
+        info) { nvidia-smi; "$python" -c 'import sys, torch, torchvision, PIL, cv2, numpy; print(sys.version);
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name());
+print("torchvision", torchvision.__version__, "pillow", PIL.__version__, "opencv", cv2.__version__,
+      "numpy", numpy.__version__)'; nproc; } ;;
+        tests) # the schema fuzz test needs schemathesis (test extra), which a bare GPU image may lack
+               "$python" -m pytest tests/app tests/contract -q -p no:cacheprovider -rs --durations=10 \
+                   $("$python" -c 'import schemathesis' 2>/dev/null || echo --ignore tests/app/test_schema_fuzz.py) ;;
+        photos) "$python" -m bench.photos_bench ;;
+        service) "$python" -m bench.service_bench ;;
+        peers) "$python" -m bench.peers ;;
+        lite2) train lite2 efficientnet_lite2 260 ;;
+        lite1) train lite1 efficientnet_lite1 240 ;;
+        *) echo "unknown step $step"; false ;;
+    esac > "$out/$step.log" 2>&1
+    code=$?
+    echo "step $step: exit $code in $(( $(date +%s) - started )) s" | tee -a "$out/$step.log"
+    [ "$code" = 0 ] || status=$code
+done
+exit $status
