@@ -27,10 +27,10 @@ class TorchScriptError(ValueError):
 
 @contextmanager
 def quiet_torchscript() -> Iterator[None]:
-    """torch 2.14 warns that TorchScript is deprecated on every script/load; our users asked for TorchScript,
-    and the warning would only clutter their logs."""
+    """torch warns that TorchScript is deprecated on every script/load (2.14 a FutureWarning, 2.11, as GPU images
+    ship it, a DeprecationWarning); our users asked for TorchScript, and the warning would only clutter their logs."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
         yield
 
 
@@ -41,7 +41,9 @@ def save_torchscript(module: torch.nn.Module, path: Path) -> None:
 
 def load_torchscript(path: Path, format_version: int, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
     """`path` loaded in eval mode on `device`, after checking it has every contract method of `format_version`
-    (its manifest's)."""
+    (its manifest's). On a GPU, this process's convolutions compute in full fp32 from then on (below)."""
+    if torch.device(device).type == "cuda":
+        compute_convolutions_in_fp32()
     try:
         with quiet_torchscript():
             module = torch.jit.load(str(path), map_location=device)
@@ -56,6 +58,16 @@ def load_torchscript(path: Path, format_version: int, device: torch.device | str
             "not exported by `python -m training train`; re-export the model with it"
         )
     return module.eval()
+
+
+def compute_convolutions_in_fp32() -> None:
+    """PyTorch lets cuDNN run fp32 convolutions as TF32 (10-bit mantissas) by default, and cuDNN picks its kernels
+    by batch size: with those defaults on an H200 a pair scored 8e-6 apart alone and in a batch (the tiny test
+    model), its heatmaps 3e-4 apart, and two servers of the default model's file gave scores up to 4.4e-3 apart
+    (bench/RESULTS.md, "On a GPU"). A pair must score and explain the same alone or in a batch, and the exact
+    contributions must sum to the score; the model is small enough for the GPU's full fp32 rate."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def optimized_for_inference(module: torch.jit.ScriptModule, format_version: int,

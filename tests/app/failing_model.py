@@ -3,13 +3,16 @@
 Its `features` raises (as TorchScript does: a RuntimeError) for an all-red image, and for every input, the
 warm-up pair included, once it has seen an all-blue image, as a device does after a sticky CUDA error. Its
 `forward` (the /similarity path) returns one score too many for a batch holding an all-green first image, a
-result the batcher cannot hand out. An all-yellow image takes it a second or so of CPU (matrix products it
-then discards), to keep the model busy while a test queues pairs behind it. On any other input it is an
-ordinary, if small and untrained, Siamese network.
+result the batcher cannot hand out. An all-yellow image takes it a second or more of CPU (matrix products it
+then discards; as many as this machine needs for BUSY_SECONDS, counted when the model is exported), to keep the
+model busy while a test queues pairs behind it. On any other input it is an ordinary, if small and untrained,
+Siamese network.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from pathlib import Path
 
 import torch
@@ -23,6 +26,10 @@ from training.model import SiameseNet
 
 FAILING_MODEL_NAME = "failing"
 INPUT_SIZE = (32, 32)
+# A fixed 150 products took a second or so on a 2-core machine but 0.1 s on a 16-core one, where the pairs that a
+# test queued behind the busy batch then ran before they could be counted: the work is sized to the machine.
+BUSY_SECONDS = 1.5
+MIN_BUSY_PRODUCTS = 150  # what the 2-core machines (CI) always ran: never less there
 _RED, _GREEN, _BLUE, _YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 
 
@@ -42,8 +49,24 @@ def _normalized(colour: tuple[int, int, int]) -> torch.Tensor:
     return ((rgb - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD))[:, None, None]
 
 
+def busy_work(busy: torch.Tensor, products: int) -> torch.Tensor:
+    for _ in range(products):
+        busy = torch.tanh(busy @ busy)
+    return busy
+
+
+def busy_products_for(seconds: float) -> int:
+    """How many 512 x 512 products take this machine's CPU about `seconds`, with torch's threads."""
+    start = torch.full((512, 512), 1.0 / 512)
+    busy_work(start, 5)  # warm-up
+    began = time.perf_counter()
+    busy_work(start, 20)
+    per_product = (time.perf_counter() - began) / 20
+    return max(MIN_BUSY_PRODUCTS, math.ceil(seconds / per_product))
+
+
 class FailingSiameseNet(SiameseNet):
-    def __init__(self) -> None:
+    def __init__(self, busy_products: int) -> None:
         backbone = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
         super().__init__(backbone, channels=8, embedding_dim=16)
         self.register_buffer("red", _normalized(_RED))
@@ -51,6 +74,7 @@ class FailingSiameseNet(SiameseNet):
         self.register_buffer("blue", _normalized(_BLUE))
         self.register_buffer("yellow", _normalized(_YELLOW))
         self.register_buffer("broken", torch.zeros((), dtype=torch.bool))
+        self.busy_products = busy_products
 
     def _any_is(self, x: torch.Tensor, colour: torch.Tensor) -> bool:
         return bool(((x - colour).abs() < 0.05).flatten(1).all(dim=1).any())
@@ -64,9 +88,7 @@ class FailingSiameseNet(SiameseNet):
         if self._any_is(x, self.red):
             raise RuntimeError("the model cannot take a red image")
         if self._any_is(x, self.yellow):
-            busy = torch.full((512, 512), 1.0 / 512)
-            for _ in range(150):  # 150 products of 512 x 512 matrices: about 40 GFLOP
-                busy = torch.tanh(busy @ busy)
+            busy = busy_work(torch.full((512, 512), 1.0 / 512), self.busy_products)
             x = x + 0.0 * busy.mean()  # used, so that nothing can skip the work
         return self.backbone(x)
 
@@ -80,7 +102,7 @@ class FailingSiameseNet(SiameseNet):
 def export_failing_model(store: Path) -> Path:
     """The failing model in `store/failing`, made with training.export like any served model."""
     torch.manual_seed(0)
-    model = FailingSiameseNet()
+    model = FailingSiameseNet(busy_products_for(BUSY_SECONDS))
     export_model(model, store / FAILING_MODEL_NAME, {
         "name": FAILING_MODEL_NAME, "version": "0.0.1", "backbone": "tiny-conv", "input_size": list(INPUT_SIZE),
         "resize_policy": "stretch", "normalization": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
