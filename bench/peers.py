@@ -1,6 +1,6 @@
 """siamcam side by side with a generic model server (LitServe), the same model behind both, in one run.
 
-Run from the repository root: `.venv/bin/python -m bench.peers` (needs the `bench` extra:
+Run from the repository root: `.venv/bin/python -m bench.peers [--model DIR]` (needs the `bench` extra:
 `pip install -e '.[bench]'`). It starts `uvicorn app.main:app` with its default settings (tests/support/service.py)
 and bench/litserve_peer.py on the same model_store model on 127.0.0.1, one at a time (never both running), checks
 that both give every pair the same score, then drives /similarity of each in turn at 1, 8 and 32 concurrent
@@ -29,7 +29,7 @@ from pathlib import Path
 import litserve
 import torch
 
-from bench.service_bench import MODEL_NAME, MODEL_STORE, load_pairs
+from bench.service_bench import load_pairs, served_model_option, service_environment
 from deploy.load import FLOWERS_DIR, Pair, make_jobs, percentile, reference_scores, run_load
 from deploy.local_cluster import Replica, free_port
 from deploy.nginx_config import REPO_ROOT
@@ -90,8 +90,7 @@ def serving(server: str, model_dir: Path, logs: Path) -> Iterator[str]:
     queues (about 0.15 of a core, measured with both idle), which would take CPU from siamcam's model threads if
     it ran beside it."""
     if server == "siamcam":
-        with running_service({"MODEL_STORE": str(MODEL_STORE), "MODEL_NAME": MODEL_NAME},
-                             logs / "siamcam.log") as replica:
+        with running_service(service_environment(model_dir), logs / "siamcam.log") as replica:
             yield replica.url
     else:
         with litserve_running(model_dir, logs / "litserve.log") as url:
@@ -129,10 +128,10 @@ def load_average() -> str:
 def main() -> None:
     # Importing litserve sets up logging so that httpx would log every request of the load.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    model_dir = MODEL_STORE / MODEL_NAME
+    model_dir = served_model_option(__doc__.splitlines()[0])
     pairs = load_pairs(PAIR_COUNT)
     images = "flowers JPEG files" if FLOWERS_DIR.is_dir() else "Pillow drawings (JPEG + PNG)"
-    print(f"model {MODEL_NAME}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
+    print(f"model {model_dir.name}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
           f"litserve {litserve.__version__}, {PAIR_COUNT} pairs of {images}, "
           f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}, {load_average()}")
     levels = {server: {clients: Level() for clients in CLIENT_COUNTS} for server in SERVERS}

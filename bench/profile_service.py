@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from bench.peers import load_average
-from bench.service_bench import MODEL_NAME, MODEL_STORE, load_pairs
+from bench.service_bench import load_pairs, served_model_option, service_environment
 from deploy.load import make_jobs, reference_scores, run_load
 from tests.support.service import running_service
 
@@ -61,11 +61,11 @@ async def _no_progress(done: int) -> None:
 
 
 def main() -> None:
+    model_dir = served_model_option(__doc__.splitlines()[0])
     logging.getLogger("httpx").setLevel(logging.WARNING)
     pairs = load_pairs(PAIR_COUNT)
     with tempfile.TemporaryDirectory(prefix="profile-") as logs, \
-            running_service({"MODEL_STORE": str(MODEL_STORE), "MODEL_NAME": MODEL_NAME},
-                            Path(logs) / "siamcam.log") as service:
+            running_service(service_environment(model_dir), Path(logs) / "siamcam.log") as service:
         expected = reference_scores(service.url, pairs)
         asyncio.run(run_load(service.url, make_jobs(WARMUP_REQUESTS, 0, PAIR_COUNT), pairs, expected, CLIENTS,
                              _no_progress))

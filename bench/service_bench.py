@@ -11,11 +11,13 @@ Clients, server and the in-process runs share this machine's CPU cores, as they 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import torch
@@ -30,6 +32,7 @@ from tests.support.metrics import metric_value
 
 MODEL_STORE = REPO_ROOT / "model_store"
 MODEL_NAME = "flowers"
+DEFAULT_MODEL_DIR = MODEL_STORE / MODEL_NAME
 RAW_BATCH_SIZES = (1, 8, 32)
 CLIENT_COUNTS = (1, 8, 32)
 LATENCY_CLIENTS = 8  # the level whose latencies and /explain-vs-/similarity cost are reported
@@ -74,6 +77,20 @@ def load_pairs(count: int) -> list[Pair]:
     chosen = random.Random(0).sample(photos, 2 * count)
     uploads = [Upload(path.name, path.read_bytes(), "image/jpeg") for path in chosen]
     return [Pair(first, second) for first, second in zip(uploads[::2], uploads[1::2])]
+
+
+def served_model_option(description: str) -> Path:
+    """The model folder a benchmark serves: `--model DIR`, by default the bundled flowers model."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR,
+                        help="a model folder (manifest.json, model.pt); `python -m bench.light_model` makes one "
+                             "that costs almost nothing, to measure the serving around the model")
+    return parser.parse_args().model.resolve()
+
+
+def service_environment(model_dir: Path) -> dict[str, str]:
+    """The settings that make `uvicorn app.main:app` serve `model_dir`."""
+    return {"MODEL_STORE": str(model_dir.parent), "MODEL_NAME": model_dir.name}
 
 
 def model_inputs(served: ServedModel, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
