@@ -12,7 +12,6 @@ from PIL import Image
 from contract.explainers import Method, PairMaps, contributions, decide, gradcam
 from contract.explainers.contributions import PairContributions, ThresholdUnreachable
 from contract.manifest import MODEL_FILE, Manifest, ManifestError, read_manifest
-from contract.pairs import pair_scores
 from contract.preprocess import Preprocessing
 from contract.torchscript import TorchScriptError, load_torchscript, optimized_for_inference, sha256_of
 
@@ -123,9 +122,9 @@ def _stack_on(device: torch.device, images: list[torch.Tensor]) -> torch.Tensor:
 
 
 def score_batch(module: torch.jit.ScriptModule, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """Scores [N] of the pairs (x1[i], x2[i]), both sides in one backbone pass (contract/pairs.py)."""
+    """Scores [N] of the pairs (x1[i], x2[i])."""
     with torch.inference_mode():
-        return pair_scores(module, x1, x2)
+        return module(x1, x2)
 
 
 def score_pairs(model: ServedModel, images1: list[torch.Tensor], images2: list[torch.Tensor]) -> list[float]:

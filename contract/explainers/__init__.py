@@ -17,8 +17,6 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from contract.pairs import pair_feature_maps
-
 Method = Literal["gradcam", "contributions"]
 Box = tuple[int, int, int, int]  # [x0, y0, x1, y1] in pixels, x1 and y1 exclusive
 
@@ -46,9 +44,9 @@ def decide(model: torch.jit.ScriptModule, x1: torch.Tensor, x2: torch.Tensor, th
     """The feature maps and scores of the pairs (x1[i], x2[i]), and each pair's decision: similar when
     score >= threshold."""
     with torch.no_grad():
-        # One backbone pass, as /similarity makes it: explaining a batch costs what scoring it costs, plus the
-        # explainer's own work.
-        maps1, maps2 = pair_feature_maps(model, x1, x2)
+        # Two backbone passes, as the model's forward (what /similarity runs) makes them: explaining a batch
+        # then costs what scoring it costs, plus the explainer's own work.
+        maps1, maps2 = model.features(x1), model.features(x2)
         scores = model.similarity(model.embed(maps1), model.embed(maps2))
     return Decided(maps1, maps2, scores, scores >= threshold)
 

@@ -20,7 +20,6 @@ from contract.images import (
     header_pixels,
 )
 from contract.manifest import FORMAT_VERSION, SUPPORTED_FORMAT_VERSIONS, Manifest, ManifestError, read_manifest
-from contract.pairs import pair_feature_maps, pair_scores
 from contract.preprocess import Preprocessing, decode_for_model, resize_to
 from contract.torchscript import load_torchscript
 from tests.support.images import drawn_image, encode, phone_photo
@@ -174,22 +173,3 @@ def test_loading_torchscript_prints_no_deprecation_warning(model_store: Path) ->
         module = load_torchscript(model_store / "tiny" / "model.pt", FORMAT_VERSION)
     assert not [warning for warning in caught if "deprecated" in str(warning.message)]
     assert not module.training
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_one_pass_over_both_sides_gives_the_two_passes_feature_maps_and_scores(model_store: Path,
-                                                                                batch: int) -> None:
-    module = load_torchscript(model_store / "tiny" / "model.pt", FORMAT_VERSION)
-    generator = torch.Generator().manual_seed(batch)
-    x1, x2 = (torch.randn(batch, 3, 128, 128, generator=generator) for _ in range(2))
-    with torch.inference_mode():
-        maps1, maps2 = pair_feature_maps(module, x1, x2)
-        torch.testing.assert_close(maps1, module.features(x1), rtol=0, atol=1e-5)
-        torch.testing.assert_close(maps2, module.features(x2), rtol=0, atol=1e-5)
-        scores = pair_scores(module, x1, x2)
-        assert scores.shape == (batch,)
-        torch.testing.assert_close(scores, module(x1, x2), rtol=0, atol=1e-6)
-        # the pairs are (x1[i], x2[i]): swapping the sides of one pair changes nothing, pairing others does
-        torch.testing.assert_close(pair_scores(module, x2, x1), scores, rtol=0, atol=1e-6)
-        if batch > 1:
-            assert not torch.allclose(pair_scores(module, x1, x2.roll(1, dims=0)), scores, atol=1e-4)
