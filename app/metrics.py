@@ -13,6 +13,7 @@ REQUEST_LATENCY = Histogram(
 REQUESTS_IN_PROGRESS = Gauge(
     "siamcam_inference_requests_in_progress",
     "Requests to /similarity and /explain admitted and not yet answered: what a drain waits for",
+    ["route"],
 )
 QUEUE_DEPTH = Gauge("siamcam_queue_depth", "Pairs waiting in a queue for the inference worker", ["queue"])
 QUEUE_WAIT = Histogram(

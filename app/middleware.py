@@ -99,7 +99,7 @@ class AdmissionMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._too_large().response()(scope, receive, send)
             return
-        with self.drain.track():
+        with self.drain.track(scope["path"]):
             await self.app(scope, self._limited(receive), send)
 
     def _limited(self, receive: Receive) -> Receive:

@@ -33,15 +33,15 @@ class Drain:
         self._idle.set()
 
     @contextmanager
-    def track(self) -> Iterator[None]:
+    def track(self, route: str) -> Iterator[None]:
         self._active += 1
-        metrics.REQUESTS_IN_PROGRESS.inc()
+        metrics.REQUESTS_IN_PROGRESS.labels(route).inc()
         self._idle.clear()
         try:
             yield
         finally:
             self._active -= 1
-            metrics.REQUESTS_IN_PROGRESS.dec()
+            metrics.REQUESTS_IN_PROGRESS.labels(route).dec()
             if self._active == 0:
                 self._idle.set()
 

@@ -204,13 +204,15 @@ def _wait_exit(process: subprocess.Popen, since: float, timeout_s: float) -> tup
 
 
 async def _until_admitted(replica: httpx.AsyncClient, count: int, timeout_s: float = 5.0) -> None:
-    """Wait until the replica has admitted at least `count` inference requests not yet answered (or
-    `timeout_s`): on a busy machine its event loop may take a while to read requests that were sent at once."""
+    """Wait until the replica has admitted at least `count` /explain requests not yet answered (or `timeout_s`):
+    on a busy machine its event loop may take a while to read requests that were sent at once. Counted for
+    /explain alone: the load keeps several /similarity requests in progress on every replica, which made a wait
+    on all of them end before the direct requests were admitted (a run where all four were refused)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         exposition = (await replica.get("/metrics")).text
         for line in exposition.splitlines():
-            if line.startswith(f"{IN_PROGRESS_METRIC} ") and float(line.split()[1]) >= count:
+            if line.startswith(f'{IN_PROGRESS_METRIC}{{route="/explain"}} ') and float(line.split()[1]) >= count:
                 return
         await asyncio.sleep(0.01)
 
