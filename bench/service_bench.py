@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from contract.memory import keep_freed_memory_for_reuse
 from app.model import ServedModel, explain_pairs, load_model, score_batch
 from bench.gradcam_reference import as_loaded, pytorch_grad_cam_maps
+from contract.memory import keep_freed_memory_for_reuse
 from deploy.load import FLOWERS_DIR, Pair, Upload, make_jobs, make_pairs, percentile, reference_scores, run_load
 from deploy.local_cluster import LocalCluster
 from deploy.nginx_config import REPO_ROOT

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tests.support.images import encode
 from tests.conftest import IMAGENET_MEAN, IMAGENET_STD
+from tests.support.images import encode
 from training.export import export_model
 from training.model import SiameseNet
 
