@@ -1,10 +1,10 @@
 """A model that costs almost nothing, so that a benchmark measures the serving around it, as on a GPU.
 
-On the H200 the default model took 6-7 ms of a /similarity request and the service reached 0.37x of the model's
-ceiling (bench/RESULTS.md, "On a GPU"): there the web, decoding and handoff work is the cost. This exports a model of one
-convolution at 32 x 32 px with training's own export (every contract method and check, like any served model),
-so that the same comparison can be made on a CPU: a resnet18 at 32 px was still half of the service's CPU time
-on 2 cores (bench/RESULTS.md, "The serving around a nearly free model").
+On the H200 the default model took 6-7 ms of a /similarity request and the service reached 0.37x of the
+model's ceiling (bench/RESULTS.md, "On a GPU"): there the web, decoding and handoff work is the cost. This
+exports a model of one convolution at 32 x 32 px with training's own export (every contract method and check,
+like any served model), so that the same comparison can be made on a CPU: a resnet18 at 32 px was still half of
+the service's CPU time on 2 cores (bench/RESULTS.md, "The serving around a nearly free model").
 
     .venv/bin/python -m bench.light_model runs/light          # writes runs/light/light/
     .venv/bin/python -m bench.peers --model runs/light/light

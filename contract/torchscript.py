@@ -65,7 +65,7 @@ def compute_convolutions_in_fp32() -> None:
     by batch size: with those defaults on an H200 a pair scored 8e-6 apart alone and in a batch (the tiny test
     model), its heatmaps 3e-4 apart, and two servers of the default model's file gave scores up to 4.4e-3 apart
     (bench/RESULTS.md, "On a GPU"). A pair must score and explain the same alone or in a batch, and the exact
-    contributions must sum to the score; the model is small enough for the GPU's full fp32 rate."""
+    contributions must sum to the score. What full fp32 costs a model this small on a GPU is not measured yet."""
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
 
