@@ -34,14 +34,15 @@ class Drain:
 
     @contextmanager
     def track(self, route: str) -> Iterator[None]:
+        in_progress = metrics.REQUESTS_IN_PROGRESS.labels(route)
         self._active += 1
-        metrics.REQUESTS_IN_PROGRESS.labels(route).inc()
+        in_progress.inc()
         self._idle.clear()
         try:
             yield
         finally:
             self._active -= 1
-            metrics.REQUESTS_IN_PROGRESS.labels(route).dec()
+            in_progress.dec()
             if self._active == 0:
                 self._idle.set()
 

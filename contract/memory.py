@@ -8,8 +8,8 @@ as such blocks are freed) with a fresh mapping and unmaps it on free, and gives 
 to the system as soon as it exceeds the trim threshold. A forward pass allocates and frees activations of
 several MB per image, so every batch faulted its memory in again, page by page: the same model's batch of 8
 pairs took 2.3-2.4x as long as with the memory kept (bench/RESULTS.md, "Model runtime"), and a training step
-of Lite0 (64 images at 224 px, forward, backward, AdamW) 1.9x (`python -m bench.training_step`). `keep_freed_memory_for_reuse`
-turns both off at start-up, before the model is loaded.
+of Lite0 (64 images at 224 px, forward, backward, AdamW) 1.9x (`python -m bench.training_step`).
+`keep_freed_memory_for_reuse` turns both off at start-up, before the model is loaded.
 
 Kept memory is given back once the service is idle: glibc keeps what a thread frees in that thread's arena,
 so after a burst of large images the decoding threads' arenas would hold freed pages; `malloc_trim(0)`

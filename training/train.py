@@ -45,8 +45,8 @@ from training.model import BACKBONE_NORMALIZATION, BACKBONES, SiameseNet, build_
 
 STAGES: tuple[str, ...] = ("classify", "pairs")
 # NHWC activations and weights: oneDNN's depthwise and pointwise convolutions run faster on CPU (and cuDNN's under
-# mixed precision on GPU); a Lite0 step took 0.48-0.67x the time (two runs of bench/training_step.py, model_store/README.md). Exported files are
-# contiguous again, as the service expects.
+# mixed precision on GPU); a Lite0 step took 0.48-0.67x the time (two runs of bench/training_step.py,
+# model_store/README.md). Exported files are contiguous again, as the service expects.
 TRAINING_MEMORY_FORMAT = torch.channels_last
 # Arguments a resumed run may change: where its outputs go and what hardware it runs on. Every other argument
 # shapes the run itself (its schedule, data, model), so resuming with a different value would silently mix two runs.
