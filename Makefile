@@ -34,4 +34,5 @@ system-deps:
 # The bundled model_store/flowers: the recipe and its measured numbers are in model_store/README.md.
 default-model: install
 	$(BIN)/python -m training train --data ../shared/datasets/flowers --backbone efficientnet_lite0 --pretrained \
-		--input-size 224 --classify-epochs 12 --lr 5e-4 --epochs 5 --loss bce --freeze-backbone
+		--input-size 224 --classify-epochs 12 --lr 5e-4 --epochs 6 --loss bce --freeze-backbone \
+		--unfreeze-last 3 --pair-lr 3e-4

@@ -22,8 +22,8 @@ TIMEFORMAT="wall %R s"
 train() {  # name backbone input_size
     local model_dir="$work/$1-model"
     time "$python" -m training train --data "$flowers" --name "flowers-$1" \
-        --backbone "$2" --pretrained --input-size "$3" --classify-epochs 12 --lr 5e-4 --epochs 5 --loss bce \
-        --freeze-backbone --device cuda --output "$model_dir" --checkpoint-dir "$work/$1-runs" \
+        --backbone "$2" --pretrained --input-size "$3" --classify-epochs 12 --lr 5e-4 --epochs 6 --loss bce \
+        --freeze-backbone --unfreeze-last 3 --pair-lr 3e-4 --device cuda --output "$model_dir" --checkpoint-dir "$work/$1-runs" \
         && cp "$model_dir/manifest.json" "$out/$1_manifest.json"
 }
 

@@ -1,7 +1,7 @@
 """Service benchmark, measured in one run: raw model throughput, /similarity and /explain over HTTP, Grad-CAM cost.
 
-Run from the repository root: `.venv/bin/python -m bench.service_bench`. It loads the default model in this
-process, starts `uvicorn app.main:app` on 127.0.0.1 once with the default settings and once with
+Run from the repository root: `.venv/bin/python -m bench.service_bench [--model DIR]`. It loads the model (by
+default the bundled one) in this process, starts `uvicorn app.main:app` on 127.0.0.1 once with the default settings and once with
 `MAX_BATCH_SIZE=1` (deploy/local_cluster.py, one replica, no nginx), drives it with concurrent httpx clients
 (deploy/load.py, which also checks every answer against a direct call) and prints the figures, then a table of
 the targets of issue 3 ("Benchmarks") with met / not met. Images: real JPEG files from
@@ -148,9 +148,9 @@ def drive(base_url: str, endpoint: str, clients: int, requests: int, pairs: list
                    (sum_after - sum_before) / (count_after - count_before))
 
 
-def start_service(app_env: dict[str, str]) -> LocalCluster:
+def start_service(model_dir: Path, app_env: dict[str, str]) -> LocalCluster:
     # The replica gets as many torch threads as torch picks by default here (LocalCluster pins the count).
-    return LocalCluster(None, MODEL_STORE, MODEL_NAME, replica_count=1,
+    return LocalCluster(None, model_dir.parent, model_dir.name, replica_count=1,
                         threads_per_replica=torch.get_num_threads(), app_env=app_env)
 
 
@@ -169,12 +169,13 @@ def verdict(value: float, goal: float, at_most: bool = False) -> str:
 
 
 def main() -> None:
+    model_dir = served_model_option(__doc__.splitlines()[0])
     keep_freed_memory_for_reuse()  # the in-process baseline runs the model with the service's memory settings
-    served = load_model(MODEL_STORE / MODEL_NAME, "cpu")
+    served = load_model(model_dir, "cpu")
     pairs = load_pairs(PAIR_COUNT)
     x1, x2 = model_inputs(served, pairs)
     images = "flowers JPEG files" if FLOWERS_DIR.is_dir() else "Pillow drawings (JPEG + PNG)"
-    print(f"model {MODEL_NAME} {served.manifest.version} ({served.manifest.backbone}, "
+    print(f"model {served.manifest.name} {served.manifest.version} ({served.manifest.backbone}, "
           f"{served.input_size[0]}x{served.input_size[1]}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads, {PAIR_COUNT} pairs of {images}")
 
@@ -185,7 +186,7 @@ def main() -> None:
     runs: dict[str, dict[int, LoadRun]] = {}
     explain_run: LoadRun | None = None
     for label, app_env in (("batching on", {}), ("MAX_BATCH_SIZE=1", {"MAX_BATCH_SIZE": "1"})):
-        with start_service(app_env) as cluster:
+        with start_service(model_dir, app_env) as cluster:
             url = cluster.replicas[0].url
             expected = reference_scores(url, pairs)
             runs[label] = {clients: drive(url, "/similarity", clients, SIMILARITY_REQUESTS, pairs, expected)

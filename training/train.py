@@ -5,7 +5,8 @@ The run, top to bottom:
   2. optional classification warm-up (`--classify-epochs`): the backbone and projection learn the classes
      through a linear classifier on the embedding, which needs far fewer epochs than pairs alone;
   3. pair stage (`--epochs`): contrastive loss on fresh random pairs every epoch (the paper's protocol),
-     optionally with the backbone frozen (`--freeze-backbone`), which makes an epoch nearly free;
+     optionally with the backbone frozen (`--freeze-backbone`), which makes an epoch nearly free, or all but its
+     last layers (`--unfreeze-last N`), trained on the cached outputs of the frozen ones;
   4. keep the weights with the best validation ROC AUC, calibrate the score on validation pairs (Platt
      scaling), choose the threshold there, report validation and test metrics, export model.pt + manifest.json.
 Every epoch writes a checkpoint; `--resume` continues from it. Under torchrun every process trains on its
@@ -21,7 +22,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -103,6 +104,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                        help="contrastive margin on the embedding distance divided by sqrt(embedding-dim)")
     optim.add_argument("--freeze-backbone", action=argparse.BooleanOptionalAction, default=False,
                        help="train only the projection head in the pair stage")
+    optim.add_argument("--unfreeze-last", type=int, default=0, metavar="N",
+                       help="with --freeze-backbone: the pair stage also trains the backbone's last N top-level "
+                            "layers (EfficientNet-Lite: 3 = its last two stages and the head convolution), on the "
+                            "cached outputs of the frozen layers before them")
     optim.add_argument("--patience", type=int, default=8,
                        help="stop a stage after this many epochs without a better validation ROC AUC")
 
@@ -131,9 +136,10 @@ class Trainee(nn.Module):
         self.pair_scale = nn.Parameter(net.scale.clone())
         self.pair_bias = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: torch.Tensor, pooled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings and class logits of images, or of pooled backbone features when ``pooled``."""
-        embeddings = self.net.projection(x) if pooled else self.net.embed(self.net.features(x))
+    def forward(self, x: torch.Tensor, first_layer: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings and class logits of images, or of what enters backbone layer ``first_layer`` (a frozen
+        backbone's cached outputs; past its last layer, pooled feature maps)."""
+        embeddings = self.net.embed(self.net.backbone[first_layer:](x))
         return embeddings, self.classifier(embeddings)
 
 
@@ -166,9 +172,9 @@ def batches(count: int, size: int, runtime: distributed.Runtime, generator: np.r
 
 
 @torch.no_grad()
-def embed_images(net: SiameseNet, images: torch.Tensor, normalization: Normalization, device: torch.device,
-                 batch_size: int, amp: bool, pooled_only: bool = False) -> torch.Tensor:
-    """Embeddings (or pooled backbone features) of uint8 images, in eval mode, on ``device``."""
+def in_eval_mode(net: SiameseNet, images: torch.Tensor, normalization: Normalization, device: torch.device,
+                 batch_size: int, amp: bool, run: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``run`` on the normalized uint8 images, batch by batch, in eval mode, on ``device``."""
     was_training = net.training
     net.eval()
     out = []
@@ -176,10 +182,27 @@ def embed_images(net: SiameseNet, images: torch.Tensor, normalization: Normaliza
         x = normalize(images[start:start + batch_size].to(device), normalization).contiguous(
             memory_format=TRAINING_MEMORY_FORMAT)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            feature_maps = net.features(x)
-            out.append((torch.flatten(net.pool(feature_maps), 1) if pooled_only else net.embed(feature_maps)).float())
+            out.append(run(x))
     net.train(was_training)
     return torch.cat(out)
+
+
+def embed_images(net: SiameseNet, images: torch.Tensor, normalization: Normalization, device: torch.device,
+                 batch_size: int, amp: bool) -> torch.Tensor:
+    """Embeddings of uint8 images, in eval mode, on ``device``."""
+    return in_eval_mode(net, images, normalization, device, batch_size, amp,
+                        lambda x: net.embed(net.features(x)).float())
+
+
+def frozen_outputs(net: SiameseNet, layers: int, images: torch.Tensor, normalization: Normalization,
+                   device: torch.device, batch_size: int, amp: bool) -> torch.Tensor:
+    """What the backbone's first ``layers`` layers make of uint8 images: the inputs of the layers a pair stage
+    trains on a frozen backbone. Pooled (still [N,C,1,1]) when they are the whole backbone, since pooling is then
+    all that follows: 1280 numbers an image instead of 1280 x 7 x 7."""
+    def run(x: torch.Tensor) -> torch.Tensor:
+        outputs = net.backbone[:layers](x)
+        return net.pool(outputs) if layers == len(net.backbone) else outputs
+    return in_eval_mode(net, images, normalization, device, batch_size, amp, run)
 
 
 def raw_similarity(embeddings: torch.Tensor, pairs: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
@@ -223,7 +246,9 @@ class Trainer:
                                                args.color_jitter)
         self.normalization = BACKBONE_NORMALIZATION[args.backbone]
         self.checkpoint_path = args.checkpoint_dir / "checkpoint.pt"
-        self.pooled: torch.Tensor | None = None  # a frozen backbone's features of this epoch's training views
+        # the pair stage's frozen backbone layers, and their outputs on this epoch's training views
+        self.frozen_layers = len(trainee.net.backbone) - args.unfreeze_last if args.freeze_backbone else 0
+        self.frozen_views: torch.Tensor | None = None
         self.state: dict[str, Any] = {"stage": 0, "epoch": 0, "stale": 0, "best_auc": -1.0, "best": None,
                                       "history": [], "optimizer": None, "scheduler": None}
 
@@ -255,11 +280,11 @@ class Trainer:
 
     def pair_steps(self, generator: np.random.Generator) -> list[tuple[Any, ...]]:
         first, second, target = make_pairs(self.train_labels.tolist(), generator)
-        if self.args.freeze_backbone:
-            # The frozen backbone sees each (augmented) training image once per epoch, not once per pair.
+        if self.frozen_layers:
+            # The frozen layers see each (augmented) training image once per epoch, not once per pair.
             views = augment_batch(self.train_images, self.augmentation)
-            self.pooled = embed_images(self.trainee.net, views, self.normalization, self.device,
-                                       self.args.batch_size, self.amp, pooled_only=True)
+            self.frozen_views = frozen_outputs(self.trainee.net, self.frozen_layers, views, self.normalization,
+                                               self.device, self.args.batch_size, self.amp)
         chunks = batches(self.samples_per_epoch("pairs"), self.args.batch_size, self.runtime, generator)
         return [(first[chunk], second[chunk], target[chunk]) for chunk in chunks]
 
@@ -267,8 +292,9 @@ class Trainer:
                   target: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # Each image of the batch goes through the network once, however many pairs it is in.
         unique, inverse = np.unique(np.concatenate([first, second]), return_inverse=True)
-        if self.pooled is not None:
-            embeddings, _ = model(self.pooled[torch.from_numpy(unique).to(self.device)], pooled=True)
+        if self.frozen_views is not None:
+            embeddings, _ = model(self.frozen_views[torch.from_numpy(unique).to(self.device)],
+                                  first_layer=self.frozen_layers)
         else:
             embeddings, _ = model(self.augmented(unique))
         inverse = torch.from_numpy(inverse).to(self.device)
@@ -281,17 +307,15 @@ class Trainer:
     # -- stages ---------------------------------------------------------------------------------------------
     def prepare(self, stage: str) -> tuple[nn.Module, list[nn.Parameter]]:
         """Set which parameters train in this stage and wrap the model for data parallelism."""
-        net = self.trainee.net
-        frozen_backbone = stage == "pairs" and self.args.freeze_backbone
+        frozen = self.trainee.net.backbone[:self.frozen_layers if stage == "pairs" else 0]
         for parameter in self.trainee.parameters():
             parameter.requires_grad_(True)
         self.trainee.classifier.requires_grad_(stage == "classify")
         for parameter in (self.trainee.pair_scale, self.trainee.pair_bias):
             parameter.requires_grad_(stage == "pairs" and self.args.loss == "bce")
-        net.backbone.requires_grad_(not frozen_backbone)
+        frozen.requires_grad_(False)
         self.trainee.train()
-        if frozen_backbone:
-            net.backbone.eval()  # its BatchNorm statistics stay those of the warm-up
+        frozen.eval()  # its BatchNorm statistics stay those of the warm-up
         parameters = [p for p in self.trainee.parameters() if p.requires_grad]
         model: nn.Module = self.trainee
         if self.runtime.distributed:
@@ -431,12 +455,22 @@ def backbone_weights(args: argparse.Namespace) -> Path | None:
     return packaged_weights(args.backbone)
 
 
+def check_unfreeze_last(args: argparse.Namespace, layers: int) -> None:
+    if args.unfreeze_last and not args.freeze_backbone:
+        raise UsageError(f"--unfreeze-last {args.unfreeze_last} needs --freeze-backbone: without it the pair stage "
+                         "trains the whole backbone")
+    if not 0 <= args.unfreeze_last < layers:
+        raise UsageError(f"--unfreeze-last must be between 0 and {layers - 1}: {args.backbone} has {layers} top-level "
+                         "layers, and training all of them is --no-freeze-backbone")
+
+
 def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: float) -> Manifest | None:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     # first, so that a wrong weights option fails before the images are decoded
     net = build_siamese(args.backbone, args.embedding_dim, backbone_weights(args), args.torchvision_weights)
+    check_unfreeze_last(args, len(net.backbone))
 
     folder = scan_image_folder(args.data)
     split = split_by_image(folder.labels, args.validation_fraction, args.test_fraction, args.seed)

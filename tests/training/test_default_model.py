@@ -17,7 +17,7 @@ from training.data import scan_image_folder, split_by_image
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "model_store" / "flowers"
-DEFAULT_RECIPE = "lite0-pretrained"
+DEFAULT_RECIPE = "lite0-pretrained-tail"
 FLOWERS = SHARED_DATASETS / "flowers"
 
 pytestmark = pytest.mark.skipif(
