@@ -19,11 +19,12 @@ flowers=${FLOWERS:-../shared/datasets/flowers}
 work=$(mktemp -d)
 TIMEFORMAT="wall %R s"
 
-train() {  # name backbone input_size
-    local model_dir="$work/$1-model"
-    time "$python" -m training train --data "$flowers" --name "flowers-$1" \
-        --backbone "$2" --pretrained --input-size "$3" --classify-epochs 12 --lr 5e-4 --epochs 6 --loss bce \
-        --freeze-backbone --unfreeze-last 3 --pair-lr 3e-4 --device cuda --output "$model_dir" --checkpoint-dir "$work/$1-runs" \
+train() {  # name backbone input_size: the default model's recipe (bench/paper_table.py), with this backbone and size
+    local model_dir="$work/$1-model" recipe
+    recipe=$("$python" -c 'from bench.paper_table import DEFAULT_RECIPE, RECIPES; print(*RECIPES[DEFAULT_RECIPE])') || return
+    # shellcheck disable=SC2086  # the recipe is words without spaces; the later --backbone and --input-size win
+    time "$python" -m training train --data "$flowers" --name "flowers-$1" $recipe --backbone "$2" --input-size "$3" \
+        --device cuda --output "$model_dir" --checkpoint-dir "$work/$1-runs" \
         && cp "$model_dir/manifest.json" "$out/$1_manifest.json"
 }
 

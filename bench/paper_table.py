@@ -40,6 +40,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
                               "--classify-epochs", "12", "--lr", "5e-4", "--epochs", "6", "--loss", "bce",
                               "--freeze-backbone", "--unfreeze-last", "3", "--pair-lr", "3e-4"),
 }
+DEFAULT_RECIPE = "lite0-pretrained-tail"  # the bundled model's; bench/gpu_run.sh trains its larger backbones with it
 
 
 def train_command(dataset: Path, recipe: str, output: Path) -> list[str]:

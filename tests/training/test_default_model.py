@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.paper_table import RECIPES
+from bench.paper_table import DEFAULT_RECIPE, RECIPES
 from contract.torchscript import load_torchscript
 from tests.conftest import SHARED_DATASETS
 from training.data import scan_image_folder, split_by_image
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "model_store" / "flowers"
-DEFAULT_RECIPE = "lite0-pretrained-tail"
 FLOWERS = SHARED_DATASETS / "flowers"
 
 pytestmark = pytest.mark.skipif(
