@@ -29,7 +29,7 @@ from contract.images import header_pixels
 
 @dataclass(frozen=True)
 class DecodedPair:
-    inputs: tuple[torch.Tensor, torch.Tensor]  # what the model sees
+    pictures: tuple[torch.Tensor, torch.Tensor]  # uint8 [3, H, W] at the model's input size: what it sees
     # /explain only: each upright original at overlay size, decoded and resized once for all its overlays, once
     # `batch_ran` is set (cancelled if the pair's batch fails)
     backgrounds: asyncio.Future[list[Background]] | None = None
@@ -78,7 +78,7 @@ async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, 
     files = list(zip(contents, uploads, strict=True))
     try:
         first, second = await images.run_all(
-            [partial(model.model_input, data, field, settings.max_image_pixels) for data, field in files])
+            [partial(model.picture, data, field, settings.max_image_pixels) for data, field in files])
     except BaseException:
         images.discharge(pixels)
         raise
@@ -127,7 +127,7 @@ async def _run_in_batch(request: Request, batcher: Batcher, kind: str, pair: Dec
                         settings: Settings) -> Outcome:
     deadline = arrived + settings.request_timeout_s
     try:
-        job = batcher.submit(kind, *pair.inputs)
+        job = batcher.submit(kind, *pair.pictures)
     except QueueFull:  # filled while this pair was being decoded
         raise _queue_full(settings) from None
     except WorkerStopped:

@@ -55,10 +55,11 @@ class ServedModel:
     def threshold(self) -> float:
         return self.manifest.threshold
 
-    def model_input(self, source: bytes, name: str, max_pixels: int | None) -> torch.Tensor:
-        """An image file as the normalized float tensor [3, H, W] the model expects (on the CPU), decoded only as
-        large as that needs; training evaluates through the same contract function."""
-        return self.preprocessing.model_input(source, name, max_pixels)
+    def picture(self, source: bytes, name: str, max_pixels: int | None) -> torch.Tensor:
+        """An image file as the uint8 picture [3, H, W] at the model's input size (on the CPU), decoded only as
+        large as that needs, through the contract function training evaluates with; `score_pairs` and
+        `explain_pairs` take these and normalize them a batch at a time."""
+        return self.preprocessing.picture(source, name, max_pixels)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """An upright RGB picture as the normalized float tensor [3, H, W] the model expects (on the CPU)."""
@@ -117,8 +118,11 @@ def _contributions_support(model_path: Path, module: torch.jit.ScriptModule, man
                       "method=gradcam")
 
 
-def _stack_on(device: torch.device, images: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(images).to(device, non_blocking=True)
+def _model_batch(model: ServedModel, pictures: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 pictures [3, H, W] as the model's float input batch on its device: moved as bytes, normalized there
+    in one pass (the same arithmetic per element as one picture at a time, so the scores do not change)."""
+    assert all(picture.dtype == torch.uint8 for picture in pictures), "pass ServedModel.picture's uint8 pictures"
+    return model.preprocessing.normalize(torch.stack(pictures).to(model.device, non_blocking=True))
 
 
 def score_batch(module: torch.jit.ScriptModule, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -127,19 +131,18 @@ def score_batch(module: torch.jit.ScriptModule, x1: torch.Tensor, x2: torch.Tens
         return module(x1, x2)
 
 
-def score_pairs(model: ServedModel, images1: list[torch.Tensor], images2: list[torch.Tensor]) -> list[float]:
-    """One batch of /similarity work: the score of each pair."""
-    scores = score_batch(model.module, _stack_on(model.device, images1), _stack_on(model.device, images2))
+def score_pairs(model: ServedModel, pictures1: list[torch.Tensor], pictures2: list[torch.Tensor]) -> list[float]:
+    """One batch of /similarity work: the score of each pair of uint8 pictures."""
+    scores = score_batch(model.module, _model_batch(model, pictures1), _model_batch(model, pictures2))
     return scores.cpu().tolist()
 
 
 def explain_pairs(
-    model: ServedModel, images1: list[torch.Tensor], images2: list[torch.Tensor], method: Method
+    model: ServedModel, pictures1: list[torch.Tensor], pictures2: list[torch.Tensor], method: Method
 ) -> list[PairExplanation]:
-    """One batch of /explain work with one method: each pair's score, decision, four heatmaps and (with
-    contributions) its exact decomposition, on the CPU."""
-    decided = decide(model.module, _stack_on(model.device, images1), _stack_on(model.device, images2),
-                     model.threshold)
+    """One batch of /explain work with one method on pairs of uint8 pictures: each pair's score, decision, four
+    heatmaps and (with contributions) its exact decomposition, on the CPU."""
+    decided = decide(model.module, _model_batch(model, pictures1), _model_batch(model, pictures2), model.threshold)
     found: contributions.Contributions | None = None
     if method == "contributions":
         assert model.threshold_raw_logit is not None, model.contributions_refusal
@@ -154,7 +157,7 @@ def explain_pairs(
     return [
         PairExplanation(scores[index], similar[index], PairMaps(*(batch[index] for batch in maps)),
                         found.pair(index) if found is not None else None)
-        for index in range(len(images1))
+        for index in range(len(pictures1))
     ]
 
 
@@ -163,7 +166,7 @@ _WARM_UP_RUNS = 3
 
 
 def _blank(model: ServedModel) -> list[torch.Tensor]:
-    return [torch.zeros(3, *model.input_size)]
+    return [torch.zeros(3, *model.input_size, dtype=torch.uint8)]
 
 
 def warm_up(model: ServedModel) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from app.model import ServedModel, explain_pairs, load_model, score_pairs
-from bench.service_bench import MODEL_NAME, MODEL_STORE, load_pairs, model_inputs
+from bench.service_bench import MODEL_NAME, MODEL_STORE, load_pairs, model_inputs, model_pictures
 from contract.explainers import Decided, contributions, decide
 from contract.explainers.contributions import PairContributions
 from deploy.load import FLOWERS_DIR
@@ -78,7 +78,8 @@ def main() -> None:
             served = as_version_2(served, Path(scratch) / served.manifest.name)
             note = ", re-exported as format version 2 in a temporary folder"
         pairs = load_pairs(PAIR_COUNT)
-        x1, x2 = model_inputs(served, pairs)
+        pictures1, pictures2 = pictures = model_pictures(served, pairs)
+        x1, x2 = model_inputs(served, pictures)
         images = "flowers JPEG files" if FLOWERS_DIR.is_dir() else "Pillow drawings (JPEG + PNG)"
         print(f"model {served.manifest.name} {served.manifest.version} ({served.manifest.backbone}, "
               f"{served.input_size[0]}x{served.input_size[1]}, grid {served.manifest.feature_map.height}x"
@@ -87,13 +88,13 @@ def main() -> None:
         ratios: dict[str, float] = {}
         added: dict[str, float] = {}  # the decomposition's time as a fraction of /similarity's
         for batch in BATCH_SIZES:
-            first, second = list(x1[:batch]), list(x2[:batch])
+            first, second = list(pictures1[:batch]), list(pictures2[:batch])
             decided = decide(served.module, x1[:batch], x2[:batch], served.threshold)
             runners: dict[str, Callable[[], object]] = {
                 "score_pairs": lambda: score_pairs(served, first, second),
                 "contributions": lambda: explain_pairs(served, first, second, "contributions"),
                 "gradcam": lambda: explain_pairs(served, first, second, "gradcam"),
-                "decide": lambda: decide(served.module, torch.stack(first), torch.stack(second), served.threshold),
+                "decide": lambda: decide(served.module, x1[:batch], x2[:batch], served.threshold),
                 "decomposition": lambda: decompose(served, decided),
             }
             for work in runners.values():

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from app.model import ServedModel, explain_pairs, load_model, score_batch
+from app.model import ServedModel, explain_pairs, load_model, score_batch, score_pairs
 from bench.gradcam_reference import as_loaded, pytorch_grad_cam_maps
 from contract.memory import keep_freed_memory_for_reuse
 from deploy.load import FLOWERS_DIR, Pair, Upload, make_jobs, make_pairs, percentile, reference_scores, run_load
@@ -93,14 +93,20 @@ def service_environment(model_dir: Path) -> dict[str, str]:
     return {"MODEL_STORE": str(model_dir.parent), "MODEL_NAME": model_dir.name}
 
 
-def model_inputs(served: ServedModel, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pairs as the model's x1, x2, preprocessed exactly as the service does."""
+def model_pictures(served: ServedModel, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs as the uint8 pictures the service queues for its batch runners (score_pairs, explain_pairs)."""
 
-    def tensor(upload: Upload) -> torch.Tensor:
-        return served.model_input(upload.content, upload.filename, None)
+    def picture(upload: Upload) -> torch.Tensor:
+        return served.picture(upload.content, upload.filename, None)
 
-    return (torch.stack([tensor(pair.image1) for pair in pairs]),
-            torch.stack([tensor(pair.image2) for pair in pairs]))
+    return (torch.stack([picture(pair.image1) for pair in pairs]),
+            torch.stack([picture(pair.image2) for pair in pairs]))
+
+
+def model_inputs(served: ServedModel, pictures: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pictures as the model's own x1, x2 (normalized), for calling it directly."""
+    first, second = pictures
+    return served.preprocessing.normalize(first), served.preprocessing.normalize(second)
 
 
 def pairs_per_second(work: Callable[[], object], pairs_per_call: int) -> float:
@@ -173,7 +179,8 @@ def main() -> None:
     keep_freed_memory_for_reuse()  # the in-process baseline runs the model with the service's memory settings
     served = load_model(model_dir, "cpu")
     pairs = load_pairs(PAIR_COUNT)
-    x1, x2 = model_inputs(served, pairs)
+    pictures1, pictures2 = pictures = model_pictures(served, pairs)
+    x1, x2 = model_inputs(served, pictures)
     images = "flowers JPEG files" if FLOWERS_DIR.is_dir() else "Pillow drawings (JPEG + PNG)"
     print(f"model {served.manifest.name} {served.manifest.version} ({served.manifest.backbone}, "
           f"{served.input_size[0]}x{served.input_size[1]}), torch {torch.__version__}, "
@@ -219,15 +226,16 @@ def main() -> None:
     model_ratios = {}
     for batch in (1, 8):
         # Scored again right before explaining: both rates then see the same load from other jobs on the CPU.
-        score_rate = raw_throughput(served, x1, x2, batch)
-        explain_rate = pairs_per_second(
-            lambda: explain_pairs(served, list(x1[:batch]), list(x2[:batch]), "gradcam"), batch)
+        # Both batch runners as the model thread calls them: stacked and normalized, then the model.
+        first, second = list(pictures1[:batch]), list(pictures2[:batch])
+        score_rate = pairs_per_second(lambda: score_pairs(served, first, second), batch)
+        explain_rate = pairs_per_second(lambda: explain_pairs(served, first, second, "gradcam"), batch)
         model_ratios[batch] = score_rate / explain_rate
-        print(f"model work, batch {batch}, same pairs: score_batch {score_rate:.1f} pairs/s, Grad-CAM "
+        print(f"model work, batch {batch}, same pairs: score_pairs {score_rate:.1f} pairs/s, Grad-CAM "
               f"{explain_rate:.1f} pairs/s")
 
-    similar = [pair.similar for pair in explain_pairs(served, list(x1), list(x2), "gradcam")]
-    ours_s = per_pair_seconds(lambda i: explain_pairs(served, [x1[i]], [x2[i]], "gradcam"),
+    similar = [pair.similar for pair in explain_pairs(served, list(pictures1), list(pictures2), "gradcam")]
+    ours_s = per_pair_seconds(lambda i: explain_pairs(served, [pictures1[i]], [pictures2[i]], "gradcam"),
                               GRADCAM_PAIRS)
     reference_module = as_loaded(served)  # pytorch-grad-cam cannot run the module frozen for serving
     theirs_s = per_pair_seconds(
@@ -242,7 +250,7 @@ def main() -> None:
          top.pairs_per_s / runs["MAX_BATCH_SIZE=1"][CLIENT_COUNTS[-1]].pairs_per_s, TARGET_BATCHING_GAIN, False),
         (f"/explain vs /similarity request cost per pair ({LATENCY_CLIENTS} clients)",
          similarity_run.pairs_per_s / explain_run.pairs_per_s, TARGET_EXPLAIN_REQUEST, True),
-        *((f"Grad-CAM batch vs score_batch model cost, batch {batch}", ratio, TARGET_EXPLAIN_MODEL, True)
+        *((f"Grad-CAM batch vs score_pairs model cost, batch {batch}", ratio, TARGET_EXPLAIN_MODEL, True)
           for batch, ratio in model_ratios.items()),
         ("ours vs pytorch-grad-cam speed, four maps per pair", theirs_s / ours_s, TARGET_VS_PYTORCH_GRAD_CAM,
          False),

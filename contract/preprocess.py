@@ -1,7 +1,8 @@
 """From an image file to the model's input, as the manifest prescribes: decode (only as large as the input
 needs), resize policy, then normalisation.
 
-Training caches resized uint8 pictures and normalises batches of them; the service does both per image. Both go
+Training caches resized uint8 pictures and normalises batches of them, and so does the service (its queue holds
+uint8 pictures, a quarter of the floats' size, normalized a batch at a time on the model's device). Both go
 through `decode_for_model` and `normalize` here, so a file becomes the same tensor on either side, and on every
 endpoint of the service.
 """
@@ -56,9 +57,13 @@ class Preprocessing:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.normalization)
 
+    def picture(self, source: bytes | Path, name: str, max_pixels: int | None) -> torch.Tensor:
+        """The file in `source` as the uint8 picture [3, H, W] at the input size, to be normalized in a batch."""
+        return decode_for_model(source, name, max_pixels, self.input_size)
+
     def model_input(self, source: bytes | Path, name: str, max_pixels: int | None) -> torch.Tensor:
         """The file in `source` as the [3, H, W] float tensor the model expects."""
-        return self.normalize(decode_for_model(source, name, max_pixels, self.input_size))
+        return self.normalize(self.picture(source, name, max_pixels))
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(self.resize(image))

@@ -61,12 +61,15 @@ def test_training_and_the_service_turn_one_file_into_identical_tensors(make, mod
     path = tmp_path / "picture"
     path.write_bytes(data)
     served = load_model(model_store / "tiny", "cpu")
-    from_service = served.model_input(data, "image1", max_pixels=10**8)
+    # the service's path: a uint8 picture per upload, normalised a batch at a time by the model's batch runners
+    from_service = served.picture(data, "image1", max_pixels=10**8)
     # training's evaluation path: images cached as uint8 by the data module, normalised per batch
     preprocessing = Preprocessing.of(read_manifest(model_store / "tiny"))
-    from_training = preprocessing.normalize(decode_images([path], preprocessing.input_size))[0]
-    assert from_service.dtype == torch.float32 and from_service.shape == (3, *served.input_size)
-    assert torch.equal(from_service, from_training)
+    cached = decode_images([path], preprocessing.input_size)
+    assert from_service.dtype == torch.uint8 and from_service.shape == (3, *served.input_size)
+    assert torch.equal(from_service, cached[0])
+    assert torch.equal(served.preprocessing.normalize(torch.stack([from_service, from_service]))[1],
+                       preprocessing.normalize(cached)[0])
 
 
 @pytest.mark.parametrize("input_size", [(128, 128), (224, 64)], ids=["square", "tall"])

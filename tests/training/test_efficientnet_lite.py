@@ -197,8 +197,8 @@ def test_a_pretrained_lite0_trains_exports_and_is_served(shapes_dataset: Path, t
     served = load_model(model_dir, "cpu")
     with Image.open(sorted(shapes_dataset.rglob("*.png"))[0]) as first, \
             Image.open(sorted(shapes_dataset.rglob("*.png"))[-1]) as last:
-        images = [served.preprocess(image.convert("RGB")) for image in (first, last)]
-    explained = explain_pairs(served, [images[0]], [images[1]], "contributions")[0]
+        pictures = [served.preprocessing.resize(image.convert("RGB")) for image in (first, last)]
+    explained = explain_pairs(served, [pictures[0]], [pictures[1]], "contributions")[0]
     assert 0 <= explained.score <= 1 and explained.contributions is not None
     maps = explained.maps
     for heatmap in (maps.factual1, maps.factual2, maps.counterfactual1, maps.counterfactual2):
@@ -209,7 +209,9 @@ def test_a_pretrained_lite0_trains_exports_and_is_served(shapes_dataset: Path, t
     serve_alone = (f"import sys; sys.modules.update(dict.fromkeys({without!r}))\n"
                    "import torch; from pathlib import Path; from app.model import load_model, score_pairs\n"
                    f"served = load_model(Path({str(model_dir)!r}), 'cpu')\n"
-                   "print(score_pairs(served, [torch.zeros(3, 32, 32)], [torch.ones(3, 32, 32)])[0])")
+                   "black = torch.zeros(3, 32, 32, dtype=torch.uint8)\n"
+                   "white = torch.full((3, 32, 32), 255, dtype=torch.uint8)\n"
+                   "print(score_pairs(served, [black], [white])[0])")
     completed = subprocess.run([sys.executable, "-c", serve_alone], cwd=REPO, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
     assert 0 <= float(completed.stdout) <= 1
