@@ -28,7 +28,8 @@ STATIC_DIR = Path(__file__).parent / "static"
 router = APIRouter()
 
 
-def get_service(request: Request) -> Service:
+async def get_service(request: Request) -> Service:
+    # async: FastAPI would run a plain function on its thread pool, a thread hop for every request
     return request.app.state.service
 
 
