@@ -103,7 +103,8 @@ def model_pictures(served: ServedModel, pairs: list[Pair]) -> tuple[torch.Tensor
             torch.stack([picture(pair.image2) for pair in pairs]))
 
 
-def model_inputs(served: ServedModel, pictures: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def model_inputs(served: ServedModel,
+                 pictures: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The pictures as the model's own x1, x2 (normalized), for calling it directly."""
     first, second = pictures
     return served.preprocessing.normalize(first), served.preprocessing.normalize(second)
