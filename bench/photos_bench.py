@@ -7,7 +7,7 @@ process's memory from /proc:
 - photos: pairs of 12 Mpx JPEGs (4032 x 3024) made from ../shared/datasets/fullsize by upscaling with
   sensor-like noise (tests/support/images.py `phone_photo`), against the same photos at 500 px; `/similarity`
   on both and `/explain` (default options) on the 12 Mpx pairs, one request at a time, interleaved, medians over
-  rounds; the least time any libjpeg-based decoder takes for a 12 Mpx pair here (`least_pair_decode_ms`), next
+  rounds; the least time libjpeg-turbo takes to decode a 12 Mpx pair on this CPU (`least_pair_decode_ms`), next
   to what the /similarity target leaves for it; and one 1024 px overlay rendered in this process
   (app/overlays.py, default format).
 - flood: FLOOD_REQUESTS concurrent `/similarity` requests, each with two 40 Mpx PNGs (blocks of flat colour, so
@@ -136,7 +136,7 @@ def median_requests(client: httpx.Client, work: dict[str, tuple[str, list[dict]]
 
 
 def least_pair_decode_ms(pairs: list[PhotoPair]) -> float:
-    """The least that decoding a 12 Mpx pair takes here, whatever decodes it: both JPEGs side by side on two
+    """The least that decoding a 12 Mpx pair with libjpeg-turbo takes on this CPU: both JPEGs side by side on two
     threads (as the service's image threads do), each at 1/8 scale and in grey (OpenCV's libjpeg-turbo front end,
     which then skips the colour conversion and all but the DC coefficient's inverse DCT, but not the Huffman
     decoding of the whole file); the median over the pairs and ROUNDS passes."""

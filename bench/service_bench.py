@@ -2,9 +2,9 @@
 
 Run from the repository root: `.venv/bin/python -m bench.service_bench [--model DIR]`. It loads the model (by
 default the bundled one) in this process, starts `uvicorn app.main:app` on 127.0.0.1 once with the default
-settings and once with `MAX_BATCH_SIZE=1` (deploy/local_cluster.py, one replica, no nginx), drives it with concurrent httpx clients
-(deploy/load.py, which also checks every answer against a direct call) and prints the figures, then a table of
-the targets of issue 3 ("Benchmarks") with met / not met. Images: real JPEG files from
+settings and once with `MAX_BATCH_SIZE=1` (deploy/local_cluster.py, one replica, no nginx), drives it with
+concurrent httpx clients (deploy/load.py, which also checks every answer against a direct call) and prints the
+figures, then a table of the targets of issue 3 ("Benchmarks") with met / not met. Images: real JPEG files from
 ../shared/datasets/flowers when present, otherwise load.py's Pillow drawings (image2 as PNG there).
 Clients, server and the in-process runs share this machine's CPU cores, as they would on one host.
 """
