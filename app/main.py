@@ -16,7 +16,7 @@ from app.headers import SecurityHeadersMiddleware, cors_options
 from app.lifespan import lifespan
 from app.logs import configure_logging
 from app.middleware import AdmissionMiddleware, RequestContextMiddleware
-from app.ratelimit import RateLimitMiddleware, TokenBuckets
+from app.ratelimit import RateLimiter, RateLimitMiddleware
 from app.routes import STATIC_DIR, router
 from app.security import (
     PROTECTED_PATHS, AccessControlMiddleware, KeyConfigError, KeyRing, document_api_keys, load_keys,
@@ -54,9 +54,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         retry_after_s=settings.retry_after_s,
     )
     if settings.rate_limit_per_s is not None:
-        buckets = TokenBuckets(settings.rate_limit_per_s, settings.rate_limit_bucket_size,
-                               settings.rate_limit_clients)
-        app.add_middleware(RateLimitMiddleware, buckets=buckets, paths=PROTECTED_PATHS)
+        limiter = RateLimiter(settings.rate_limit_bucket_size, settings.rate_limit_window_s,
+                              settings.rate_limit_storage)
+        app.add_middleware(RateLimitMiddleware, limiter=limiter, paths=PROTECTED_PATHS)
     api_keys = KeyRing(load_keys(settings))
     if api_keys.enabled:
         document_api_keys(app)

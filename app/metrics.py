@@ -37,3 +37,7 @@ DECODE_PIXELS_IN_FLIGHT = Gauge(
 DECODE_PIXELS_ADMITTED = Counter(
     "siamcam_decode_pixels_admitted_total", "Header pixels of the images admitted for decoding"
 )
+RATE_LIMIT_STORE_ERRORS = Counter(
+    "siamcam_rate_limit_store_errors_total",
+    "Calls to the rate-limit store (RATE_LIMIT_STORAGE) that failed; requests then go unlimited",
+)

@@ -1,114 +1,155 @@
-"""Rate limits per caller: a token bucket per API key (or per client address when keys are off).
+"""Rate limits per caller (API key, or client address when keys are off), counted by the `limits` library in
+one store that every replica shares.
 
-Each caller may make RATE_LIMIT_BURST requests at once and RATE_LIMIT_PER_S a second on average; beyond that
-it gets 429 with `Retry-After`. Every limited answer carries the IETF RateLimit fields
-(draft-ietf-httpapi-ratelimit-headers: `RateLimit-Policy: "default";q=<burst>;w=<refill seconds>` and
-`RateLimit: "default";r=<remaining>;t=<seconds until full>`), so that clients can pace themselves.
+Each caller may make RATE_LIMIT_BURST requests in any window of RATE_LIMIT_BURST / RATE_LIMIT_PER_S seconds
+(a moving window, whole seconds, at least one); beyond that it gets 429 with `Retry-After`. The counts live in
+RATE_LIMIT_STORAGE: `memory://` (this process alone) or `redis://...`, where every replica and every front
+process draws from the same counts, so that the configured rate is the deployment's whatever the number of
+replicas. Every limited answer carries the IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers:
+`RateLimit-Policy: "default";q=<burst>;w=<window seconds>` and
+`RateLimit: "default";r=<remaining>;t=<seconds until one more request is allowed>`), so that clients can pace
+themselves.
+
+When the store cannot be reached the service keeps serving, without limits (and without the RateLimit
+fields): a rate limiter must not take the service down with it. Each failure counts in
+`siamcam_rate_limit_store_errors_total` and one warning a minute is logged; the store is tried again after
+STORE_RETRY_S, and the limits hold again as soon as it answers.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
+from limits import RateLimitItemPerSecond
+from limits.aio.storage import Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+from limits.storage import storage_from_string
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import metrics
 from app.errors import Problem
 from app.security import KEY_ID_SCOPE
+from app.settings import MEMORY_SCHEMES
 
+logger = logging.getLogger(__name__)
 POLICY_NAME = "default"
-
-
-@dataclass
-class _Bucket:
-    tokens: float
-    updated: float
+# A store that answers at all answers in well under a millisecond on a local network (bench/RESULTS.md, "Rate
+# limits in Redis"); one that does not must not hold requests up for long. No retries: the request goes on
+# unlimited instead, and the next request tries again.
+STORE_TIMEOUT_S = 0.25
+# After a failure, requests skip the store this long: a store that hangs costs its timeout once a second, not
+# once a request. It is also the longest the limits stay off once the store is back.
+STORE_RETRY_S = 1.0
+WARNING_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
-    remaining: int  # whole requests the caller may still make at once
-    full_in_s: int  # seconds until the bucket is full again
-    retry_after_s: int  # when refused: seconds until one request is allowed again
+    remaining: int  # requests the caller may still make in the current window
+    reset_s: int  # seconds until the oldest request counted leaves the window, i.e. one more is allowed
 
 
-class TokenBuckets:
-    """One bucket per caller, at most `max_callers` of them.
+class RateLimiter:
+    """`burst` requests per caller in any `window_s` seconds, counted in the store at `storage_uri`; see the
+    module docstring for what happens when the store fails."""
 
-    A bucket that has refilled completely is the same as no bucket, so idle callers are forgotten as soon as
-    theirs is full; past `max_callers` the least recently seen caller is forgotten even earlier (it then
-    starts again with a full bucket). Memory is bounded either way. Runs on the event loop: no locking.
-    """
-
-    def __init__(self, rate_per_s: float, burst: int, max_callers: int,
+    def __init__(self, burst: int, window_s: int, storage_uri: str,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.rate_per_s = rate_per_s
         self.burst = burst
-        self.max_callers = max_callers
+        self.window_s = window_s
+        self.storage_uri = storage_uri
+        self._limit = RateLimitItemPerSecond(burst, window_s)
+        self._strategy = MovingWindowRateLimiter(_storage(storage_uri))
         self._clock = clock
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()  # least recently seen first
+        self._store_retry_at = -math.inf
+        self._last_warning_at = -math.inf
+        self._unlimited = 0  # requests let through unlimited since the store last answered
 
-    @property
-    def refill_s(self) -> float:
-        return self.burst / self.rate_per_s
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def take(self, caller: str) -> Decision:
+    async def take(self, caller: str) -> Decision | None:
+        """Count one request of `caller`; None when the store failed (the request then goes unlimited)."""
         now = self._clock()
-        bucket = self._buckets.pop(caller, None)
-        tokens = self.burst if bucket is None else min(
-            self.burst, bucket.tokens + (now - bucket.updated) * self.rate_per_s)
-        allowed = tokens >= 1
-        if allowed:
-            tokens -= 1
-        self._buckets[caller] = _Bucket(tokens, now)
-        self._forget_idle(now)
-        return Decision(
-            allowed=allowed,
-            remaining=math.floor(tokens),
-            full_in_s=math.ceil((self.burst - tokens) / self.rate_per_s),
-            retry_after_s=0 if allowed else max(1, math.ceil((1 - tokens) / self.rate_per_s)),
-        )
+        if now < self._store_retry_at:
+            self._unlimited += 1
+            return None
+        try:
+            allowed = await self._strategy.hit(self._limit, caller)
+            stats = await self._strategy.get_window_stats(self._limit, caller)
+        except StorageError as error:
+            self._store_failed(error, now)
+            return None
+        if self._unlimited:
+            logger.info(f"the rate-limit store {_safe(self.storage_uri)} answers again: the limits hold again "
+                        f"({self._unlimited} requests went unlimited while it failed)")
+            self._unlimited = 0
+        reset_s = max(1, math.ceil(stats.reset_time - time.time()))
+        return Decision(allowed=allowed, remaining=stats.remaining, reset_s=reset_s)
 
-    def _forget_idle(self, now: float) -> None:
-        while self._buckets:
-            oldest = next(iter(self._buckets.values()))
-            if now - oldest.updated < self.refill_s and len(self._buckets) <= self.max_callers:
-                return  # ordered by last use: if the oldest is still refilling, so are all the others
-            self._buckets.popitem(last=False)
+    def _store_failed(self, error: StorageError, now: float) -> None:
+        metrics.RATE_LIMIT_STORE_ERRORS.inc()
+        self._store_retry_at = now + STORE_RETRY_S
+        self._unlimited += 1
+        if now - self._last_warning_at >= WARNING_INTERVAL_S:
+            self._last_warning_at = now
+            logger.warning(f"the rate-limit store {_safe(self.storage_uri)} failed ({error.storage_error!r}): "
+                           "serving without rate limits until it answers again; check that it runs and that "
+                           "RATE_LIMIT_STORAGE points at it (this warning repeats at most once a minute)")
+
+
+def _storage(uri: str) -> Storage:
+    """The `limits` async storage for a RATE_LIMIT_STORAGE uri (settings.py has checked its scheme)."""
+    if urlsplit(uri).scheme in MEMORY_SCHEMES:
+        return storage_from_string(f"async+{uri}")
+    return storage_from_string(
+        f"async+{uri}", implementation="redispy", wrap_exceptions=True,
+        socket_timeout=STORE_TIMEOUT_S, socket_connect_timeout=STORE_TIMEOUT_S, retry=Retry(NoBackoff(), 0),
+    )
+
+
+def _safe(uri: str) -> str:
+    """The uri without its password, for the logs."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
 
 
 class RateLimitMiddleware:
     """Limits the requests to `paths` per caller; 429 problem+json when a caller is over its limit."""
 
-    def __init__(self, app: ASGIApp, buckets: TokenBuckets, paths: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, limiter: RateLimiter, paths: tuple[str, ...]) -> None:
         self.app = app
-        self.buckets = buckets
+        self.limiter = limiter
         self.paths = paths
-        self.policy = f'"{POLICY_NAME}";q={buckets.burst};w={max(1, round(buckets.refill_s))}'
+        self.policy = f'"{POLICY_NAME}";q={limiter.burst};w={limiter.window_s}'
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
-        decision = self.buckets.take(_caller(scope))
+        decision = await self.limiter.take(_caller(scope))
+        if decision is None:
+            await self.app(scope, receive, send)
+            return
         fields = {
             "RateLimit-Policy": self.policy,
-            "RateLimit": f'"{POLICY_NAME}";r={decision.remaining};t={decision.full_in_s}',
+            "RateLimit": f'"{POLICY_NAME}";r={decision.remaining};t={decision.reset_s}',
         }
         if not decision.allowed:
             refusal = Problem(429, "too-many-requests",
-                              f"Over the limit of {self.buckets.rate_per_s:g} requests a second (bursts of "
-                              f"{self.buckets.burst}): retry after {decision.retry_after_s} s, and pace requests "
+                              f"Over the limit of {self.limiter.burst} requests in "
+                              f"{self.limiter.window_s} s: retry after {decision.reset_s} s, and pace requests "
                               "by the RateLimit header.",
-                              {**fields, "Retry-After": str(decision.retry_after_s)})
+                              {**fields, "Retry-After": str(decision.reset_s)})
             await refusal.response()(scope, receive, send)
             return
 

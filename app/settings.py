@@ -8,11 +8,15 @@ import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_MODEL_STORE = Path(__file__).resolve().parents[1] / "model_store"
+# The stores RATE_LIMIT_STORAGE may name (app/ratelimit.py): one process's memory, or Redis in its forms.
+MEMORY_SCHEMES = ("memory",)
+REDIS_SCHEMES = ("redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster")
 
 
 class Settings(BaseSettings):
@@ -66,12 +70,22 @@ class Settings(BaseSettings):
     rate_limit_burst: int | None = Field(
         None, ge=1, description="requests a key may make at once; default: one second's worth (at least 1)"
     )
-    rate_limit_clients: int = Field(
-        10_000, ge=1, description="most keys or addresses whose rate is tracked at once (memory bound)"
+    rate_limit_storage: str = Field(
+        "memory://", description="where the rate limits count: memory:// (this process) or redis://host:port[/db] "
+        "(shared by every replica)"
     )
     cors_origins: str = Field(
         "", description="comma-separated origins (scheme://host[:port]) whose pages may call the API"
     )
+
+    @field_validator("rate_limit_storage")
+    @classmethod
+    def _storage_is_supported(cls, value: str) -> str:
+        if urlsplit(value).scheme not in (*MEMORY_SCHEMES, *REDIS_SCHEMES):
+            raise ValueError(f"RATE_LIMIT_STORAGE {value!r} is not a store siamcam can use: write memory:// (one "
+                             "process) or redis://host:port[/db] (also rediss://, redis+unix://, redis+sentinel://, "
+                             "redis+cluster://)")
+        return value
 
     @field_validator("cors_origins")
     @classmethod
@@ -98,6 +112,12 @@ class Settings(BaseSettings):
     def rate_limit_bucket_size(self) -> int:
         """RATE_LIMIT_BURST, or one second's worth of RATE_LIMIT_PER_S (at least one request)."""
         return self.rate_limit_burst or max(1, math.ceil(self.rate_limit_per_s or 1))
+
+    @property
+    def rate_limit_window_s(self) -> int:
+        """The window in which a key may make RATE_LIMIT_BURST requests: the burst's worth of RATE_LIMIT_PER_S,
+        in whole seconds (the store counts in seconds), at least one."""
+        return max(1, round(self.rate_limit_bucket_size / (self.rate_limit_per_s or 1)))
 
     @property
     def max_body_bytes(self) -> int:

@@ -27,8 +27,17 @@ LOOPBACK = "127.0.0.1"
 READY_TIMEOUT_S = 300.0
 
 
-class NginxUnavailable(RuntimeError):
-    """nginx is not installed and cannot be installed here (not root, or no apt-get)."""
+class SystemToolUnavailable(RuntimeError):
+    """A Debian-packaged tool (nginx, redis-server) is not installed and cannot be installed here (not root, or no
+    apt-get)."""
+
+
+class NginxUnavailable(SystemToolUnavailable):
+    pass
+
+
+class RedisUnavailable(SystemToolUnavailable):
+    pass
 
 
 class ClusterError(RuntimeError):
@@ -37,20 +46,29 @@ class ClusterError(RuntimeError):
 
 def ensure_nginx() -> str:
     """The path of the nginx binary, installing Debian's package first when missing and we are root (CI)."""
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    return _ensure_debian_tool("nginx", "nginx", NginxUnavailable)
+
+
+def ensure_redis_server() -> str:
+    """The path of the redis-server binary, installing Debian's package first when missing and we are root (CI)."""
+    return _ensure_debian_tool("redis-server", "redis-server", RedisUnavailable)
+
+
+def _ensure_debian_tool(binary: str, package: str, unavailable: type[SystemToolUnavailable]) -> str:
+    found = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
     if found:
         return found
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise NginxUnavailable("nginx is not installed and this is not root with apt-get: run `make system-deps` "
-                               "as root or `apt-get install -y nginx`")
+        raise unavailable(f"{binary} is not installed and this is not root with apt-get: run `make system-deps` "
+                          f"as root or `apt-get install -y {package}`")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "nginx"]):
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
         result = subprocess.run(command, env=env, capture_output=True, text=True)
         if result.returncode != 0:
-            raise NginxUnavailable(f"`{' '.join(command)}` failed: {result.stderr.strip()[-500:]}")
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+            raise unavailable(f"`{' '.join(command)}` failed: {result.stderr.strip()[-500:]}")
+    found = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/sbin")
     if not found:
-        raise NginxUnavailable("apt-get installed nginx but no nginx binary is on PATH or in /usr/sbin")
+        raise unavailable(f"apt-get installed {package} but no {binary} binary is on PATH or in /usr/sbin")
     return found
 
 
@@ -108,6 +126,61 @@ class Replica:
     def stop(self, grace_s: float = 30.0) -> None:
         """SIGTERM (the service drains), then SIGKILL if it is still there after `grace_s`."""
         _stop(self.process, signal.SIGTERM, grace_s)
+
+
+@dataclass
+class RedisServer:
+    """A redis-server on loopback, as the compose file runs it for the rate limits: no persistence, so that a
+    restart starts empty. `stop()` and `start()` again keep the port, as a restarted container keeps its name."""
+
+    binary: str  # from ensure_redis_server()
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"redis-{self.port}.log"
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        command = [self.binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
+                   "--dir", str(self.workdir)]
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ClusterError(f"redis-server exited with {self.process.returncode}; see {self.log_path}")
+            if self.ping():
+                return
+            time.sleep(0.05)
+        raise ClusterError(f"redis-server did not answer on port {self.port} within {timeout_s:.0f} s")
+
+    def ping(self) -> bool:
+        """Whether the server answers PING (RESP spoken by hand: the check needs no client library)."""
+        try:
+            with socket.create_connection((LOOPBACK, self.port), timeout=1.0) as connection:
+                connection.sendall(b"PING\r\n")
+                return connection.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """SIGKILL: the store disappears at once, as when its host dies (and there is nothing to save)."""
+        if self.process is not None:
+            _stop(self.process, signal.SIGKILL, grace_s=5.0)
+            self.process = None
 
 
 @dataclass

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from deploy.local_cluster import RedisServer, RedisUnavailable, ensure_redis_server
 from training.export import export_model
 from training.model import build_siamese
 
@@ -46,3 +48,15 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
         },
     )
     return store
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of its own on a free loopback port (installed as root when missing, like nginx);
+    tests may stop and start it again."""
+    try:
+        binary = ensure_redis_server()
+    except RedisUnavailable as reason:
+        pytest.skip(f"no redis-server for the shared rate-limit store: {reason}")
+    with RedisServer(binary, tmp_path) as server:
+        yield server
