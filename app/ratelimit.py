@@ -100,7 +100,7 @@ class RateLimiter:
         self._unlimited += 1
         if now - self._last_warning_at >= WARNING_INTERVAL_S:
             self._last_warning_at = now
-            logger.warning(f"the rate-limit store {_safe(self.storage_uri)} failed ({error.storage_error!r}): "
+            logger.warning(f"the rate-limit store {_safe(self.storage_uri)} failed ({type(error.storage_error).__name__}: {error.storage_error}): "
                            "serving without rate limits until it answers again; check that it runs and that "
                            "RATE_LIMIT_STORAGE points at it (this warning repeats at most once a minute)")
 
