@@ -224,3 +224,19 @@ def test_replicas_trust_forwarded_addresses_from_the_balancer_only() -> None:
     # nginx is the edge: it replaces a client's own X-Forwarded-For instead of appending to it.
     assert "proxy_set_header X-Forwarded-For $remote_addr;" in rendered
     assert "proxy_set_header X-Real-IP $remote_addr;" in rendered
+
+
+def test_compose_replicas_share_one_health_checked_redis_for_their_rate_limits() -> None:
+    services = compose()["services"]
+    redis = services["redis"]
+    assert redis["image"].split(":")[0] == "redis", "the official image"
+    assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
+    command = redis["command"]
+    # Counts live a window long: nothing is saved, so a restart starts empty instead of loading a stale file.
+    assert command[command.index("--save") + 1] == "" and command[command.index("--appendonly") + 1] == "no"
+    assert "volumes" not in redis and "ports" not in redis, "not persisted, reached by the replicas only"
+    api = services["api"]
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    storage = compose_environment("api", environ={})["RATE_LIMIT_STORAGE"]
+    settings = Settings(_env_file=None, rate_limit_storage=storage)
+    assert settings.rate_limit_storage == "redis://redis:6379/0", "every replica counts in the redis service"

@@ -7,6 +7,7 @@ import copy
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import prometheus_client
@@ -15,6 +16,7 @@ import yaml
 
 import app.metrics  # noqa: F401  (registers the app's metrics with prometheus_client)
 from app.security import PROTECTED_PATHS, parse_keys_file
+from app.settings import Settings
 from deploy.nginx_config import compose_environment
 
 K8S_DIR = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
@@ -25,11 +27,15 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-def base_resources() -> dict[str, dict[str, Any]]:
-    """The resources kustomization.yaml lists, by kind."""
+def all_resources() -> list[dict[str, Any]]:
+    """The resources kustomization.yaml lists."""
     kustomization = load_yaml(K8S_DIR / "kustomization.yaml")
-    resources = [load_yaml(K8S_DIR / name) for name in kustomization["resources"]]
-    return {resource["kind"]: resource for resource in resources}
+    return [load_yaml(K8S_DIR / name) for name in kustomization["resources"]]
+
+
+def base_resources(name: str = "siamcam") -> dict[str, dict[str, Any]]:
+    """The resources named `name` (the service's own, or its Redis: `siamcam-redis`), by kind."""
+    return {resource["kind"]: resource for resource in all_resources() if resource["metadata"]["name"] == name}
 
 
 def strategic_merge(base: Any, patch: Any) -> Any:
@@ -75,10 +81,23 @@ def test_kustomization_lists_every_manifest() -> None:
     assert listed == present
 
 
-@pytest.mark.parametrize("kind", ["Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "Ingress"])
-def test_base_manifest_validates_against_kubernetes_schema(kind: str) -> None:
-    resource = base_resources()[kind]
+# (name, kind) of every base resource, each validated by the test below.
+BASE_RESOURCES = [
+    ("siamcam", "Deployment"), ("siamcam", "Service"), ("siamcam", "PodDisruptionBudget"),
+    ("siamcam", "HorizontalPodAutoscaler"), ("siamcam", "Ingress"),
+    ("siamcam-redis", "Deployment"), ("siamcam-redis", "Service"), ("siamcam-redis", "NetworkPolicy"),
+]
+
+
+@pytest.mark.parametrize(("name", "kind"), BASE_RESOURCES)
+def test_base_manifest_validates_against_kubernetes_schema(name: str, kind: str) -> None:
+    resource = base_resources(name)[kind]
     kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+
+
+def test_every_listed_manifest_is_validated() -> None:
+    listed = {(resource["metadata"]["name"], resource["kind"]) for resource in all_resources()}
+    assert listed == set(BASE_RESOURCES)
 
 
 def test_gpu_deployment_validates_and_reserves_one_gpu() -> None:
@@ -206,3 +225,35 @@ def test_ingress_routes_the_public_paths_but_not_metrics() -> None:
         assert backend["port"]["name"] == service["spec"]["ports"][0]["name"]
     assert all(not (item["path"] == "/" and item["pathType"] == "Prefix") and not item["path"].startswith("/metrics")
                for item in paths.values()), "/metrics is scraped per pod, never through the balancer"
+
+
+def test_every_pod_counts_rate_limits_in_the_one_redis() -> None:
+    redis = base_resources("siamcam-redis")
+    deployment, service = redis["Deployment"], redis["Service"]
+    assert deployment["spec"]["replicas"] == 1, "two Redis would each count alone"
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"].split(":")[0] == "redis", "the official image"
+    args = container["args"]
+    assert args[args.index("--save") + 1] == "" and args[args.index("--appendonly") + 1] == "no", "no persistence"
+    assert container["readinessProbe"]["exec"]["command"] == ["redis-cli", "ping"]
+    # The Service reaches the Redis pods, on the port the pods name.
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}
+    # The app's pods point at that Service, with a store the app accepts.
+    storage = env_of(api_container(base_resources()["Deployment"]))["RATE_LIMIT_STORAGE"]
+    parsed = urlsplit(storage)
+    assert (parsed.scheme, parsed.hostname, parsed.port) == ("redis", service["metadata"]["name"], port["port"])
+    assert Settings(_env_file=None, rate_limit_storage=storage).rate_limit_storage == storage
+    # Only the app's pods may reach the password-less Redis; the app's own selectors do not catch Redis pods.
+    policy = redis["NetworkPolicy"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    app_pods = base_resources()["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert source["podSelector"]["matchLabels"].items() <= app_pods.items()
+    for selector in (base_resources()["Service"]["spec"]["selector"],
+                     base_resources()["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]):
+        assert not selector.items() <= pod_labels.items()
