@@ -168,3 +168,57 @@ def percentile(values: list[float], fraction: float) -> float:
     """Nearest-rank percentile: the smallest value with at least `fraction` of the values at or below it."""
     ordered = sorted(values)
     return ordered[max(1, math.ceil(len(ordered) * fraction)) - 1]
+
+
+@dataclass(frozen=True)
+class PacedOutcome:
+    sent_at_s: float  # when it was due, since the load started
+    answered_at_s: float  # since the load started
+    status: int | None  # None: no HTTP answer at all
+    retry_after: str | None
+    rate_limit_fields: bool  # carries the app's RateLimit fields (nginx's own 429 does not)
+    problem: str | None  # why the answer is wrong; None for a correct 200 or a 429 with Retry-After
+
+
+async def run_paced(
+    base_url: str,
+    pairs: list[Pair],
+    expected: list[float],
+    rate_per_s: float,
+    duration_s: float,
+    headers: dict[str, str],
+    events: list[tuple[float, Callable[[], None]]],
+    max_connections: int = 16,
+) -> list[PacedOutcome]:
+    """/similarity at `rate_per_s` for `duration_s` from one client, whatever the answers (an open loop: a client
+    that ignores Retry-After), each event run once its time (seconds since the start) has come."""
+    pending = sorted(events, key=lambda event: event[0])
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    async with httpx.AsyncClient(base_url=base_url, headers=headers, trust_env=False, timeout=120.0,
+                                 limits=limits) as client:
+
+        async def send(index: int, due_s: float) -> PacedOutcome:
+            pair = index % len(pairs)
+            try:
+                response = await client.post("/similarity", files=pairs[pair].files())
+            except httpx.HTTPError as error:
+                return PacedOutcome(due_s, time.monotonic() - started, None, None, False,
+                                    f"{type(error).__name__}: {error}")
+            retry_after = response.headers.get("retry-after")
+            if response.status_code == 429:
+                problem = None if retry_after and retry_after.isdigit() and int(retry_after) >= 1 else \
+                    f"429 without a usable Retry-After ({retry_after!r})"
+            else:
+                problem = check_answer("/similarity", response, expected[pair])
+            return PacedOutcome(due_s, time.monotonic() - started, response.status_code, retry_after,
+                                "ratelimit" in response.headers, problem)
+
+        started = time.monotonic()
+        sending = []
+        for index in range(round(rate_per_s * duration_s)):
+            due_s = index / rate_per_s
+            await asyncio.sleep(max(0.0, started + due_s - time.monotonic()))
+            while pending and pending[0][0] <= due_s:
+                pending.pop(0)[1]()
+            sending.append(asyncio.create_task(send(index, due_s)))
+        return list(await asyncio.gather(*sending))

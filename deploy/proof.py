@@ -2,13 +2,15 @@
 
     python -m deploy.proof                      # the bundled model_store/flowers, 1500 + 150 requests
     python -m deploy.proof --model-store /tmp/store --model-name tiny --similarity 200 --explain 20
+    python -m deploy.proof --rate-limit         # one key's rate limit, counted in Redis, while a replica dies
 
 It renders the compose file's nginx configuration with loopback replicas (deploy/nginx_config.py), starts
 3 uvicorn replicas and nginx (deploy/local_cluster.py), checks each pair's score with a direct call, then sends
 a bounded load through nginx (deploy/load.py). During the load it sends SIGTERM to one replica, with requests
 of its own in flight on it, and SIGKILL to another. The proof holds when every client request got a correct
 200 and the SIGTERMed replica answered what it had accepted, then exited by itself within its drain grace
-period. tests/deploy/test_proof.py runs it in CI; bench/RESULTS.md records its figures.
+period. tests/deploy/test_proof.py runs it in CI; bench/RESULTS.md records its figures. `--rate-limit` runs the
+rate-limit proof instead (deploy/rate_proof.py).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from deploy.load import (
     reference_scores,
     run_load,
 )
-from deploy.local_cluster import LocalCluster, NginxUnavailable, Replica, ensure_nginx
+from deploy.local_cluster import LocalCluster, Replica, SystemToolUnavailable, ensure_nginx
 from deploy.nginx_config import REPO_ROOT
+from deploy.rate_proof import RateProofReport, RateProofSettings, run_rate_proof
 
 DEFAULT_MODEL_STORE = REPO_ROOT / "model_store"
 DEFAULT_MODEL_NAME = "flowers"
@@ -352,15 +355,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-grace", type=float, default=defaults.drain_grace_s, help="DRAIN_GRACE_S, seconds")
     parser.add_argument("--model-store", type=Path, default=defaults.model_store)
     parser.add_argument("--model-name", default=defaults.model_name)
+    rate_defaults = RateProofSettings()
+    rate = parser.add_argument_group("the rate-limit proof (deploy/rate_proof.py)")
+    rate.add_argument("--rate-limit", action="store_true", help="run the rate-limit proof instead")
+    rate.add_argument("--rate", type=int, default=rate_defaults.rate_per_s, help="the key's limit, requests/s")
+    rate.add_argument("--phase", type=float, default=rate_defaults.phase_s, help="seconds before and after the kill")
+    rate.add_argument("--storage", choices=("redis", "memory"), default=rate_defaults.storage,
+                      help="where the replicas count: one Redis, or each its own memory (the contrast)")
     args = parser.parse_args(argv)
-    settings = ProofSettings(
-        similarity=args.similarity, explain=args.explain, concurrency=args.concurrency,
-        threads_per_replica=args.threads, drain_grace_s=args.drain_grace,
-        model_store=args.model_store.resolve(), model_name=args.model_name,
-    )
+    model = {"threads_per_replica": args.threads, "model_store": args.model_store.resolve(),
+             "model_name": args.model_name}
     try:
-        report = run_proof(settings)
-    except (FileNotFoundError, NginxUnavailable) as error:
+        if args.rate_limit:
+            report: ProofReport | RateProofReport = run_rate_proof(
+                RateProofSettings(rate_per_s=args.rate, phase_s=args.phase, storage=args.storage, **model))
+        else:
+            report = run_proof(ProofSettings(similarity=args.similarity, explain=args.explain,
+                                             concurrency=args.concurrency, drain_grace_s=args.drain_grace, **model))
+    except (FileNotFoundError, SystemToolUnavailable) as error:
         print(f"cannot run the proof: {error}", file=sys.stderr)
         return 2
     print(report.summary())

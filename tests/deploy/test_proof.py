@@ -1,13 +1,15 @@
-"""The deployment proof (deploy/proof.py) in CI: 3 replicas behind the compose nginx config on loopback, one
-SIGTERMed and one SIGKILLed under load, and every client request still gets a correct 200."""
+"""The deployment proofs in CI, 3 replicas behind the compose nginx config on loopback: deploy/proof.py (one
+SIGTERMed and one SIGKILLed under load, and every client request still gets a correct 200) and
+deploy/rate_proof.py (one key's rate limit, counted in Redis, holds while a replica dies)."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
-from deploy.local_cluster import NginxUnavailable
+from deploy.local_cluster import NginxUnavailable, SystemToolUnavailable
 from deploy.proof import (
     CLEAN_EXIT_CODES,
     DEFAULT_MODEL_NAME,
@@ -16,6 +18,7 @@ from deploy.proof import (
     ProofSettings,
     run_proof,
 )
+from deploy.rate_proof import TOLERANCE, RateProofSettings, run_rate_proof
 
 
 @pytest.fixture(scope="module")
@@ -43,4 +46,24 @@ def test_every_request_is_answered_while_replicas_die(proof_model: tuple[Path, s
     # With API keys and rate limits on, as deployed: a request without the key is refused.
     assert report.access.without_key_status == 401 and report.access.logs_with_the_key == []
     assert report.access.rate_limit_policy == f'"default";q={settings.rate_limit_burst};w=1'
+    assert report.problems() == []
+
+
+def test_one_keys_rate_limit_holds_for_the_deployment_while_a_replica_dies(proof_model: tuple[Path, str]) -> None:
+    store, name = proof_model
+    settings = RateProofSettings(model_store=store, model_name=name)
+    try:
+        report = run_rate_proof(settings)
+    except SystemToolUnavailable as reason:
+        pytest.skip(f"no nginx or redis-server for the rate-limit proof: {reason}")
+    print(report.summary())  # the figures bench/RESULTS.md records; shown with `pytest -s`
+    rate = settings.rate_per_s
+    assert len(report.outcomes) == round(rate * settings.drive_factor * 2 * settings.phase_s)
+    # The key's rate is the deployment's, with three replicas and with two: not 3R, then 2R, as when each counts.
+    assert report.before_per_s == pytest.approx(rate, rel=TOLERANCE)
+    assert report.after_per_s == pytest.approx(rate, rel=TOLERANCE)
+    assert report.killed_exit_code == -signal.SIGKILL
+    # Every refusal is the app's 429 with Retry-After, and everything else a correct 200.
+    assert [o.problem for o in report.outcomes if o.problem is not None] == []
+    assert {o.status for o in report.outcomes} == {200, 429}
     assert report.problems() == []
