@@ -90,7 +90,7 @@ class RateProofReport:
         sent = len(self.outcomes)
         lines = [
             f"rate-limit proof: {REPLICAS} replicas behind nginx, limits counted in "
-            f"{'one redis-server' if s.storage == 'redis' else 'each replica`s memory'}; one key limited to "
+            f"{'one redis-server' if s.storage == 'redis' else 'the memory of each replica'}; one key limited to "
             f"{s.rate_per_s} requests/s (burst {s.rate_per_s}, 1 s window), /similarity sent at "
             f"{s.rate_per_s * s.drive_factor:g}/s from one client for 2 x {s.phase_s:g} s ({self.images}); "
             f"SIGKILL to replica :{self.killed_port} at {s.phase_s:g} s (exit status {self.killed_exit_code})",
