@@ -3,13 +3,13 @@
 Run from the repository root: `.venv/bin/python -m bench.rate_limit_bench` (needs redis-server: `make
 system-deps`). It starts three `uvicorn app.main:app` replicas of the bundled model as a user would, one thread
 each: without rate limits, with RATE_LIMIT_STORAGE=memory://, and with a redis-server of its own on loopback
-(limits high enough never to refuse). One client then sends the same request to each in turn (interleaved, so
-that the machine's noise falls on all three alike) and prints each one's p50 and p90 latency, for GET /model
-(the cheapest limited request: the limiter's cost stands out) and POST /similarity with a flowers pair (what
-users send). Then, in its own process, the limiter's time per request with each store (what the middleware
-awaits) and the floor under it with Redis: the two round trips a limited request makes (the moving window's hit
-and its statistics), made by `limits` with a bare client. Target: p50 at most 1 ms more with Redis than with
-memory.
+(limits high enough never to refuse). One client then sends the same request to each in turn (interleaved, in
+a shuffled order each round, so that the machine's noise falls on all three alike) and prints each one's p50
+and p90 latency, for GET /model (the cheapest limited request: the limiter's cost stands out) and POST
+/similarity with a flowers pair (what users send). Then, in its own process, the limiter's time per request
+with each store (what the middleware awaits) and the floor under it with Redis: the two round trips a limited
+request makes (the moving window's hit and its statistics), made by `limits` with a bare client. Target: p50
+at most 1 ms more with Redis than with memory.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import random
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -48,13 +49,17 @@ def percentile_ms(values: list[float], fraction: float) -> float:
 
 def interleaved(urls: dict[str, str], send: str, requests: int) -> dict[str, list[float]]:
     pair = make_pairs(1)[0]
+    rng = random.Random(0)
     times: dict[str, list[float]] = {name: [] for name in urls}
     clients = {name: httpx.Client(base_url=url, trust_env=False, timeout=60) for name, url in urls.items()}
     with ExitStack() as stack:
         for client in clients.values():
             stack.enter_context(client)
+        order = list(clients)
         for index in range(requests + 20):  # the first 20 of each warm up connections and code paths
-            for name, client in clients.items():
+            rng.shuffle(order)  # no replica always goes first, or always right after another
+            for name in order:
+                client = clients[name]
                 started = time.perf_counter()
                 response = client.get("/model") if send == "/model" else client.post(send, files=pair.files())
                 elapsed = time.perf_counter() - started
