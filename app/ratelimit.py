@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -42,8 +41,8 @@ from app.settings import MEMORY_SCHEMES
 
 logger = logging.getLogger(__name__)
 POLICY_NAME = "default"
-# A store that answers at all answers in well under a millisecond on a local network (bench/RESULTS.md, "Rate
-# limits in Redis"); one that does not must not hold requests up for long. No retries: the request goes on
+# A store that answers at all answers within milliseconds (bench/RESULTS.md, "Rate limits in Redis"); one that
+# does not must not hold requests up for long. No retries: the request goes on
 # unlimited instead, and the next request tries again.
 STORE_TIMEOUT_S = 0.25
 # After a failure, requests skip the store this long: a store that hangs costs its timeout once a second, not
@@ -63,21 +62,19 @@ class RateLimiter:
     """`burst` requests per caller in any `window_s` seconds, counted in the store at `storage_uri`; see the
     module docstring for what happens when the store fails."""
 
-    def __init__(self, burst: int, window_s: int, storage_uri: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, burst: int, window_s: int, storage_uri: str) -> None:
         self.burst = burst
         self.window_s = window_s
         self.storage_uri = storage_uri
         self._limit = RateLimitItemPerSecond(burst, window_s)
         self._strategy = MovingWindowRateLimiter(_storage(storage_uri))
-        self._clock = clock
         self._store_retry_at = -math.inf
         self._last_warning_at = -math.inf
         self._unlimited = 0  # requests let through unlimited since the store last answered
 
     async def take(self, caller: str) -> Decision | None:
         """Count one request of `caller`; None when the store failed (the request then goes unlimited)."""
-        now = self._clock()
+        now = time.monotonic()
         if now < self._store_retry_at:
             self._unlimited += 1
             return None
@@ -100,9 +97,10 @@ class RateLimiter:
         self._unlimited += 1
         if now - self._last_warning_at >= WARNING_INTERVAL_S:
             self._last_warning_at = now
-            logger.warning(f"the rate-limit store {_safe(self.storage_uri)} failed ({type(error.storage_error).__name__}: {error.storage_error}): "
-                           "serving without rate limits until it answers again; check that it runs and that "
-                           "RATE_LIMIT_STORAGE points at it (this warning repeats at most once a minute)")
+            cause = f"{type(error.storage_error).__name__}: {error.storage_error}"
+            logger.warning(f"the rate-limit store {_safe(self.storage_uri)} failed ({cause}): serving without rate "
+                           "limits until it answers again; check that it runs and that RATE_LIMIT_STORAGE points at "
+                           "it (this warning repeats at most once a minute)")
 
 
 def _storage(uri: str) -> Storage:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from deploy.local_cluster import RedisServer
+from deploy.local_cluster import RedisServer, free_port
 from tests.support.metrics import metric_value
 
 Serve = Callable[..., AbstractContextManager[str]]
@@ -156,3 +156,21 @@ def test_a_failed_store_lets_requests_through_and_the_limits_resume_when_it_is_b
     assert len(warnings) == 1, "one warning a minute"
     assert "serving without rate limits" in warnings[0]["message"] and str(redis_server.port) in warnings[0]["message"]
     assert any("answers again" in line["message"] for line in logged if line["level"] == "INFO")
+
+
+def test_a_store_unreachable_from_the_start_leaves_the_api_serving_and_says_so_without_its_password(
+    serve: Serve, capfd: pytest.CaptureFixture[str]
+) -> None:
+    password = "s3cret-store-password"
+    storage = f"redis://:{password}@127.0.0.1:{free_port()}/0"  # nothing listens there
+    with serve(api_keys=KEY, rate_limit_per_s=0.2, rate_limit_burst=1, rate_limit_storage=storage) as url, \
+            _http(url) as http:
+        errors_before = metric_value(http, STORE_ERRORS)
+        answers = [http.get("/model") for _ in range(3)]
+        assert [answer.status_code for answer in answers] == [200] * 3, "over the limit, but nothing counts"
+        assert all("ratelimit" not in answer.headers for answer in answers)
+        assert metric_value(http, STORE_ERRORS) > errors_before
+    logged = _store_log(capfd.readouterr().err)
+    (warning,) = [line for line in logged if line["level"] == "WARNING"]
+    assert "Connection refused" in warning["message"] and ":***@127.0.0.1" in warning["message"]
+    assert password not in json.dumps(logged)
