@@ -81,11 +81,17 @@ class ImageWork:
 
     def __init__(self, workers: int, max_pixels_in_flight: int, idle_before_trim_s: float = IDLE_BEFORE_TRIM_S,
                  give_back: Callable[[], None] = give_back_free_memory) -> None:
+        self.workers = workers
         self.pool = single_threaded_pool(workers, "images")
         self.budget = PixelBudget(max_pixels_in_flight)
         self.idle_before_trim_s = idle_before_trim_s
         self._give_back = give_back
         self._trim: asyncio.TimerHandle | None = None
+
+    def pixels_at_once(self, pixels_per_image: Sequence[int]) -> int:
+        """What one request's images charge: the pixels of those that may be decoded at the same time, its
+        `workers` largest (those threads decode one image each; at least a pair, both of whose images count)."""
+        return sum(sorted(pixels_per_image, reverse=True)[:max(2, self.workers)])
 
     async def admit(self, pixels: int, wait_s: float) -> None:
         """Charge `pixels` to the budget (see PixelBudget.acquire); give them back with `discharge`."""

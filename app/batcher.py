@@ -1,20 +1,23 @@
-"""Bounded queues of pairs, drained in batches by one inference worker that owns the model.
+"""Bounded queues of jobs, drained in batches by one inference worker that owns the model.
 
-Each kind of job (similarity, explain, contributions) has its own queue. The worker never waits for pairs that are not
-there: when the model is idle, a pair that arrives runs at once, alone; the pairs that arrive while a batch
+A job is what one runner call takes per item: a pair of pictures (similarity, explain, contributions) or one
+picture (embed, whose batches /embed and /rank fill). Each kind of job has its own queue, with its own batch size
+and capacity where they differ from the defaults (an embed batch of 2 x MAX_BATCH_SIZE images is a full pair
+batch's backbone work). The worker never waits for jobs that are not
+there: when the model is idle, a job that arrives runs at once, alone; the jobs that arrive while a batch
 runs wait for it and form the next batch, up to `max_batch_size` of one queue, which starts as soon as the model
 is free. So batches grow with the load and a lone request pays no batching delay.
 
-When both queues hold pairs, a full batch goes before a partial one, so that the model does the most work per
+When several queues hold jobs, a full batch goes before a partial one, so that the model does the most work per
 run; `max_batch_wait_s` bounds how long a partial batch may be passed over while the model is busy: once its
-oldest pair has waited that long, it goes before full batches (the oldest first among those ready), so neither
+oldest job has waited that long, it goes before full batches (the oldest first among those ready), so neither
 queue starves. Batches run on the model's own thread, so the event loop never blocks and the model never
-waits behind other work in a shared thread pool. Pairs stay in their queue while
-they wait, so a client that gives up can take its pair back out.
+waits behind other work in a shared thread pool. Jobs stay in their queue while
+they wait, so a client that gives up can take its jobs back out.
 
-A batch that fails is run again one pair at a time, so that only the pairs that fail on their own fail. If the
+A batch that fails is run again one job at a time, so that only the jobs that fail on their own fail. If the
 model then fails even on the warm-up pair (a broken device, a model that went wrong), the worker stops: every
-pair waiting, and every pair submitted later, fails with WorkerStopped.
+job waiting, and every job submitted later, fails with WorkerStopped.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -32,7 +35,8 @@ import torch
 from app import metrics
 
 T = TypeVar("T")
-BatchRunner = Callable[[list[torch.Tensor], list[torch.Tensor]], Sequence[Any]]
+# Called with one list per position of the jobs' pictures (images1, images2 for pairs; images for single images).
+BatchRunner = Callable[..., Sequence[Any]]
 
 
 class QueueFull(Exception):
@@ -40,7 +44,7 @@ class QueueFull(Exception):
 
 
 class WorkerStopped(Exception):
-    """The inference worker has stopped: no pair will be run by this process any more."""
+    """The inference worker has stopped: no job will be run by this process any more."""
 
 
 class ModelBroken(RuntimeError):
@@ -49,44 +53,51 @@ class ModelBroken(RuntimeError):
 
 @dataclass
 class Outcome:
-    """One pair's result, with how long it waited in the queue and how long its batch took."""
+    """One job's result, with how long it waited in the queue and how long its batch took; `batch_started`
+    tells the batches of a request's several jobs apart."""
 
     value: Any
     queue_wait_s: float
     inference_s: float
+    batch_started: float = 0.0
 
 
 @dataclass(eq=False)
 class Job:
     kind: str
-    image1: torch.Tensor
-    image2: torch.Tensor
+    pictures: tuple[torch.Tensor, ...]  # a pair, or one picture
     future: asyncio.Future[Outcome]
     enqueued_at: float = field(default_factory=time.monotonic)
 
 
-def _timed(runner: BatchRunner, images1: list[torch.Tensor],
-           images2: list[torch.Tensor]) -> tuple[Sequence[Any], float, float]:
+def _timed(runner: BatchRunner, *inputs: list[torch.Tensor]) -> tuple[Sequence[Any], float, float]:
     """`runner`'s results, when it started and how long it took, timed on the model thread itself: timed from the
     event loop, a batch would also count the hand-over to the thread and the loop's turnaround back to the batch,
     which grow with the load, and `timings_ms.inference` would no longer be the model's work alone."""
     started = time.monotonic()
-    results = runner(images1, images2)
+    results = runner(*inputs)
     return results, started, time.monotonic() - started
+
+
+@dataclass(frozen=True)
+class QueueLimits:
+    max_batch_size: int  # most jobs per batch
+    capacity: int  # most jobs waiting; beyond, QueueFull
 
 
 class Batcher:
     def __init__(
         self, runners: dict[str, BatchRunner], self_check: Callable[[], object], max_batch_size: int,
         max_batch_wait_s: float, queue_capacity: int, model_thread: ThreadPoolExecutor,
+        limits: Mapping[str, QueueLimits] | None = None,
     ) -> None:
         """`self_check` runs the model on the warm-up pair, raising if it fails. Every model call runs on
-        `model_thread` (app/torch_threads.py), which the batcher shuts down when it stops."""
+        `model_thread` (app/torch_threads.py), which the batcher shuts down when it stops. Each queue batches up
+        to `max_batch_size` jobs and holds `queue_capacity`, unless `limits` says otherwise for its kind."""
         self._runners = runners
         self._self_check = self_check
-        self._max_batch_size = max_batch_size
+        self._limits = {kind: QueueLimits(max_batch_size, queue_capacity) for kind in runners} | dict(limits or {})
         self._max_batch_wait_s = max_batch_wait_s
-        self._capacity = queue_capacity
         self._queues: dict[str, deque[Job]] = {kind: deque() for kind in runners}
         self._changed = asyncio.Event()
         self._running: list[Job] = []  # the batch in progress
@@ -97,24 +108,33 @@ class Batcher:
         for kind in runners:
             metrics.QUEUE_DEPTH.labels(kind).set(0)
 
-    def submit(self, kind: str, image1: torch.Tensor, image2: torch.Tensor) -> Job:
-        """Queue one pair; raises QueueFull when its queue is at capacity, WorkerStopped once the worker is."""
+    def submit(self, kind: str, *pictures: torch.Tensor) -> Job:
+        """Queue one job (a pair, or one picture); raises QueueFull when its queue is at capacity, WorkerStopped
+        once the worker is."""
+        return self.submit_all(kind, [pictures])[0]
+
+    def submit_all(self, kind: str, jobs: Sequence[tuple[torch.Tensor, ...]]) -> list[Job]:
+        """Queue every job of one request, or none: QueueFull when they do not all fit in their queue."""
         if self.stopped:
             raise WorkerStopped
-        queue = self._queues[kind]
-        if len(queue) >= self._capacity:
+        if not self.has_room(kind, len(jobs)):
             raise QueueFull(kind)
-        job = Job(kind, image1, image2, asyncio.get_running_loop().create_future())
-        queue.append(job)
+        loop = asyncio.get_running_loop()
+        queued = [Job(kind, tuple(pictures), loop.create_future()) for pictures in jobs]
+        self._queues[kind].extend(queued)
         self._queue_changed(kind)
-        return job
+        return queued
+
+    def has_room(self, kind: str, jobs: int = 1) -> bool:
+        """Whether `submit_all` would take this many jobs of this kind now (checked before decoding them)."""
+        return len(self._queues[kind]) + jobs <= self._limits[kind].capacity
 
     def is_full(self, kind: str) -> bool:
-        """Whether `submit` would refuse a pair of this kind now (checked before decoding one)."""
-        return len(self._queues[kind]) >= self._capacity
+        """Whether `submit` would refuse a job of this kind now (checked before decoding one)."""
+        return not self.has_room(kind)
 
     def withdraw(self, job: Job) -> bool:
-        """Take back a pair whose client stopped waiting; False if its batch has already started."""
+        """Take back a job whose client stopped waiting; False if its batch has already started."""
         queue = self._queues[job.kind]
         if job not in queue:
             return False
@@ -132,7 +152,8 @@ class Batcher:
             while True:
                 kind = await self._next_ready_queue()
                 queue = self._queues[kind]
-                self._running = [queue.popleft() for _ in range(min(self._max_batch_size, len(queue)))]
+                batch_size = self._limits[kind].max_batch_size
+                self._running = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
                 self._queue_changed(kind)
                 self._observe_start(kind, self._running)
                 await self._run_batch(kind, self._running)
@@ -148,7 +169,7 @@ class Batcher:
                     job.future.set_exception(WorkerStopped())
 
     async def _next_ready_queue(self) -> str:
-        """The kind of the next batch, as soon as any queue holds a pair: the model is free, so nothing waits."""
+        """The kind of the next batch, as soon as any queue holds a job: the model is free, so nothing waits."""
         while True:
             self._changed.clear()
             waiting = [kind for kind, queue in self._queues.items() if queue]
@@ -162,14 +183,14 @@ class Batcher:
         the oldest first within each."""
         queue = self._queues[kind]
         oldest = queue[0].enqueued_at
-        ready = len(queue) >= self._max_batch_size or now - oldest >= self._max_batch_wait_s
+        ready = len(queue) >= self._limits[kind].max_batch_size or now - oldest >= self._max_batch_wait_s
         return (not ready, oldest)
 
     async def _run_batch(self, kind: str, jobs: list[Job]) -> None:
         try:
-            results, started, inference_s = await self._on_model_thread(
-                _timed, self._runners[kind], [job.image1 for job in jobs], [job.image2 for job in jobs]
-            )
+            # One list per position: images1 and images2 of pairs, or the single images.
+            inputs = [list(position) for position in zip(*(job.pictures for job in jobs), strict=True)]
+            results, started, inference_s = await self._on_model_thread(_timed, self._runners[kind], *inputs)
             # Inside the `try`: a runner returning the wrong number of results fails its batch, not the worker.
             handed_out = list(zip(jobs, results, strict=True))
         except Exception as error:
@@ -178,11 +199,11 @@ class Batcher:
         metrics.INFERENCE_TIME.labels(kind).observe(inference_s)
         for job, value in handed_out:
             if not job.future.done():  # its client may have given up meanwhile
-                job.future.set_result(Outcome(value, started - job.enqueued_at, inference_s))
+                job.future.set_result(Outcome(value, started - job.enqueued_at, inference_s, started))
 
     async def _after_failure(self, kind: str, jobs: list[Job], error: Exception) -> None:
-        """Stop if the model is broken; else run the pairs of a failed batch again one by one, so that one bad
-        pair fails alone; a pair that fails alone gets the error."""
+        """Stop if the model is broken; else run the jobs of a failed batch again one by one, so that one bad
+        job fails alone; a job that fails alone gets the error."""
         try:
             await self._on_model_thread(self._self_check)
         except Exception as check_error:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,12 +20,23 @@ from app.batcher import Batcher, Job, Outcome, QueueFull, WorkerStopped
 from app.errors import CLIENT_CLOSED_REQUEST, Problem, service_unavailable
 from app.model import PairExplanation, ServedModel
 from app.overlays import MEDIA_TYPES, Background, ColormapName, OverlayFormat, overlay_background, render_overlay
-from app.schemas import Contributions, Explanation, Explanations, ImageContributions, Match, Overlay, Target
+from app.schemas import (
+    Contributions, ExplainedPair, Explanation, Explanations, ImageContributions, Match, Overlay, Target,
+)
 from app.service import Service
 from app.settings import Settings
 from contract.explainers import Method, cell_box
 from contract.explainers.contributions import PairContributions
 from contract.images import header_pixels
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file, read: `name` is how answers and errors refer to it ("image1", "candidates[3] (a.jpg)")."""
+
+    name: str
+    filename: str | None
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -46,59 +58,126 @@ class OverlayOptions:
     quality: int
 
 
-async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, batcher: Batcher, kind: str,
-                    images: ImageWork, settings: Settings, overlay_max_side: int | None = None) -> DecodedPair:
-    """Both uploads admitted, then decoded and preprocessed side by side on the image threads; with
-    `overlay_max_side`, their overlay backgrounds are decoded once `run_in_batch` has run the pair (their pixels
-    stay charged until then). Refused before any decoding: 413 for files over the limit, 503 when the
-    `kind` queue is full or the images' pixels cannot be admitted within ADMISSION_WAIT_S, 422 for a pair larger
-    than the whole budget, and the contract's image errors (415/422 in errors.py) for what its header says."""
-    uploads = {"image1": image1, "image2": image2}
-    for field, upload in uploads.items():
+@dataclass(frozen=True)
+class ExplainOptions:
+    """What /explain's form (and /rank's, for its top candidates) asks of an explanation."""
+
+    method: Method
+    overlays: OverlayOptions
+    top_matches: int
+    include_correspondence: bool
+
+
+# The form fields that take several files; a field that takes one must not come twice.
+REPEATABLE_FIELDS = frozenset({"images", "candidates"})
+
+
+async def reject_repeated_fields(request: Request) -> None:
+    """422 for a form that sends a one-value field more than once (e.g. two `image1` files): FastAPI would use
+    one of them and silently drop the others. The form is the one FastAPI has already parsed (Starlette keeps it)."""
+    form = await request.form()
+    repeated = {key: len(form.getlist(key)) for key in form if key not in REPEATABLE_FIELDS}
+    named = [f"{key} ({count} times)" for key, count in sorted(repeated.items()) if count > 1]
+    if named:
+        raise Problem(422, "repeated-field", f"The form sends {', '.join(named)}; each of these fields takes one "
+                      "value. Send each once.")
+
+
+def upload_label(field: str, index: int, filename: str | None) -> str:
+    """How answers and errors name the `index`th file of a field that takes several: its index and file name."""
+    shown = "".join(character for character in (filename or "") if character.isprintable())[:120]
+    return f"{field}[{index}] ({shown})" if shown else f"{field}[{index}]"
+
+
+def require_count(field: str, count: int, limit: int, setting: str) -> None:
+    """413 for more files in `field` than the service takes, before any is read."""
+    if count > limit:
+        raise Problem(413, "too-many-images", f"The request sends {count} files in {field}; the limit is {limit} "
+                      f"({setting}). Send at most {limit}, in several requests if need be.")
+
+
+async def read_uploads(named: Sequence[tuple[str, UploadFile]], batcher: Batcher, kind: str, jobs: int,
+                       settings: Settings) -> list[Upload]:
+    """The uploads' bytes, once none is over MAX_UPLOAD_BYTES (413) and the `kind` queue has room for `jobs`
+    (503): refused before anything is read or decoded."""
+    for name, upload in named:
         if upload.size is not None and upload.size > settings.max_upload_bytes:
             raise Problem(413, "content-too-large",
-                          f"{field} is {upload.size:,} bytes; the limit is {settings.max_upload_bytes:,} bytes. "
+                          f"{name} is {upload.size:,} bytes; the limit is {settings.max_upload_bytes:,} bytes. "
                           "Send a smaller file.")
-    if batcher.is_full(kind):
-        raise _queue_full(settings)
-    contents = [await upload.read() for upload in uploads.values()]
+    if not batcher.has_room(kind, jobs):
+        raise queue_full(settings)
+    return [Upload(name, upload.filename, await upload.read()) for name, upload in named]
+
+
+async def admit_and_decode(uploads: Sequence[Upload], model: ServedModel, images: ImageWork, settings: Settings,
+                           keep_charged: bool = False) -> tuple[list[torch.Tensor], int]:
+    """The uploads admitted, then decoded and preprocessed side by side on the image threads, as the uint8
+    pictures the model takes; and the pixels still charged to the budget: none, unless `keep_charged` (then
+    the caller gives them back with `images.discharge`, e.g. after a second decode at overlay size, which they
+    cover). Refused before any decoding: 503 when the images' pixels cannot be admitted within ADMISSION_WAIT_S,
+    422 for images larger than the whole budget, and the contract's image errors (415/422 in errors.py) for what
+    a header says."""
     # Headers only (a few kB each): cheap enough for the event loop, and the image threads may all be busy.
-    pixels = sum(header_pixels(data, field, settings.max_image_pixels) for data, field in zip(contents, uploads))
+    per_image = [header_pixels(upload.data, upload.name, settings.max_image_pixels) for upload in uploads]
+    pixels = images.pixels_at_once(per_image)
     try:
         await images.admit(pixels, settings.admission_wait_s)
     except OverBudget:
+        described = (" and ".join(upload.name for upload in uploads) + " hold" if len(uploads) <= 2 else
+                     f"the {max(2, images.workers)} largest of these {len(uploads)} images, decoded side by side, "
+                     "hold")
         raise Problem(422, "images-too-large",
-                      f"image1 and image2 hold {pixels:,} pixels together; this service decodes at most "
+                      f"{described} {pixels:,} pixels together; this service decodes at most "
                       f"{images.budget.capacity:,} at once (MAX_DECODE_PIXELS_IN_FLIGHT). Send smaller images.")\
             from None
     except BudgetExhausted:
         metrics.REJECTIONS.labels("decode_budget").inc()
         raise service_unavailable("The service is busy decoding other images; retry shortly.",
                                   settings.retry_after_s) from None
-    files = list(zip(contents, uploads, strict=True))
     try:
-        first, second = await images.run_all(
-            [partial(model.picture, data, field, settings.max_image_pixels) for data, field in files])
+        pictures = await images.run_all(
+            [partial(model.picture, upload.data, upload.name, settings.max_image_pixels) for upload in uploads])
     except BaseException:
         images.discharge(pixels)
         raise
-    if overlay_max_side is None:
+    if not keep_charged:
         images.discharge(pixels)
+        return pictures, 0
+    return pictures, pixels
+
+
+def backgrounds_after(batch_ran: asyncio.Event, uploads: Sequence[Upload], images: ImageWork, pixels: int,
+                      settings: Settings, max_side: int) -> asyncio.Future[list[Background]]:
+    """The uploads decoded a second time, at overlay size, once `batch_ran` is set; then `pixels` (charged by
+    `admit_and_decode`) go back to the budget, as they do if the future is cancelled first."""
+
+    async def decode_after_the_batch() -> list[Background]:
+        await batch_ran.wait()
+        return await images.run_all(
+            [partial(overlay_background, upload.data, upload.name, settings.max_image_pixels, max_side)
+             for upload in uploads])
+
+    backgrounds = asyncio.ensure_future(decode_after_the_batch())
+    backgrounds.add_done_callback(lambda done: _backgrounds_decoded(done, images, pixels))
+    return backgrounds
+
+
+async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, batcher: Batcher, kind: str,
+                    images: ImageWork, settings: Settings, overlay_max_side: int | None = None) -> DecodedPair:
+    """Both uploads read and decoded (`read_uploads`, `admit_and_decode`); with `overlay_max_side`, their overlay
+    backgrounds are decoded once `run_in_batch` has run the pair (their pixels stay charged until then)."""
+    uploads = await read_uploads([("image1", image1), ("image2", image2)], batcher, kind, 1, settings)
+    (first, second), pixels = await admit_and_decode(uploads, model, images, settings,
+                                                     keep_charged=overlay_max_side is not None)
+    if overlay_max_side is None:
         return DecodedPair((first, second))
     # A second decode, at overlay size (the model's input must not depend on the endpoint that asked for it),
     # after the pair's batch: decoding beside the batch took the model's cores, so that its OpenMP team waited
     # on its preempted threads, and a 12 Mpx pair's /explain took longer (bench/RESULTS.md, "Real photos").
     batch_ran = asyncio.Event()
-
-    async def backgrounds_after_the_batch() -> list[Background]:
-        await batch_ran.wait()
-        return await images.run_all(
-            [partial(overlay_background, data, field, settings.max_image_pixels, overlay_max_side)
-             for data, field in files])
-
-    backgrounds = asyncio.ensure_future(backgrounds_after_the_batch())
-    backgrounds.add_done_callback(lambda done: _backgrounds_decoded(done, images, pixels))
-    return DecodedPair((first, second), backgrounds, batch_ran)
+    return DecodedPair((first, second), backgrounds_after(batch_ran, uploads, images, pixels, settings,
+                                                          overlay_max_side), batch_ran)
 
 
 def _backgrounds_decoded(backgrounds: asyncio.Future[list[Background]], images: ImageWork, pixels: int) -> None:
@@ -113,7 +192,7 @@ async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: Deco
     or until the client leaves; then start decoding its overlay backgrounds, if it has any (or drop them if it
     failed)."""
     try:
-        outcome = await _run_in_batch(request, batcher, kind, pair, arrived, settings)
+        (outcome,) = await run_jobs(request, batcher, kind, [pair.pictures], arrived, settings)
     except BaseException:
         if pair.backgrounds is not None:
             pair.backgrounds.cancel()  # never decoded: their pixels go back to the budget
@@ -123,27 +202,35 @@ async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: Deco
     return outcome
 
 
-async def _run_in_batch(request: Request, batcher: Batcher, kind: str, pair: DecodedPair, arrived: float,
-                        settings: Settings) -> Outcome:
+async def run_jobs(request: Request, batcher: Batcher, kind: str, jobs: Sequence[tuple[torch.Tensor, ...]],
+                   arrived: float, settings: Settings) -> list[Outcome]:
+    """Queue one request's jobs (pairs, or single pictures) together and wait for all their results, until
+    REQUEST_TIMEOUT_S after it `arrived` (time.monotonic) or until the client leaves; then the jobs not yet
+    started leave their queue. A job that failed fails the request (after all have ended)."""
     deadline = arrived + settings.request_timeout_s
     try:
-        job = batcher.submit(kind, *pair.pictures)
-    except QueueFull:  # filled while this pair was being decoded
-        raise _queue_full(settings) from None
+        queued = batcher.submit_all(kind, jobs)
+    except QueueFull:  # filled while these were being decoded
+        raise queue_full(settings) from None
     except WorkerStopped:
         raise _worker_stopped(settings) from None
+    futures = [job.future for job in queued]
+    all_done = asyncio.ensure_future(asyncio.wait(futures))
     client_gone = asyncio.create_task(_wait_for_disconnect(request))
     try:
-        await asyncio.wait({job.future, client_gone}, timeout=max(0.0, deadline - time.monotonic()),
+        await asyncio.wait({all_done, client_gone}, timeout=max(0.0, deadline - time.monotonic()),
                            return_when=asyncio.FIRST_COMPLETED)
     finally:
         client_gone.cancel()
-    if job.future.done():
+        all_done.cancel()
+    if all(future.done() for future in futures):
         try:
-            return job.future.result()
+            return [future.result() for future in futures]
         except WorkerStopped:
             raise _worker_stopped(settings) from None
-    _give_up(batcher, job)
+    for job in queued:
+        if not job.future.done():
+            _give_up(batcher, job)
     if client_gone.done() and not client_gone.cancelled():
         metrics.REJECTIONS.labels("disconnected").inc()
         raise Problem(CLIENT_CLOSED_REQUEST, "client-closed-request", "The client closed the connection.")
@@ -156,7 +243,7 @@ def _timed_out(settings: Settings) -> Problem:
                    "is overloaded); retry later or with smaller images.")
 
 
-def _queue_full(settings: Settings) -> Problem:
+def queue_full(settings: Settings) -> Problem:
     metrics.REJECTIONS.labels("queue_full").inc()
     return service_unavailable("The service is at capacity; retry shortly.", settings.retry_after_s)
 
@@ -179,26 +266,36 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-def timings_ms(outcome: Outcome, arrived: float) -> dict[str, float]:
+def timings_ms(outcomes: Outcome | Sequence[Outcome], arrived: float) -> dict[str, float]:
+    """A request's timings: of several jobs, the longest queue wait and the model time of every batch they ran in."""
+    outcomes = [outcomes] if isinstance(outcomes, Outcome) else outcomes
+    batches = {outcome.batch_started: outcome.inference_s for outcome in outcomes}
     return {
-        "queue_wait": round(outcome.queue_wait_s * 1000, 3),
-        "inference": round(outcome.inference_s * 1000, 3),
+        "queue_wait": round(max(outcome.queue_wait_s for outcome in outcomes) * 1000, 3),
+        "inference": round(sum(batches.values()) * 1000, 3),
         "total": round((time.monotonic() - arrived) * 1000, 3),
     }
 
 
-async def render_in_time(images: ImageWork, pair: DecodedPair, result: PairExplanation, options: OverlayOptions,
-                         arrived: float, settings: Settings) -> Explanations:
-    """The explanations rendered on the image threads, the four overlays side by side, once the backgrounds are
-    decoded; 504 if they are not done REQUEST_TIMEOUT_S after the request `arrived` (the rendering threads finish
-    their overlays, and the result is dropped)."""
-    assert pair.backgrounds is not None, "read the pair with overlay_max_side to render its explanations"
+async def explain_in_time(images: ImageWork, backgrounds: asyncio.Future[list[Background]], result: PairExplanation,
+                          options: ExplainOptions, arrived: float, settings: Settings,
+                          pair: tuple[int, int] = (0, 1)) -> ExplainedPair:
+    """One pair's explanations rendered on the image threads, the four overlays side by side, once the
+    `backgrounds` are decoded (the pair's two are those at the indices `pair`), and its contributions described;
+    504 if they are not done REQUEST_TIMEOUT_S after the request `arrived` (the rendering threads finish their
+    overlays, and the result is dropped)."""
     remaining = max(0.0, arrived + settings.request_timeout_s - time.monotonic())
     try:
         async with asyncio.timeout(remaining):
-            return await render_explanations(images, await asyncio.shield(pair.backgrounds), result, options)
+            decoded = await asyncio.shield(backgrounds)
+            pair_backgrounds = [decoded[pair[0]], decoded[pair[1]]]
+            explanations = await render_explanations(images, pair_backgrounds, result, options.overlays)
     except TimeoutError:
         raise _timed_out(settings) from None
+    contributions = None if result.contributions is None else describe_contributions(
+        [background.original_size for background in pair_backgrounds], result.contributions, options.top_matches,
+        options.include_correspondence)
+    return ExplainedPair(method=options.method, explanations=explanations, contributions=contributions)
 
 
 async def render_explanations(images: ImageWork, backgrounds: list[Background], result: PairExplanation,
@@ -217,13 +314,12 @@ async def render_explanations(images: ImageWork, backgrounds: list[Background], 
     )
 
 
-def describe_contributions(pair: DecodedPair, found: PairContributions, top_matches: int,
+def describe_contributions(original_sizes: Sequence[tuple[int, int]], found: PairContributions, top_matches: int,
                            include_correspondence: bool) -> Contributions:
-    """One pair's contributions, its top matches boxed in the original (upright) images' pixels; call it once the
-    pair's backgrounds are decoded (after `render_in_time`), which tell the originals' sizes."""
-    assert pair.backgrounds is not None and pair.backgrounds.done(), "render the explanations first"
+    """One pair's contributions, its top matches boxed in the original (upright) images' pixels, whose
+    (width, height) are `original_sizes`."""
     grid = found.grid
-    size1, size2 = (background.original_size for background in pair.backgrounds.result())
+    size1, size2 = original_sizes
     return Contributions(
         raw_logit=found.raw_logit,
         offset=found.offset,

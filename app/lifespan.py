@@ -13,9 +13,10 @@ from functools import partial
 from fastapi import FastAPI
 
 from app.admission import ImageWork
-from app.batcher import Batcher
+from app.batcher import Batcher, QueueLimits
 from app.model import (
-    EXPLAIN_QUEUES, ModelLoadError, ServedModel, explain_pairs, load_model, score_blank_pair, score_pairs, warm_up,
+    EMBED_QUEUE, EXPLAIN_QUEUES, ModelLoadError, ServedModel, embed_pictures, explain_pairs, load_model,
+    score_blank_pair, score_pairs, warm_up, warm_up_embeddings,
 )
 from app.service import Service
 from app.settings import Settings
@@ -31,6 +32,7 @@ def _load_and_warm_up(settings: Settings) -> ServedModel:
     keep_freed_memory_for_reuse()
     model = load_model(settings.model_dir, settings.device)
     warm_up(model)
+    warm_up_embeddings(model)
     return model
 
 
@@ -57,12 +59,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _exit_now(EXIT_MODEL_UNAVAILABLE)
     batcher = Batcher(
         {"similarity": partial(score_pairs, model),
-         **{EXPLAIN_QUEUES[method]: partial(explain_pairs, model, method=method) for method in model.methods}},
+         **{EXPLAIN_QUEUES[method]: partial(explain_pairs, model, method=method) for method in model.methods},
+         EMBED_QUEUE: partial(embed_pictures, model)},
         self_check=partial(score_blank_pair, model),
         max_batch_size=settings.max_batch_size,
         max_batch_wait_s=settings.max_batch_wait_ms / 1000,
         queue_capacity=settings.queue_capacity,
         model_thread=model_thread,
+        # Single images: a batch of them is a pair batch's backbone work.
+        limits={EMBED_QUEUE: QueueLimits(2 * settings.max_batch_size, settings.embed_queue_capacity)},
     )
     images = ImageWork(settings.image_workers, settings.max_decode_pixels_in_flight)
     worker = asyncio.create_task(batcher.run(), name="inference-worker")

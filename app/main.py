@@ -25,7 +25,6 @@ from app.security import (
 from app.service import Service
 from app.settings import Settings
 
-INFERENCE_PATHS = ("/similarity", "/explain")
 EXIT_BAD_KEYS = 1
 
 
@@ -49,8 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         AdmissionMiddleware,
         drain=app.state.service.drain,
-        paths=INFERENCE_PATHS,
-        max_body_bytes=settings.max_body_bytes,
+        max_body_bytes=settings.max_body_bytes_by_path,
         retry_after_s=settings.retry_after_s,
     )
     if settings.rate_limit_per_s is not None:

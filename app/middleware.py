@@ -6,6 +6,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,6 +21,8 @@ logger = logging.getLogger("app.requests")
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's own id is echoed only when it is safe to put in a header and a log line.
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# What a body over the limit should hold instead, for the paths that take more than two images.
+BODY_IMAGES = {"/embed": "at most MAX_EMBED_IMAGES images", "/rank": "a query and at most MAX_RANK_CANDIDATES images"}
 
 
 class RequestContextMiddleware:
@@ -76,18 +79,19 @@ class AdmissionMiddleware:
     and every admitted request counted, so that a drain can wait for it."""
 
     def __init__(
-        self, app: ASGIApp, drain: Drain, paths: tuple[str, ...], max_body_bytes: int, retry_after_s: int
+        self, app: ASGIApp, drain: Drain, max_body_bytes: Mapping[str, int], retry_after_s: int
     ) -> None:
+        """`max_body_bytes`: each inference path and the largest body it takes."""
         self.app = app
         self.drain = drain
-        self.paths = paths
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = dict(max_body_bytes)
         self.retry_after_s = retry_after_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or scope["path"] not in self.max_body_bytes:
             await self.app(scope, receive, send)
             return
+        limit = self.max_body_bytes[scope["path"]]
         if self.drain.draining:
             metrics.REJECTIONS.labels("draining").inc()
             refusal = service_unavailable(
@@ -96,14 +100,14 @@ class AdmissionMiddleware:
             await refusal.response()(scope, receive, send)
             return
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large().response()(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._too_large(scope["path"]).response()(scope, receive, send)
             return
         with self.drain.track(scope["path"]):
-            await self.app(scope, self._limited(receive), send)
+            await self.app(scope, self._limited(receive, scope["path"]), send)
 
-    def _limited(self, receive: Receive) -> Receive:
-        """`receive`, failing with 413 as soon as the body grows past the limit (chunked uploads)."""
+    def _limited(self, receive: Receive, path: str) -> Receive:
+        """`receive`, failing with 413 as soon as the body grows past the path's limit (chunked uploads)."""
         received = 0
 
         async def limited_receive() -> Message:
@@ -111,12 +115,13 @@ class AdmissionMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise self._too_large()
+                if received > self.max_body_bytes[path]:
+                    raise self._too_large(path)
             return message
 
         return limited_receive
 
-    def _too_large(self) -> Problem:
-        return Problem(413, "content-too-large", f"The request body is over {self.max_body_bytes:,} bytes; "
-                       "send two images of at most MAX_UPLOAD_BYTES each.")
+    def _too_large(self, path: str) -> Problem:
+        images = BODY_IMAGES.get(path, "two images")
+        return Problem(413, "content-too-large", f"The request body is over {self.max_body_bytes[path]:,} bytes; "
+                       f"send {images} of at most MAX_UPLOAD_BYTES each.")

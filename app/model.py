@@ -17,6 +17,8 @@ from contract.torchscript import TorchScriptError, load_torchscript, optimized_f
 
 # The batcher's queue for each explanation method: the methods' batches never mix.
 EXPLAIN_QUEUES: dict[Method, str] = {"gradcam": "explain", "contributions": "contributions"}
+# The batcher's queue of single images, embedded for /embed and /rank.
+EMBED_QUEUE = "embed"
 
 
 class ModelLoadError(RuntimeError):
@@ -190,3 +192,58 @@ def score_blank_pair(model: ServedModel) -> list[float]:
     """The warm-up's first batch again: a model that fails on it is broken, whatever it was sent."""
     blank = _blank(model)
     return score_pairs(model, blank, blank)
+
+
+# /embed and /rank: images one at a time through the backbone and the head, then scored as embeddings.
+
+
+@dataclass(frozen=True)
+class ScoringConstants:
+    """What a client needs to score two embeddings itself, exactly as the model does (format version 2):
+    ``score = sigmoid(squash(pair_weight * <e1, e2> + offset))`` with ``squash(r) = r / sqrt(1 + (r / max_logit)^2)``."""
+
+    pair_weight: float
+    offset: float
+    max_logit: float
+    threshold: float
+    threshold_dot_product: float | None  # <e1, e2> at which the score equals the threshold (None: unreachable)
+
+
+def embed_pictures(model: ServedModel, pictures: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One batch of /embed work: each uint8 picture's embedding [D] (float32, on the CPU), the one `forward`
+    scores pairs with."""
+    with torch.inference_mode():
+        embeddings = model.module.embed(model.module.features(_model_batch(model, pictures)))
+    return list(embeddings.cpu().unbind(0))
+
+
+def score_embeddings(model: ServedModel, query: torch.Tensor, candidates: list[torch.Tensor]) -> list[float]:
+    """The score of the query's embedding with each candidate's, by the model's own `similarity`: a few hundred
+    multiply-adds per candidate, cheap enough for any thread."""
+    with torch.inference_mode():
+        stacked = torch.stack(candidates)
+        return model.module.similarity(query.expand_as(stacked), stacked).tolist()
+
+
+def embedding_scoring(model: ServedModel) -> ScoringConstants | None:
+    """The constants of the model's score as a function of two embeddings; None for a format-version-1 model,
+    whose contract has no `pair_weight` and `offset` (its embeddings are scored by `similarity` only)."""
+    if model.manifest.format_version < 2:
+        return None
+    with torch.inference_mode():
+        pair_weight, offset = float(model.module.pair_weight()), float(model.module.offset())
+    at_threshold = model.threshold_raw_logit
+    return ScoringConstants(
+        pair_weight=pair_weight, offset=offset, max_logit=float(model.module.max_logit), threshold=model.threshold,
+        threshold_dot_product=None if at_threshold is None or pair_weight == 0
+        else (at_threshold - offset) / pair_weight,
+    )
+
+
+def warm_up_embeddings(model: ServedModel) -> None:
+    """`warm_up` for the embedding path: `features` and `embed` on a batch of images, then `similarity` on the
+    embeddings, so that the first /embed and /rank requests do not pay for lazy optimisation either."""
+    blank = _blank(model)
+    for _ in range(_WARM_UP_RUNS):
+        embeddings = embed_pictures(model, blank * 2)
+        score_embeddings(model, embeddings[0], embeddings[1:])

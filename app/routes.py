@@ -10,15 +10,16 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app import ranking
 from app.inference import (
-    OverlayOptions, describe_contributions, read_pair, render_in_time, require_method, require_ready,
-    run_in_batch, timings_ms,
+    ExplainOptions, OverlayOptions, explain_in_time, read_pair, reject_repeated_fields, require_method,
+    require_ready, run_in_batch, timings_ms,
 )
-from app.model import EXPLAIN_QUEUES
+from app.model import EXPLAIN_QUEUES, embedding_scoring
 from app.overlays import DEFAULT_FORMAT, DEFAULT_QUALITY, ColormapName, OverlayFormat
 from app.schemas import (
-    IMAGE_PAIR_ENCODING, INFERENCE_ERRORS, MAX_TOP_MATCHES, MODEL_INFO_ERRORS, RETRY_AFTER_HEADER,
-    ExplainResponse, ModelInfo, ModelRef, SimilarityResponse, Status,
+    IMAGE_PAIR_ENCODING, INFERENCE_ERRORS, MAX_TOP_MATCHES, MODEL_INFO_ERRORS, RETRY_AFTER_HEADER, EmbeddingScoring,
+    EmbedResponse, ExplainResponse, ModelInfo, ModelRef, RankResponse, SimilarityResponse, Status, image_encoding,
 )
 from app.service import Service
 from app.settings import Settings
@@ -36,10 +37,14 @@ async def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 FirstImage = Annotated[UploadFile, File(description="the first image: JPEG, PNG, WebP, GIF, BMP or TIFF")]
 SecondImage = Annotated[UploadFile, File(description="the second image, compared with the first")]
+ManyImages = Annotated[list[UploadFile], File(description="the images to embed (up to MAX_EMBED_IMAGES), each a "
+                                              "JPEG, PNG, WebP, GIF, BMP or TIFF file")]
+# Every form field but a list of files takes one value: a second one is refused, never silently dropped.
+ONE_VALUE_PER_FIELD = [Depends(reject_repeated_fields)]
 
 
 @router.post("/similarity", response_model=SimilarityResponse, responses=INFERENCE_ERRORS, tags=["inference"],
-             openapi_extra=IMAGE_PAIR_ENCODING)
+             openapi_extra=IMAGE_PAIR_ENCODING, dependencies=ONE_VALUE_PER_FIELD)
 async def similarity(
     request: Request, image1: FirstImage, image2: SecondImage, service: ServiceDep
 ) -> SimilarityResponse:
@@ -53,12 +58,7 @@ async def similarity(
                               model=_model_ref(service), timings_ms=timings_ms(outcome, arrived))
 
 
-@router.post("/explain", response_model=ExplainResponse, responses=INFERENCE_ERRORS, tags=["inference"],
-             openapi_extra=IMAGE_PAIR_ENCODING)
-async def explain(
-    request: Request,
-    image1: FirstImage,
-    image2: SecondImage,
+async def explain_options(
     service: ServiceDep,
     overlay_format: Annotated[OverlayFormat, Form(alias="format",
                                                   description="overlay image format")] = DEFAULT_FORMAT,
@@ -75,6 +75,20 @@ async def explain(
                                      "matching pairs of cells to return")] = 5,
     include_correspondence: Annotated[bool, Form(description="with contributions: also return the matrix of "
                                                  "every pair of cells' contribution")] = False,
+) -> ExplainOptions:
+    """The form options of an explanation, shared by /explain and /rank."""
+    overlays = OverlayOptions(overlay_format, opacity, colormap, min(max_side, service.settings.max_overlay_side),
+                              include_heatmaps, quality)
+    return ExplainOptions(method, overlays, top_matches, include_correspondence)
+
+
+ExplainOptionsDep = Annotated[ExplainOptions, Depends(explain_options)]
+
+
+@router.post("/explain", response_model=ExplainResponse, responses=INFERENCE_ERRORS, tags=["inference"],
+             openapi_extra=IMAGE_PAIR_ENCODING, dependencies=ONE_VALUE_PER_FIELD)
+async def explain(
+    request: Request, image1: FirstImage, image2: SecondImage, service: ServiceDep, options: ExplainOptionsDep,
 ) -> ExplainResponse:
     """The similarity, and for each image the regions that led to the decision (factual) and those that argue
     for the opposite one (counterfactual), as heatmaps drawn over the original images: Grad-CAM, or the raw
@@ -82,26 +96,51 @@ async def explain(
     arrived = time.monotonic()
     settings: Settings = service.settings
     model, batcher, images = require_ready(service)
-    require_method(model, method)
-    options = OverlayOptions(overlay_format, opacity, colormap, min(max_side, settings.max_overlay_side),
-                             include_heatmaps, quality)
-    kind = EXPLAIN_QUEUES[method]
-    pair = await read_pair(image1, image2, model, batcher, kind, images, settings, overlay_max_side=options.max_side)
+    require_method(model, options.method)
+    kind = EXPLAIN_QUEUES[options.method]
+    pair = await read_pair(image1, image2, model, batcher, kind, images, settings,
+                           overlay_max_side=options.overlays.max_side)
     outcome = await run_in_batch(request, batcher, kind, pair, arrived, settings)
     result = outcome.value
-    explanations = await render_in_time(images, pair, result, options, arrived, settings)
-    contributions = None if result.contributions is None else describe_contributions(
-        pair, result.contributions, top_matches, include_correspondence)
+    assert pair.backgrounds is not None
+    explained = await explain_in_time(images, pair.backgrounds, result, options, arrived, settings)
     return ExplainResponse(score=result.score, similar=result.similar, threshold=model.threshold,
-                           model=_model_ref(service), timings_ms=timings_ms(outcome, arrived), method=method,
-                           explanations=explanations, contributions=contributions)
+                           model=_model_ref(service), timings_ms=timings_ms(outcome, arrived), **dict(explained))
+
+
+@router.post("/embed", response_model=EmbedResponse, responses=INFERENCE_ERRORS, tags=["inference"],
+             openapi_extra=image_encoding("images"), dependencies=ONE_VALUE_PER_FIELD)
+async def embed(request: Request, images: ManyImages, service: ServiceDep) -> EmbedResponse:
+    """Each image's embedding (up to MAX_EMBED_IMAGES images), with the model's name, version and file's sha256:
+    GET /model's `embedding_scoring` scores two embeddings exactly as /similarity scores their images."""
+    return await ranking.embed(request, images, service, time.monotonic())
+
+
+@router.post("/rank", response_model=RankResponse, responses=INFERENCE_ERRORS, tags=["inference"],
+             openapi_extra=image_encoding("query", "candidates"), dependencies=ONE_VALUE_PER_FIELD)
+async def rank(
+    request: Request,
+    query: Annotated[UploadFile, File(description="the image every candidate is compared with")],
+    candidates: Annotated[list[UploadFile], File(description="the images to rank (up to MAX_RANK_CANDIDATES)")],
+    service: ServiceDep,
+    options: ExplainOptionsDep,
+    explain_top: Annotated[int, Form(ge=0, le=ranking.MAX_EXPLAIN_TOP, description="how many of the best "
+                                     "candidates to explain, as /explain would (its options apply)")] = 1,
+) -> RankResponse:
+    """Every candidate's similarity with the query, most similar first, each with its index in the upload order
+    and file name; the query is decoded and embedded once. The best `explain_top` come with the explanations
+    /explain gives for the pair (query, candidate)."""
+    return await ranking.rank(request, query, candidates, explain_top, options, service, time.monotonic())
 
 
 @router.get("/model", response_model=ModelInfo, responses=MODEL_INFO_ERRORS, tags=["operations"])
 async def model_info(service: ServiceDep) -> ModelInfo:
     """The served model, from its manifest."""
     model, _, _ = require_ready(service)
-    return ModelInfo.model_validate({**model.manifest.model_dump(), "explain_methods": list(model.methods)})
+    constants = embedding_scoring(model)
+    scoring = None if constants is None else EmbeddingScoring.model_validate(constants, from_attributes=True)
+    return ModelInfo.model_validate({**model.manifest.model_dump(), "explain_methods": list(model.methods),
+                                     "embedding_scoring": scoring})
 
 
 @router.get("/healthz", response_model=Status, tags=["operations"])

@@ -98,7 +98,7 @@ class Contributions(BaseModel):
     )
 
 
-class ExplainResponse(SimilarityResponse):
+class ExplainedPair(BaseModel):
     method: Method = Field(description="how the maps were made", examples=["gradcam"])
     explanations: Explanations
     contributions: Contributions | None = Field(
@@ -107,12 +107,72 @@ class ExplainResponse(SimilarityResponse):
     )
 
 
+class ExplainResponse(SimilarityResponse, ExplainedPair):
+    pass
+
+
+class EmbeddingModelRef(ModelRef):
+    sha256: str = Field(description="sha256 of the model's file: embeddings made by another file are not "
+                        "comparable with these (re-embed stored ones when it changes)",
+                        examples=["3f1c9a0e5b7d2c4a6e8f0a1b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d"])
+
+
+class ImageEmbedding(BaseModel):
+    index: int = Field(ge=0, description="the image's position in the upload order", examples=[0])
+    filename: str | None = Field(description="the upload's file name, as sent", examples=["tulip.jpg"])
+    embedding: list[float] = Field(description="the embedding_dim floats the model's score is computed from "
+                                   "(GET /model's embedding_scoring says how)", examples=[[0.41, -1.07, 0.88]])
+
+
+class EmbedResponse(BaseModel):
+    model: EmbeddingModelRef
+    embedding_dim: int = Field(examples=[128])
+    embeddings: list[ImageEmbedding] = Field(description="one per uploaded image, in the upload order")
+    timings_ms: Timings
+
+
+class RankedCandidate(BaseModel):
+    index: int = Field(ge=0, description="the candidate's position in the upload order", examples=[3])
+    filename: str | None = Field(description="the upload's file name, as sent", examples=["rose-2.jpg"])
+    score: float = Field(ge=0, le=1, description="its similarity with the query", examples=[0.91])
+    similar: bool = Field(description="score >= threshold", examples=[True])
+    explanation: ExplainedPair | None = Field(
+        default=None, description="for the explain_top best candidates: what /explain answers for the query "
+        "(image1) and this candidate (image2)")
+
+
+class RankResponse(BaseModel):
+    query_filename: str | None = Field(description="the query upload's file name", examples=["new-photo.jpg"])
+    threshold: float = Field(examples=[0.5])
+    model: ModelRef
+    candidates: list[RankedCandidate] = Field(description="every candidate, most similar to the query first")
+    timings_ms: Timings
+
+
+class EmbeddingScoring(BaseModel):
+    """The model's score as a function of two embeddings e1, e2 (from /embed), what /similarity computes:
+    score = sigmoid(squash(pair_weight * dot(e1, e2) + offset)), squash(r) = r / sqrt(1 + (r / max_logit)^2)."""
+
+    pair_weight: float = Field(description="weight of the embeddings' dot product in the raw logit",
+                               examples=[0.0567])
+    offset: float = Field(description="the raw logit's offset", examples=[-1.27])
+    max_logit: float = Field(description="the squash's bound: the squashed logit stays within +-max_logit",
+                             examples=[15.0])
+    threshold: float = Field(description="similar when score >= threshold", examples=[0.33])
+    threshold_dot_product: float | None = Field(
+        description="the dot product at which the score equals the threshold: with pair_weight > 0, similar "
+        "exactly when dot(e1, e2) >= this (null when the threshold cannot be reached)", examples=[10.07])
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "name": "flowers", "version": "1.0.0", "format_version": 2, "explain_methods": ["gradcam", "contributions"],
         "backbone": "resnet18", "threshold": 0.5,
         "input_size": [224, 224], "embedding_dim": 128, "metrics": {"test": {"accuracy": 0.9}},
         "created_at": "2026-11-29T03:00:00+00:00",
+        "sha256": "3f1c9a0e5b7d2c4a6e8f0a1b3c5d7e9f1a2b4c6d8e0f1a3b5c7d9e1f2a4b6c8d",
+        "embedding_scoring": {"pair_weight": 0.0567, "offset": -1.27, "max_logit": 15.0, "threshold": 0.5,
+                              "threshold_dot_product": 22.4},
     }]})
 
     name: str
@@ -126,6 +186,11 @@ class ModelInfo(BaseModel):
     embedding_dim: int
     metrics: dict[str, Any]
     created_at: str
+    sha256: str = Field(description="sha256 of model.pt, as /embed answers it")
+    embedding_scoring: EmbeddingScoring | None = Field(
+        description="how to score two /embed embeddings exactly as /similarity does (README, \"Embeddings\"); "
+        "null for a format-version-1 model, whose contract publishes no pair weight or offset: its embeddings "
+        "are then only comparable through /similarity and /rank")
 
 
 class Status(BaseModel):
@@ -149,9 +214,16 @@ class ProblemDetails(BaseModel):
 RETRY_AFTER_HEADER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}}
 IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
 # OpenAPI's `encoding`: what each upload of the multipart form holds (FastAPI only says "a file").
-IMAGE_PAIR_ENCODING: dict[str, Any] = {"requestBody": {"content": {"multipart/form-data": {"encoding": {
-    field: {"contentType": ", ".join(IMAGE_MEDIA_TYPES)} for field in ("image1", "image2")
-}}}}}
+
+
+def image_encoding(*fields: str) -> dict[str, Any]:
+    """The `openapi_extra` saying that these form fields hold images."""
+    return {"requestBody": {"content": {"multipart/form-data": {"encoding": {
+        field: {"contentType": ", ".join(IMAGE_MEDIA_TYPES)} for field in fields
+    }}}}}
+
+
+IMAGE_PAIR_ENCODING = image_encoding("image1", "image2")
 
 
 def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -166,11 +238,12 @@ def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[st
 _UNEXPECTED = _problem("an unexpected failure, logged with the request id (X-Request-ID): retry, quote the id")
 INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
     400: _problem("the body is not valid multipart/form-data"),
-    413: _problem("an upload is over MAX_UPLOAD_BYTES"),
+    413: _problem("an upload is over MAX_UPLOAD_BYTES, or (/embed, /rank) more files than MAX_EMBED_IMAGES or "
+                  "MAX_RANK_CANDIDATES"),
     415: _problem("a file is not an image"),
-    422: _problem("a corrupt or truncated image, an image over MAX_IMAGE_PIXELS, a pair of images over "
-                  "MAX_DECODE_PIXELS_IN_FLIGHT together, a missing field or a bad option (or method=contributions "
-                  "on a model exported before format version 2)"),
+    422: _problem("a corrupt or truncated image, an image over MAX_IMAGE_PIXELS, images over "
+                  "MAX_DECODE_PIXELS_IN_FLIGHT together, a missing field, a field sent twice or a bad option (or "
+                  "method=contributions on a model exported before format version 2)"),
     503: _problem("queue full, too many pixels being decoded, model not ready, replica draining or its inference "
                   "worker stopped: retry after "
                   "the Retry-After header", RETRY_AFTER_HEADER),

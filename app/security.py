@@ -22,7 +22,7 @@ from app.errors import Problem
 from app.settings import Settings
 
 # The endpoints that need a key when keys are configured; /healthz, /readyz, the page and /docs never do.
-PROTECTED_PATHS = ("/similarity", "/explain", "/model")
+PROTECTED_PATHS = ("/similarity", "/explain", "/embed", "/rank", "/model")
 METRICS_PATH = "/metrics"
 # Where the id of the key a request came with is kept, for the request log line and the rate limiter.
 KEY_ID_SCOPE = "siamcam.key_id"

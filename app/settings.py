@@ -50,7 +50,9 @@ class Settings(BaseSettings):
         default_factory=lambda: len(os.sched_getaffinity(0)), ge=1,
         description="threads that decode uploads and render overlays (default: the CPUs this process may use)",
     )
-    max_overlay_side: int = Field(2048, ge=16, description="cap on the `max_side` option of /explain")
+    max_overlay_side: int = Field(2048, ge=16, description="cap on the `max_side` option of /explain and /rank")
+    max_embed_images: int = Field(32, ge=1, le=256, description="most images one /embed request may send")
+    max_rank_candidates: int = Field(64, ge=1, le=256, description="most candidates one /rank request may send")
     drain_grace_s: float = Field(
         30.0, ge=0, description="after SIGTERM, how long accepted requests may still take before exit"
     )
@@ -122,7 +124,24 @@ class Settings(BaseSettings):
     @property
     def max_body_bytes(self) -> int:
         """Two images plus room for the form fields and multipart framing."""
-        return 2 * self.max_upload_bytes + 64 * 1024
+        return self.max_body_bytes_for(2)
+
+    def max_body_bytes_for(self, images: int) -> int:
+        """`images` files of MAX_UPLOAD_BYTES plus room for the form fields and the multipart framing."""
+        return images * self.max_upload_bytes + 64 * 1024
+
+    @property
+    def embed_queue_capacity(self) -> int:
+        """Images the embed queue holds: as many pictures as a pair queue (2 x QUEUE_CAPACITY), and never fewer
+        than one /embed or /rank request sends, which would otherwise be refused with 503 forever."""
+        return max(2 * self.queue_capacity, self.max_embed_images, 1 + self.max_rank_candidates)
+
+    @property
+    def max_body_bytes_by_path(self) -> dict[str, int]:
+        """The largest body each inference endpoint accepts: as many images as it takes."""
+        return {"/similarity": self.max_body_bytes, "/explain": self.max_body_bytes,
+                "/embed": self.max_body_bytes_for(self.max_embed_images),
+                "/rank": self.max_body_bytes_for(1 + self.max_rank_candidates)}
 
 
 def _split(comma_separated: str) -> list[str]:
