@@ -34,6 +34,7 @@ const state = {
   request: null,          // AbortController of the /explain request in flight, if any
   progressTimer: null,    // updates the seconds shown while waiting
   keyAsked: null,         // the Promise of the key the user is being asked for, shared by every waiting call
+  mode: "pair",           // "pair": compare two images (/explain); "rank": one against many (/rank, rank.js)
 };
 
 // ---------------------------------------------------------------- API key
@@ -174,7 +175,9 @@ function showLegendGradient() {
 }
 
 function redrawIfShown() {
-  if (!$("result").hidden) explain("Redrawing the overlays…");
+  if (state.mode === "rank") {
+    if (!$("rank-result").hidden) rank("Redrawing the overlays…");
+  } else if (!$("result").hidden) explain("Redrawing the overlays…");
 }
 
 // ---------------------------------------------------------------- calling /explain
@@ -321,7 +324,8 @@ function showResult(data) {
   $("legend-factual").textContent = `here: ${factual.target}`;
   $("legend-counterfactual").textContent = `here: ${counterfactual.target}`;
 
-  const rows = ["image1", "image2"].map((key, index) => buildRow(key, index, factual, counterfactual));
+  const rows = ["image1", "image2"].map(
+    (key, index) => buildRow(key, IMAGE_NAMES[index], state.previews[index], factual, counterfactual));
   $("overlays").replaceChildren(...rows);
   showMatches(data.contributions);
   const result = $("result");
@@ -331,29 +335,30 @@ function showResult(data) {
   }
 }
 
-function buildRow(key, index, factual, counterfactual) {
+// One image's row of an explanation: `key` is image1 or image2 of the answer, `name` what the page calls it.
+function buildRow(key, name, preview, factual, counterfactual) {
   const row = $("row-template").content.firstElementChild.cloneNode(true);
-  row.querySelector(".row-title").textContent = IMAGE_NAMES[index];
+  row.querySelector(".row-title").textContent = name;
 
   const original = row.querySelector(".original img");
-  original.src = state.previews[index];
-  original.alt = `${IMAGE_NAMES[index]}, original`;
+  original.src = preview;
+  original.alt = `${name}, original`;
 
-  fillFigure(row.querySelector(".factual"), key, index, "factual", factual,
+  fillFigure(row.querySelector(".factual"), key, name, "factual", factual,
     `Factual: why ${factual.target}`);
-  fillFigure(row.querySelector(".counterfactual"), key, index, "counterfactual", counterfactual,
+  fillFigure(row.querySelector(".counterfactual"), key, name, "counterfactual", counterfactual,
     `Counterfactual: what argues for ${counterfactual.target}`);
   return row;
 }
 
-function fillFigure(figure, key, index, kind, explanation, caption) {
+function fillFigure(figure, key, name, kind, explanation, caption) {
   const overlay = explanation[key];
   const url = `data:${overlay.media_type};base64,${overlay.overlay}`;
   const img = figure.querySelector("img");
   img.src = url;
   img.width = overlay.width;
   img.height = overlay.height;
-  img.alt = `${IMAGE_NAMES[index]} with its ${kind} heat map: regions that count for "${explanation.target}"`;
+  img.alt = `${name} with its ${kind} heat map: regions that count for "${explanation.target}"`;
   figure.querySelector("figcaption").textContent = overlay.no_positive_evidence
     ? `${caption} (no region argues for it)`
     : caption;
@@ -361,7 +366,7 @@ function fillFigure(figure, key, index, kind, explanation, caption) {
   const link = figure.querySelector("a.download");
   link.href = url;
   link.download = `${key}-${kind}.${overlay.media_type.split("/")[1]}`;
-  link.setAttribute("aria-label", `Download the ${kind} overlay of the ${IMAGE_NAMES[index].toLowerCase()}`);
+  link.setAttribute("aria-label", `Download the ${kind} overlay of the ${name.toLowerCase()}`);
 }
 
 // ---------------------------------------------------------------- matches (exact contributions)
@@ -473,6 +478,11 @@ setUpOptions();
 loadModelInfo();
 $("compare-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  explain("Comparing the images…");
+  submitInMode();
 });
-$("retry").addEventListener("click", () => explain("Comparing the images…"));
+$("retry").addEventListener("click", submitInMode);
+
+function submitInMode() {
+  if (state.mode === "rank") rank("Ranking the candidates…");
+  else explain("Comparing the images…");
+}

@@ -104,6 +104,6 @@ def test_the_fuzzing_was_both_scored_and_refused() -> None:
     """Runs after the fuzzing above: its valid requests (real images) were scored, its invalid ones refused."""
     if not STATUSES:
         pytest.skip("checks the fuzzing above, which did not run in this session")
-    for operation in ("POST /similarity", "POST /explain"):
+    for operation in ("POST /similarity", "POST /explain", "POST /embed", "POST /rank"):
         seen = STATUSES[operation]
         assert seen[200] > 0 and seen[422] > 0, (operation, seen)

@@ -167,6 +167,8 @@ def test_balancer_limits_and_stop_grace_fit_the_app() -> None:
     lb = compose_environment("lb", environ={})
     # The app, not nginx, answers an oversize upload; nginx cuts off only what the app would refuse anyway.
     assert api.max_body_bytes < nginx_bytes(lb["CLIENT_MAX_BODY_SIZE"]) <= 2 * api.max_body_bytes
+    many_images = max(api.max_body_bytes_by_path["/embed"], api.max_body_bytes_by_path["/rank"])
+    assert many_images < nginx_bytes(lb["CLIENT_MAX_MANY_IMAGES_BODY_SIZE"]) <= 2 * many_images
     # A healthy replica answers (200, or its own 504) before nginx gives up on it.
     assert seconds(lb["PROXY_TIMEOUT"]) >= api.request_timeout_s + 15
     stop_grace = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["api"]["stop_grace_period"]

@@ -16,8 +16,8 @@ import pytest
 from playwright.sync_api import Browser, Page, Request, expect
 
 from tests.app.failing_model import FAILING_MODEL_NAME, YELLOW, export_failing_model
-from tests.support.images import pair_files
-from tests.web.conftest import running_service
+from tests.support.images import drawn_image, pair_files
+from tests.web.conftest import FLOWERS, running_service
 
 RESULT_TIMEOUT_MS = 120_000  # /explain on CPU while a training run may share the two cores
 QUEUE_FILL_TIMEOUT_S = 20
@@ -422,3 +422,75 @@ def test_a_model_without_contributions_offers_grad_cam_only(page: Page, service_
     for method in ("gradcam", "contributions"):
         option = page.locator(f"#method option[value={method}]")
         assert option.is_enabled() == (method in methods), method
+
+
+@pytest.fixture(scope="session")
+def rank_images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A query and four candidates: a rose against two roses and two daisies of the shared flowers dataset when
+    it is present, else drawn ones."""
+    if FLOWERS.is_dir():
+        roses, daisies = (sorted((FLOWERS / kind).glob("*.jpg")) for kind in ("Rose", "Daisy"))
+        return roses[0], [daisies[1], roses[1], daisies[2], roses[2]]
+    folder = tmp_path_factory.mktemp("rank_images")
+    paths = [folder / f"drawn-{seed}.png" for seed in range(5)]
+    for seed, path in enumerate(paths):
+        drawn_image(seed + 20, (160, 120)).save(path, "PNG")
+    return paths[0], paths[1:]
+
+
+def rank_on_page(page: Page, query: Path, candidates: list[Path]) -> None:
+    page.check('input[name="mode"][value="rank"]')
+    page.set_input_files("#query", query)
+    page.set_input_files("#candidates", candidates)
+    page.click("#rank")
+
+
+def test_one_against_many_lists_the_services_ranking_and_explains_the_best(
+    page: Page, service_url: str, rank_images: tuple[Path, list[Path]], artifacts: Path
+) -> None:
+    query, candidates = rank_images
+    expect(page.locator("#rank")).to_be_hidden()
+    rank_on_page(page, query, candidates)
+    expect(page.locator("#compare")).to_be_hidden()
+    expect(page.locator("#candidate-thumbnails img")).to_have_count(len(candidates))
+    expect(page.locator("#rank-result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+
+    files = [("query", (query.name, query.read_bytes())),
+             *(("candidates", (path.name, path.read_bytes())) for path in candidates)]
+    expected = httpx.post(f"{service_url}/rank", files=files, data={"explain_top": "0"},
+                          timeout=RESULT_TIMEOUT_MS / 1000).json()["candidates"]
+    items = page.locator("#ranking li")
+    expect(items).to_have_count(len(candidates))
+    for item, answer in zip(items.all(), expected, strict=True):
+        assert item.get_attribute("data-index") == str(answer["index"])
+        assert float(item.locator(".ranked-score").inner_text()) == pytest.approx(answer["score"], abs=5e-4)
+        assert item.locator(".ranked-name").inner_text() == candidates[answer["index"]].name
+        assert item.locator(".ranked-decision").inner_text() == ("similar" if answer["similar"] else "not similar")
+        thumbnail = item.locator("img")
+        assert thumbnail.evaluate("img => img.decode().then(() => img.naturalWidth)") > 0
+
+    best = candidates[expected[0]["index"]].name
+    expect(page.locator("#best-decision")).to_contain_text(best)
+    overlays = page.locator("#rank-overlays figure.factual img, #rank-overlays figure.counterfactual img")
+    expect(overlays).to_have_count(4)
+    for overlay in overlays.all():
+        assert overlay.evaluate("img => img.decode().then(() => img.naturalWidth * img.naturalHeight)") > 0
+    expect(page.locator("#rank-overlays .row-title").nth(1)).to_contain_text(best)
+    page.screenshot(path=artifacts / "rank.png", full_page=True)
+
+    page.check('input[name="mode"][value="pair"]')
+    expect(page.locator("#rank-result")).to_be_hidden()
+    expect(page.locator("#compare")).to_be_visible()
+
+
+def test_one_against_many_names_an_unreadable_candidate(
+    page: Page, rank_images: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    query, candidates = rank_images
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(candidates[0].read_bytes()[:300])
+    rank_on_page(page, query, [candidates[0], broken])
+    error = page.locator("#error")
+    expect(error).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+    expect(error).to_contain_text("candidates[1] (broken.png)")
+    expect(page.locator("#rank-result")).to_be_hidden()
