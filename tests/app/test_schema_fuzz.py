@@ -55,6 +55,20 @@ assert set(_PILLOW_FORMATS) == set(IMAGE_MEDIA_TYPES)
 for media_type, pillow_format in _PILLOW_FORMATS.items():
     schemathesis.openapi.media_type(media_type, _drawn_images(pillow_format))
 
+# Where /embed and /rank take a list of images, schemathesis draws one image (the media type registered above)
+# and sends it without a file name, as a plain form field; as a list of one, it is sent as a file.
+LISTS_OF_IMAGES = ("images", "candidates")
+
+
+@schemathesis.hook
+def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> schemathesis.Case:
+    if isinstance(case.body, dict):
+        for field in LISTS_OF_IMAGES:
+            if isinstance(case.body.get(field), bytes):
+                case.body[field] = [case.body[field]]
+    return case
+
+
 STATUSES: defaultdict[str, Counter[int]] = defaultdict(Counter)  # per operation: what the fuzzing got
 CHECKS = [
     checks.status_code_conformance,
