@@ -12,15 +12,15 @@ REQUEST_LATENCY = Histogram(
 )
 REQUESTS_IN_PROGRESS = Gauge(
     "siamcam_inference_requests_in_progress",
-    "Requests to /similarity and /explain admitted and not yet answered: what a drain waits for",
+    "Inference requests (/similarity, /explain, /embed, /rank) admitted and not yet answered: what a drain waits for",
     ["route"],
 )
-QUEUE_DEPTH = Gauge("siamcam_queue_depth", "Pairs waiting in a queue for the inference worker", ["queue"])
+QUEUE_DEPTH = Gauge("siamcam_queue_depth", "Jobs (pairs; single images in the embed queue) waiting in a queue for the inference worker", ["queue"])
 QUEUE_WAIT = Histogram(
-    "siamcam_queue_wait_seconds", "Time a pair waited before its batch started", ["queue"], buckets=_LATENCY_BUCKETS
+    "siamcam_queue_wait_seconds", "Time a job waited before its batch started", ["queue"], buckets=_LATENCY_BUCKETS
 )
 BATCH_SIZE = Histogram(
-    "siamcam_batch_size", "Pairs per batch run by the inference worker", ["queue"],
+    "siamcam_batch_size", "Jobs (pairs, or images) per batch run by the inference worker", ["queue"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 INFERENCE_TIME = Histogram(

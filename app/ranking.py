@@ -73,11 +73,11 @@ async def rank(request: Request, query: UploadFile, candidates: Sequence[UploadF
     try:
         embedded = await run_jobs(request, batcher, EMBED_QUEUE, [(picture,) for picture in pictures], arrived,
                                   settings)
+        embeddings = [outcome.value for outcome in embedded]
+        scores = score_embeddings(model, embeddings[0], embeddings[1:])
     except BaseException:
         images.discharge(pixels)
         raise
-    embeddings = [outcome.value for outcome in embedded]
-    scores = score_embeddings(model, embeddings[0], embeddings[1:])
     order = sorted(range(len(candidates)), key=lambda index: (-scores[index], index))
     explanations, explain_outcomes = await _explain_best(
         request, order[:explained_count], uploads, pictures, pixels, options, service, arrived)

@@ -184,10 +184,6 @@ function redrawIfShown() {
 
 async function explain(progressLabel) {
   if (!(state.files[0] && state.files[1])) return;
-  cancelRequest(); // only the latest request's answer is shown
-  const controller = new AbortController();
-  state.request = controller;
-
   const form = new FormData();
   form.append("image1", state.files[0]);
   form.append("image2", state.files[1]);
@@ -198,13 +194,21 @@ async function explain(progressLabel) {
     form.append("top_matches", String(TOP_MATCHES));
     form.append("include_correspondence", "true"); // the page finds each region's matches itself
   }
+  await postForm("/explain", form, progressLabel, showResult);
+}
 
+// POST `form` to `path` and `show` the answer, or the problem in plain words; only the latest request's answer
+// is shown (/explain's or /rank's, rank.js).
+async function postForm(path, form, progressLabel, show) {
+  cancelRequest();
+  const controller = new AbortController();
+  state.request = controller;
   hideError();
   showProgress(progressLabel);
   try {
-    const response = await apiFetch("/explain", { method: "POST", body: form, signal: controller.signal });
+    const response = await apiFetch(path, { method: "POST", body: form, signal: controller.signal });
     const body = await readBody(response);
-    if (response.ok) showResult(body);
+    if (response.ok) show(body);
     else showError(describeProblem(response, body), problemDetail(body), retryable(response.status));
   } catch (error) {
     if (error.name === "AbortError") return; // cancelled: new images or a newer request

@@ -85,10 +85,6 @@ function setUpRankPickers() {
 
 async function rank(progressLabel) {
   if (!(rankState.query && rankState.candidates.length > 0)) return;
-  cancelRequest(); // only the latest request's answer is shown
-  const controller = new AbortController();
-  state.request = controller;
-
   const form = new FormData();
   form.append("query", rankState.query);
   for (const { file } of rankState.candidates) form.append("candidates", file);
@@ -96,23 +92,7 @@ async function rank(progressLabel) {
   form.append("opacity", $("opacity").value);
   form.append("colormap", $("colormap").value);
   form.append("method", $("method").value);
-
-  hideError();
-  showProgress(progressLabel);
-  try {
-    const response = await apiFetch("/rank", { method: "POST", body: form, signal: controller.signal });
-    const body = await readBody(response);
-    if (response.ok) showRanking(body);
-    else showError(describeProblem(response, body), problemDetail(body), retryable(response.status));
-  } catch (error) {
-    if (error.name === "AbortError") return; // cancelled: new images or a newer request
-    showError("Could not reach the service. Check that it is running, then retry.", error.message, true);
-  } finally {
-    if (state.request === controller) {
-      state.request = null;
-      hideProgress();
-    }
-  }
+  await postForm("/rank", form, progressLabel, showRanking);
 }
 
 // ---------------------------------------------------------------- the ranking

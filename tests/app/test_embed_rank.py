@@ -18,10 +18,13 @@ import pytest
 from PIL import Image
 
 from app.model import EMBED_QUEUE
+from app.settings import Settings
 from tests.app.busy_model import model_kept_busy
+from tests.app.test_explain_contributions import _store_with, _Version1Siamese
 from tests.app.failing_model import FAILING_MODEL_NAME, YELLOW
 from tests.support.images import drawn_image, encode, pair_files
 from tests.support.metrics import metric_value
+from tests.support.service import serve_in_thread
 from tests.support.waiting import wait_for
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -227,3 +230,21 @@ def test_a_request_not_answered_in_time_gets_504_and_its_images_leave_the_queue(
             wait_for(lambda: not still_busy())
         _problem(timed_out, 504, "timeout")
         assert client.post("/embed", files=[("images", ("a.png", CANDIDATES[0]))]).status_code == 200
+
+
+def test_a_version_1_model_embeds_and_ranks_without_publishing_its_scoring(model_store: Path,
+                                                                             tmp_path: Path) -> None:
+    _store_with(model_store, tmp_path / "old", _Version1Siamese(), format_version=1)
+    with serve_in_thread(Settings(model_store=tmp_path, model_name="old")) as url, \
+            httpx.Client(base_url=url, timeout=120, trust_env=False) as client:
+        assert client.get("/model").json()["embedding_scoring"] is None
+        embedded = client.post("/embed", files=[("images", ("a.png", data)) for data in CANDIDATES[:2]])
+        assert [len(item["embedding"]) for item in embedded.json()["embeddings"]] == [16, 16]
+        ranked = _rank(client, CANDIDATES[:3]).json()["candidates"]
+        for item in ranked:
+            alone = client.post("/similarity", files=pair_files(QUERY, CANDIDATES[item["index"]])).json()
+            assert abs(item["score"] - alone["score"]) <= SCORE_TOLERANCE
+        assert ranked[0]["explanation"]["method"] == "gradcam"
+        refused = _rank(client, CANDIDATES[:3], method="contributions")
+        assert "format_version 1" in _problem(refused, 422, "method-unavailable")
+        assert _rank(client, CANDIDATES[:3], method="contributions", explain_top=0).status_code == 200
