@@ -124,11 +124,12 @@ async def admit_and_decode(uploads: Sequence[Upload], model: ServedModel, images
     try:
         await images.admit(pixels, settings.admission_wait_s)
     except OverBudget:
-        described = (" and ".join(upload.name for upload in uploads) + " hold" if len(uploads) <= 2 else
-                     f"the {max(2, images.workers)} largest of these {len(uploads)} images, decoded side by side, "
-                     "hold")
+        at_once = min(len(uploads), max(2, images.workers))
+        described = (" and ".join(upload.name for upload in uploads) if len(uploads) <= 2 else
+                     f"these {len(uploads)} images" if at_once == len(uploads) else
+                     f"the {at_once} largest of these {len(uploads)} images, decoded side by side,")
         raise Problem(422, "images-too-large",
-                      f"{described} {pixels:,} pixels together; this service decodes at most "
+                      f"{described} hold {pixels:,} pixels together; this service decodes at most "
                       f"{images.budget.capacity:,} at once (MAX_DECODE_PIXELS_IN_FLIGHT). Send smaller images.")\
             from None
     except BudgetExhausted:

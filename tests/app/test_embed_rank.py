@@ -194,6 +194,19 @@ def test_the_pixels_of_every_image_are_admitted_and_given_back(client: httpx.Cli
     assert metric_value(client, "siamcam_batch_size_sum", queue=EMBED_QUEUE) - batches_before == 6
 
 
+def test_images_that_could_never_be_decoded_at_once_get_422(serve: Callable[..., AbstractContextManager[str]]) -> None:
+    pixels = [drawn_image_pixels(data) for data in [QUERY, *CANDIDATES]]
+    largest_two = sum(sorted(pixels[:4], reverse=True)[:2])  # the query and three candidates, two threads
+    with serve(image_workers=2, max_decode_pixels_in_flight=largest_two - 1) as url, \
+            httpx.Client(base_url=url, timeout=120, trust_env=False) as client:
+        detail = _problem(_rank(client, CANDIDATES[:3]), 422, "images-too-large")
+        assert f"the 2 largest of these 4 images, decoded side by side, hold {largest_two:,} pixels" in detail
+        assert metric_value(client, "siamcam_decode_pixels_in_flight") == 0
+        # Smaller candidates fit: however many images a request sends, only two are decoded at once.
+        assert sum(sorted([pixels[0], *pixels[4:]], reverse=True)[:2]) < largest_two
+        assert _rank(client, CANDIDATES[3:]).status_code == 200
+
+
 def drawn_image_pixels(data: bytes) -> int:
     with Image.open(io.BytesIO(data)) as image:
         return image.width * image.height
