@@ -124,6 +124,15 @@ function setUpPicker(index) {
   input.addEventListener("change", () => {
     if (input.files.length > 0) setFile(index, input.files[0]);
   });
+  acceptDrops(picker, (dropped) => {
+    setFile(index, dropped[0]);
+    // Two files dropped at once fill both pickers.
+    if (dropped.length > 1) setFile(1 - index, dropped[1]);
+  });
+}
+
+// Files dropped on `picker` go to `onFiles` (never called with none).
+function acceptDrops(picker, onFiles) {
   picker.addEventListener("dragover", (event) => {
     event.preventDefault();
     picker.classList.add("dragging");
@@ -132,11 +141,7 @@ function setUpPicker(index) {
   picker.addEventListener("drop", (event) => {
     event.preventDefault();
     picker.classList.remove("dragging");
-    const dropped = event.dataTransfer.files;
-    if (dropped.length === 0) return;
-    setFile(index, dropped[0]);
-    // Two files dropped at once fill both pickers.
-    if (dropped.length > 1) setFile(1 - index, dropped[1]);
+    if (event.dataTransfer.files.length > 0) onFiles(event.dataTransfer.files);
   });
 }
 

@@ -66,19 +66,8 @@ function setUpRankPickers() {
   $("candidates").addEventListener("change", () => {
     if ($("candidates").files.length > 0) setCandidates($("candidates").files);
   });
-  for (const [id, onDrop] of [["query-picker", (files) => setQuery(files[0])], ["candidates-picker", setCandidates]]) {
-    const picker = $(id);
-    picker.addEventListener("dragover", (event) => {
-      event.preventDefault();
-      picker.classList.add("dragging");
-    });
-    picker.addEventListener("dragleave", () => picker.classList.remove("dragging"));
-    picker.addEventListener("drop", (event) => {
-      event.preventDefault();
-      picker.classList.remove("dragging");
-      if (event.dataTransfer.files.length > 0) onDrop(event.dataTransfer.files);
-    });
-  }
+  acceptDrops($("query-picker"), (files) => setQuery(files[0]));
+  acceptDrops($("candidates-picker"), setCandidates);
 }
 
 // ---------------------------------------------------------------- calling /rank
