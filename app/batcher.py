@@ -2,8 +2,7 @@
 
 A job is what one runner call takes per item: a pair of pictures (similarity, explain, contributions) or one
 picture (embed, whose batches /embed and /rank fill). Each kind of job has its own queue, with its own batch size
-and capacity where they differ from the defaults (an embed batch of 2 x MAX_BATCH_SIZE images is a full pair
-batch's backbone work). The worker never waits for jobs that are not
+and capacity where they differ from the defaults (app/lifespan.py). The worker never waits for jobs that are not
 there: when the model is idle, a job that arrives runs at once, alone; the jobs that arrive while a batch
 runs wait for it and form the next batch, up to `max_batch_size` of one queue, which starts as soon as the model
 is free. So batches grow with the load and a lone request pays no batching delay.

@@ -66,8 +66,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_batch_wait_s=settings.max_batch_wait_ms / 1000,
         queue_capacity=settings.queue_capacity,
         model_thread=model_thread,
-        # Single images: a batch of them is a pair batch's backbone work.
-        limits={EMBED_QUEUE: QueueLimits(2 * settings.max_batch_size, settings.embed_queue_capacity)},
+        # Single images, MAX_BATCH_SIZE per batch: the images a pair batch runs through the backbone at once (one
+        # side, then the other), the size measured best on the CPU; 16 at once took twice as long per image on the
+        # model's thread (bench/RESULTS.md, "One image against many").
+        limits={EMBED_QUEUE: QueueLimits(settings.max_batch_size, settings.embed_queue_capacity)},
     )
     images = ImageWork(settings.image_workers, settings.max_decode_pixels_in_flight)
     worker = asyncio.create_task(batcher.run(), name="inference-worker")

@@ -215,16 +215,16 @@ def drawn_image_pixels(data: bytes) -> int:
 def test_a_full_queue_answers_503_before_any_decoding(
     serve: Callable[..., AbstractContextManager[str]], failing_model_store: Path
 ) -> None:
-    # The embed queue holds 8 images (2 x QUEUE_CAPACITY, and one request's most), its batches 2 (2 x MAX_BATCH_SIZE).
+    # The embed queue holds 8 images (2 x QUEUE_CAPACITY, and one request's most), its batches 1 (MAX_BATCH_SIZE).
     with serve(model_store=failing_model_store, model_name=FAILING_MODEL_NAME, queue_capacity=4, max_batch_size=1,
                max_rank_candidates=3, max_embed_images=8) as url, \
             httpx.Client(base_url=url, timeout=60, trust_env=False) as client, ThreadPoolExecutor(1) as pool:
-        # Eight all-yellow images: four batches, each keeping the model busy half a second or more
-        # (tests/app/failing_model.py); six of them wait while the first batch runs.
+        # Eight all-yellow images: eight batches, each keeping the model busy half a second or more
+        # (tests/app/failing_model.py); seven of them wait while the first batch runs.
         busy = pool.submit(client.post, "/embed", files=[("images", ("yellow.png", YELLOW))] * 8)
-        wait_for(lambda: metric_value(client, "siamcam_queue_depth", queue=EMBED_QUEUE) == 6)
+        wait_for(lambda: metric_value(client, "siamcam_queue_depth", queue=EMBED_QUEUE) == 7)
         refused = _rank(client, CANDIDATES[:3], explain_top=0)  # four images: no room for them all
-        assert metric_value(client, "siamcam_queue_depth", queue=EMBED_QUEUE) >= 4, "the yellow images still wait"
+        assert metric_value(client, "siamcam_queue_depth", queue=EMBED_QUEUE) >= 5, "the yellow images still wait"
         assert "at capacity" in _problem(refused, 503, "service-unavailable")
         assert refused.headers["retry-after"] == "1"
         assert len(busy.result().json()["embeddings"]) == 8
