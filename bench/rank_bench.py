@@ -196,12 +196,12 @@ def report_embed(times: Times) -> list[tuple[str, float, float]]:
           f"{1000 * median['embed x2']:.1f} ms ({2 * CANDIDATES / median['embed x2']:.1f} images/s)")
     print(f"raw model, embed(features(x)) on a batch of {CANDIDATES}: {1000 * median['raw']:.1f} ms "
           f"({CANDIDATES / median['raw']:.1f} images/s)")
-    # The cores the model's threads use are the ones decoding takes: at best /embed spends the raw model's time
-    # plus the decoding's CPU time spread over every core.
+    # The cores the model's threads use are the ones decoding takes: /embed spends the model's time plus the
+    # decoding's CPU time spread over every core, at best.
     cores = len(os.sched_getaffinity(0))
-    ceiling = median["raw"] / (median["raw"] + median["decode"] / cores)
-    print(f"decoding the {CANDIDATES} files on one image thread: {1000 * median['decode']:.1f} ms; with the model on "
-          f"all {cores} cores, /embed could reach at most {ceiling:.2f}x the raw model's images/s at its batch")
+    share = median["decode"] / cores / median["raw"]
+    print(f"decoding the {CANDIDATES} files on one image thread: {1000 * median['decode']:.1f} ms, spread over the "
+          f"{cores} cores {100 * share:.1f}% of the raw model's time: the floor decoding adds to /embed")
     raw_rate = CANDIDATES / median["raw"]
     return [
         (f"/embed of {CANDIDATES}, one client, vs raw model at batch {CANDIDATES}",
