@@ -1,4 +1,5 @@
-"""The HTTP endpoints. Each one is a few lines: the work lives in inference.py, the shapes in schemas.py."""
+"""The HTTP endpoints. Each one is a few lines: the work lives in inference.py (and ranking.py), the shapes in
+schemas.py."""
 
 from __future__ import annotations
 
