@@ -1,53 +1,69 @@
-"""Fixtures shared by every test: a small but real exported model, built with training's own export."""
+"""Fixtures shared by every test: a small real exported model that says both "similar" and "not similar", and
+pairs of drawn images it decides each way."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 from deploy.local_cluster import RedisServer, RedisUnavailable, ensure_redis_server
-from training.export import export_model
-from training.model import build_siamese
+from tests.support.colour_model import export_colour_model
+from tests.support.images import class_image, encode, pair_files
 
 # The paper's datasets (see its README); tests that need them skip, saying so, when they are absent.
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
-TEST_MODEL_NAME = "tiny"
-TEST_INPUT_SIZE = (128, 128)
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
+DECISIONS = ("similar", "dissimilar")
 
 
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model store holding one untrained resnet18 Siamese model named ``tiny``.
-
-    Untrained weights score pairs arbitrarily but exercise every code path of the real thing: same
-    architecture, same TorchScript contract, same manifest, same export checks.
-    """
-    torch.manual_seed(0)
+    """A model store holding the suite's small model, ``tiny`` (tests/support/colour_model.py): exported with
+    training's own export, it scores pairs of one drawn class above its threshold and pairs of two classes
+    below."""
     store = tmp_path_factory.mktemp("model_store")
-    model = build_siamese("resnet18", embedding_dim=64)
-    export_model(
-        model,
-        store / TEST_MODEL_NAME,
-        {
-            "name": TEST_MODEL_NAME,
-            "version": "0.0.1",
-            "backbone": "resnet18",
-            "input_size": list(TEST_INPUT_SIZE),
-            "resize_policy": "stretch",
-            "normalization": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
-            "threshold": 0.5,
-            "metrics": {},
-            "dataset": {"name": "none (untrained test model)"},
-            "training": {"command": "tests/conftest.py", "seed": 0},
-        },
-    )
+    export_colour_model(store)
     return store
+
+
+@dataclass(frozen=True)
+class DrawnPair:
+    """Two image files that ``tiny`` decides as `decision` says: a red and a red shape, or a red and a blue one."""
+
+    decision: str  # "similar" or "dissimilar"
+    image1: Path  # JPEG, 96 x 72
+    image2: Path  # PNG, 80 x 100
+
+    @property
+    def similar(self) -> bool:
+        return self.decision == "similar"
+
+    @property
+    def files(self) -> dict[str, tuple[str, bytes]]:
+        """The multipart form of /similarity and /explain."""
+        return pair_files(self.image1.read_bytes(), self.image2.read_bytes())
+
+
+def drawn_pair(decision: str, folder: Path, seed: int = 0) -> DrawnPair:
+    """A pair of files of one class (similar) or of two (dissimilar), written to `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    first, second = folder / f"{decision}-{seed}-1.jpg", folder / f"{decision}-{seed}-2.png"
+    first.write_bytes(encode(class_image("red", seed, (96, 72)), "JPEG", quality=90))
+    other = "red" if decision == "similar" else "blue"
+    second.write_bytes(encode(class_image(other, seed + 1000, (80, 100)), "PNG"))
+    return DrawnPair(decision, first, second)
+
+
+# Function scope: a parametrized fixture of a wider scope makes pytest reorder the tests of different modules.
+@pytest.fixture(params=DECISIONS)
+def decided_pair(request: pytest.FixtureRequest, tmp_path: Path) -> DrawnPair:
+    """A pair that ``tiny`` decides "similar", then one it decides "dissimilar": a test taking it runs for both."""
+    return drawn_pair(request.param, tmp_path)
 
 
 @pytest.fixture

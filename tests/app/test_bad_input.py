@@ -16,7 +16,7 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
-from tests.support.images import drawn_image, encode, pair_files
+from tests.support.images import class_image, drawn_image, encode, pair_files
 
 GOOD = encode(drawn_image(11), "PNG")
 
@@ -124,13 +124,23 @@ def test_16_bit_images_are_scaled_not_clipped(client: httpx.Client) -> None:
 
 
 def test_exif_orientation_is_applied(client: httpx.Client) -> None:
-    stored = drawn_image(23, (120, 60))  # stored landscape, displayed portrait
-    body = client.post("/explain", files=pair_files(GOOD, _exif_rotated(stored))).json()
-    overlay = body["explanations"]["factual"]["image2"]
+    """Catches a model input (not only an overlay) made from the stored pixels instead of the upright picture:
+    tiny's heatmaps say where the shape is, and a red shape in the upright picture's corner is elsewhere in the
+    stored one. The rotated file must be explained as the upright one, not as its stored pixels."""
+    stored = class_image("red", 23, (120, 60))  # stored landscape, displayed portrait
+    good = encode(class_image("red", 24, (96, 72)), "PNG")
+
+    def factual_heatmap(second: bytes) -> tuple[np.ndarray, dict]:
+        body = client.post("/explain", files=pair_files(good, second), data={"include_heatmaps": "true"}).json()
+        overlay = body["explanations"]["factual"]["image2"]
+        return np.array(overlay["heatmap"]), overlay
+
+    rotated, overlay = factual_heatmap(_exif_rotated(stored))
     assert (overlay["width"], overlay["height"]) == (60, 120)
-    upright = encode(stored.transpose(Image.Transpose.ROTATE_270), "JPEG")
-    assert body["score"] == pytest.approx(
-        client.post("/similarity", files=pair_files(GOOD, upright)).json()["score"], abs=0.02)
+    upright, _ = factual_heatmap(encode(stored.transpose(Image.Transpose.ROTATE_270), "JPEG"))
+    as_stored, _ = factual_heatmap(encode(stored, "JPEG"))  # what a service ignoring the tag would explain
+    assert np.abs(rotated - upright).mean() < 0.03
+    assert np.abs(as_stored - upright).mean() > 0.15  # the check above can tell the two apart
 
 
 def test_service_keeps_serving_after_bad_input(client: httpx.Client) -> None:

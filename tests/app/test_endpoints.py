@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import re
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -15,10 +16,12 @@ from PIL import Image, ImageOps
 from starlette.requests import Request
 
 from app.main import create_app
+from app.model import load_model
 from app.overlays import COLORMAPS
 from app.settings import Settings
 from tests.support.images import drawn_image, encode, pair_files
-from tests.conftest import SHARED_DATASETS
+from bench.gradcam_reference import as_loaded, pytorch_grad_cam_maps
+from tests.conftest import SHARED_DATASETS, DrawnPair, drawn_pair
 
 FLOWERS = SHARED_DATASETS / "flowers"
 
@@ -31,18 +34,21 @@ def _problem(response: httpx.Response, status: int) -> dict:
     return body
 
 
-def test_similarity_scores_a_jpeg_and_a_png_pair(client: httpx.Client) -> None:
-    first, second = drawn_image(1, (120, 80)), drawn_image(2, (64, 64))
-    response = client.post("/similarity", files=pair_files(encode(first, "JPEG"), encode(second, "PNG")))
+def test_similarity_scores_a_jpeg_and_a_png_pair(client: httpx.Client, decided_pair: DrawnPair) -> None:
+    """Catches a service that decides every pair alike (or the wrong way round), that scores the images in the
+    wrong order, or that reports a score its decision does not follow."""
+    response = client.post("/similarity", files=decided_pair.files)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert 0 <= body["score"] <= 1
-    assert body["similar"] == (body["score"] >= body["threshold"])
+    assert body["similar"] == decided_pair.similar and body["threshold"] == 0.5
+    # tiny's pairs of one class score above 0.8, of two classes below 0.2 (tests/support/colour_model.py).
+    assert body["score"] > 0.8 if decided_pair.similar else body["score"] < 0.2
     assert body["model"] == {"name": "tiny", "version": "0.0.1"}
     timings = body["timings_ms"]
     assert 0 <= timings["queue_wait"] <= timings["total"] and 0 < timings["inference"] <= timings["total"]
     # The same pair the other way round scores the same: the similarity is symmetric.
-    swapped = client.post("/similarity", files=pair_files(encode(second, "PNG"), encode(first, "JPEG")))
+    first, second = decided_pair.files["image1"][1], decided_pair.files["image2"][1]
+    swapped = client.post("/similarity", files=pair_files(second, first))
     assert swapped.json()["score"] == pytest.approx(body["score"], abs=1e-5)
 
 
@@ -73,9 +79,38 @@ def test_explain_returns_four_overlays_at_each_images_aspect_ratio(client: httpx
             assert _decode_overlay(overlay).format == "JPEG"
 
 
+def test_explanations_target_the_decision_and_match_pytorch_grad_cam(client: httpx.Client, model_store: Path,
+                                                                    decided_pair: DrawnPair) -> None:
+    """Catches a service that always explains "similar" (or swaps factual and counterfactual) on either decision:
+    each raw heatmap it returns must be pytorch-grad-cam's map for the target it names, on the same images."""
+    response = client.post("/explain", files=decided_pair.files, data={"include_heatmaps": "true"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["similar"] == decided_pair.similar
+    explanations = body["explanations"]
+    opposite = "dissimilar" if decided_pair.similar else "similar"
+    assert (explanations["factual"]["target"], explanations["counterfactual"]["target"]) == \
+        (decided_pair.decision, opposite)
+    served = load_model(model_store / "tiny", "cpu")
+    x1, x2 = (served.preprocess(Image.open(path).convert("RGB"))[None]
+              for path in (decided_pair.image1, decided_pair.image2))
+    reference = pytorch_grad_cam_maps(as_loaded(served), x1, x2, decided_pair.similar)
+    compared = 0
+    for kind in ("factual", "counterfactual"):
+        for image in (1, 2):
+            returned = np.array(explanations[kind][f"image{image}"]["heatmap"])
+            theirs = reference[f"{kind}{image}"]
+            if theirs.max() < 1e-3:  # no positive evidence for this target: ours must be blank and say so
+                assert returned.max() == 0 and explanations[kind][f"image{image}"]["no_positive_evidence"]
+                continue
+            assert np.corrcoef(returned.ravel(), theirs.ravel())[0, 1] > 0.98, f"{kind}{image}"
+            compared += 1
+    assert compared >= 3  # the factual maps and at least one counterfactual one carry evidence
+
+
 @pytest.mark.parametrize("fmt", ["jpeg", "webp", "png"])
-def test_explain_formats_options_and_raw_heatmaps(client: httpx.Client, fmt: str) -> None:
-    files = pair_files(encode(drawn_image(5), "PNG"), encode(drawn_image(6), "PNG"))
+def test_explain_formats_options_and_raw_heatmaps(client: httpx.Client, fmt: str, tmp_path: Path) -> None:
+    files = drawn_pair("similar", tmp_path).files  # the factual maps of a similar pair are never blank
     options = {"format": fmt, "opacity": "1", "colormap": "gray", "include_heatmaps": "true"}
     body = client.post("/explain", files=files, data=options).json()
     overlay = body["explanations"]["factual"]["image1"]
@@ -93,7 +128,7 @@ def test_explain_formats_options_and_raw_heatmaps(client: httpx.Client, fmt: str
 
 def test_model_health_readiness_and_request_ids(client: httpx.Client) -> None:
     model = client.get("/model").json()
-    assert model["name"] == "tiny" and model["input_size"] == [128, 128] and model["backbone"] == "resnet18"
+    assert model["name"] == "tiny" and model["input_size"] == [128, 128] and model["backbone"] == "colour-detectors"
     assert model["format_version"] == 2 and model["explain_methods"] == ["gradcam", "contributions"]
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
@@ -154,8 +189,8 @@ def test_explain_real_photos(client: httpx.Client) -> None:
         assert overlay["width"] / overlay["height"] == pytest.approx(original.width / original.height, rel=0.02)
 
 
-def test_every_offered_colormap_is_drawn(client: httpx.Client) -> None:
-    files = pair_files(encode(drawn_image(9, (32, 32))), encode(drawn_image(10, (32, 32))))
+def test_every_offered_colormap_is_drawn(client: httpx.Client, tmp_path: Path) -> None:
+    files = drawn_pair("dissimilar", tmp_path).files
     overlays = set()
     for colormap in COLORMAPS:
         response = client.post("/explain", files=files, data={"colormap": colormap, "opacity": "1"})

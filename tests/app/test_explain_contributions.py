@@ -14,7 +14,8 @@ from torch import nn
 from app.model import ModelLoadError, load_model
 from app.settings import Settings
 from tests.app.conftest import TEST_MODEL_NAME
-from tests.support.images import drawn_image, encode, pair_files
+from tests.conftest import DECISIONS
+from tests.support.images import class_image, drawn_image, encode, pair_files
 from tests.support.model_folders import with_module
 from tests.support.service import serve_in_thread
 
@@ -28,23 +29,29 @@ def _problem(response: httpx.Response, status: int) -> dict:
     return response.json()
 
 
-def _rotated_jpeg(stored_size: tuple[int, int]) -> bytes:
+def _rotated_jpeg(colour: str, stored_size: tuple[int, int]) -> bytes:
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = ROTATED_90
-    return encode(drawn_image(41, stored_size), "JPEG", quality=92, exif=exif.tobytes())
+    return encode(class_image(colour, 41, stored_size), "JPEG", quality=92, exif=exif.tobytes())
 
 
-def test_contributions_decompose_the_returned_score_exactly(client: httpx.Client, model_store: Path) -> None:
+@pytest.mark.parametrize("decision", DECISIONS)
+def test_contributions_decompose_the_returned_score_exactly(client: httpx.Client, model_store: Path,
+                                                            decision: str) -> None:
+    """Catches contributions that do not add up to the score returned with them, totals or a factual target
+    that do not follow the decision (a red and a red shape: similar; a red and a blue one: dissimilar), and
+    match boxes not in the upright original's pixels."""
     # image1 is 96 x 72; image2 is stored 96 x 72 but upright 72 x 96 (EXIF): boxes are in upright pixels.
-    files = pair_files(encode(drawn_image(40, (96, 72)), "PNG"), _rotated_jpeg((96, 72)))
+    other = "red" if decision == "similar" else "blue"
+    files = pair_files(encode(class_image("red", 40, (96, 72)), "PNG"), _rotated_jpeg(other, (96, 72)))
     response = client.post("/explain", files=files, data={"method": "contributions",
                                                            "include_correspondence": "true"})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["method"] == "contributions"
+    assert body["method"] == "contributions" and body["similar"] == (decision == "similar")
     found = body["contributions"]
     rows, columns = found["grid"]
-    assert (rows, columns) == (4, 4)  # resnet18 at 128 x 128
+    assert (rows, columns) == (4, 4)  # tiny's cells are 32 px at 128 x 128
 
     # The raw logit is the returned score's (through the model's own squash and sigmoid) ...
     module = load_model(model_store / TEST_MODEL_NAME, "cpu").module
@@ -60,6 +67,7 @@ def test_contributions_decompose_the_returned_score_exactly(client: httpx.Client
         totals = found[image]
         assert totals["positive"] >= 0 >= totals["negative"]
         assert totals["positive"] + totals["negative"] == pytest.approx(distance, rel=1e-4, abs=1e-4)
+        assert (totals["positive"] > -totals["negative"]) == body["similar"]
 
     matches = found["matches"]
     assert len(matches) == 5  # the default top_matches
@@ -75,7 +83,8 @@ def test_contributions_decompose_the_returned_score_exactly(client: httpx.Client
         assert match["image2_box"] == [18 * col2, 24 * row2, 18 * (col2 + 1), 24 * (row2 + 1)]
     # The overlays are drawn from the contributions, over the upright originals.
     factual = body["explanations"]["factual"]
-    assert factual["target"] == ("similar" if body["similar"] else "dissimilar")
+    assert (factual["target"], body["explanations"]["counterfactual"]["target"]) == \
+        ((decision, "dissimilar") if decision == "similar" else (decision, "similar"))
     assert (factual["image2"]["width"], factual["image2"]["height"]) == (72, 96)
 
 

@@ -22,6 +22,42 @@ def drawn_image(seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
     return image
 
 
+# The classes the suite's small model (tests/support/colour_model.py) tells apart: one large shape of a primary
+# colour on a dark noisy background.
+CLASS_COLOURS: dict[str, tuple[int, int, int]] = {"red": (230, 30, 30), "green": (30, 220, 50), "blue": (40, 60, 240)}
+
+
+def class_image(colour: str, seed: int, size: tuple[int, int] = (96, 72)) -> Image.Image:
+    """A picture of the class `colour`: an ellipse or rectangle of that colour (a little varied), 60-70 % of the
+    picture's width and height (so that it covers about the same share of any picture), at a random place on a
+    noisy background."""
+    generator = np.random.default_rng(seed)
+    width, height = size
+    image = Image.fromarray(generator.integers(0, 120, size=(height, width, 3), dtype=np.uint8))
+    fraction = generator.uniform(0.6, 0.7)
+    shape_width, shape_height = round(width * fraction), round(height * fraction)
+    x, y = int(generator.integers(0, width - shape_width + 1)), int(generator.integers(0, height - shape_height + 1))
+    shade = np.clip(np.array(CLASS_COLOURS[colour]) + generator.integers(-12, 13, size=3), 0, 255)
+    draw = ImageDraw.Draw(image)
+    (draw.ellipse if generator.random() < 0.5 else draw.rectangle)(
+        (x, y, x + shape_width - 1, y + shape_height - 1), fill=tuple(int(v) for v in shade))
+    return image
+
+
+def class_pairs(count: int, seed: int = 0) -> tuple[list[Image.Image], list[Image.Image], list[bool]]:
+    """`count` pairs of class images, of one class (similar) at even indices and of two at odd ones, the classes
+    taking turns: (firsts, seconds, same class?)."""
+    colours = list(CLASS_COLOURS)
+    firsts, seconds, same = [], [], []
+    for index in range(count):
+        first = colours[index % len(colours)]
+        second = first if index % 2 == 0 else colours[(index + 1) % len(colours)]
+        firsts.append(class_image(first, seed + 2 * index, (96, 72)))
+        seconds.append(class_image(second, seed + 2 * index + 1, (80, 100)))
+        same.append(first == second)
+    return firsts, seconds, same
+
+
 def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
