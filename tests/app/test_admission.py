@@ -39,7 +39,8 @@ def test_a_flood_of_large_images_gets_200_or_503_and_the_service_stays_ready(
     pair_pixels = 2 * LARGE_SIDE * LARGE_SIDE
     # Room for one large pair at a time, and no waiting: every request that arrives while a pair is being
     # decoded is refused.
-    with serve(max_decode_pixels_in_flight=pair_pixels, admission_wait_s=0, max_batch_wait_ms=10) as url, \
+    with serve(max_decode_pixels_in_flight=pair_pixels, admission_wait_s=0, max_batch_wait_ms=10,
+               retry_after_s=4) as url, \
             httpx.Client(base_url=url, timeout=60, trust_env=False) as client:
         refused_before = metric_value(client, "siamcam_rejections_total", reason="decode_budget")
         responses = asyncio.run(_post_all(url, [pair_files(LARGE_PNG, LARGE_PNG)] * FLOOD))
@@ -47,7 +48,7 @@ def test_a_flood_of_large_images_gets_200_or_503_and_the_service_stays_ready(
         assert set(statuses) <= {200, 503}, statuses
         assert 200 in statuses and 503 in statuses, statuses
         for refused in (response for response in responses if response.status_code == 503):
-            assert refused.headers["retry-after"] == "1"
+            assert refused.headers["retry-after"] == "4"  # RETRY_AFTER_S, not the default 1
             assert refused.headers["content-type"] == "application/problem+json"
             assert "decoding other images" in refused.json()["detail"]
         refusals = metric_value(client, "siamcam_rejections_total", reason="decode_budget") - refused_before
@@ -74,7 +75,7 @@ def test_a_full_queue_refuses_before_decoding(serve: Callable[..., AbstractConte
     huge_jpeg = encode(Image.new("RGB", (6000, 6000), (90, 140, 30)), "JPEG")  # 36 Mpx, a small file
     # The model is kept busy, so that the first pair stays queued while the second arrives.
     with serve(model_store=failing_model_store, model_name=FAILING_MODEL_NAME, queue_capacity=1,
-               max_batch_size=8) as url, \
+               max_batch_size=8, retry_after_s=2) as url, \
             httpx.Client(base_url=url, timeout=60, trust_env=False) as client, ThreadPoolExecutor(1) as pool:
         with model_kept_busy(client) as still_busy:
             queued = pool.submit(client.post, "/similarity", files=pair_files(SMALL_PNG, SMALL_PNG))
@@ -85,7 +86,7 @@ def test_a_full_queue_refuses_before_decoding(serve: Callable[..., AbstractConte
             assert metric_value(client, "siamcam_decode_pixels_admitted_total") == admitted_before
         assert queued.result().status_code == 200
         assert refused.status_code == 503
-        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["retry-after"] == "2"  # RETRY_AFTER_S, not the default 1
         assert "at capacity" in refused.json()["detail"]
 
 

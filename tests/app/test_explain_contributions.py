@@ -9,14 +9,13 @@ import httpx
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from app.model import ModelLoadError, load_model
 from app.settings import Settings
 from tests.app.conftest import TEST_MODEL_NAME
 from tests.conftest import DECISIONS
 from tests.support.images import class_image, drawn_image, encode, pair_files
-from tests.support.model_folders import with_module
+from tests.support.model_folders import with_version1_module
 from tests.support.service import serve_in_thread
 
 EXIF_ORIENTATION = 0x0112
@@ -109,40 +108,9 @@ def test_bad_contribution_options_are_refused(client: httpx.Client, form: dict[s
     assert client.post("/explain", files=files, data={"method": "contributions"}).status_code == 200
 
 
-class _Version1Siamese(nn.Module):
-    """A small real network with format version 1's four methods only, as models exported before version 2."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(3)
-        self.backbone = nn.Sequential(nn.Conv2d(3, 8, kernel_size=32, stride=32), nn.ReLU())
-        self.projection = nn.Linear(8, 16)
-
-    @torch.jit.export
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
-
-    @torch.jit.export
-    def embed(self, feature_maps: torch.Tensor) -> torch.Tensor:
-        return self.projection(feature_maps.mean(dim=(2, 3)))
-
-    @torch.jit.export
-    def similarity(self, e1: torch.Tensor, e2: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid((e1 * e2).sum(dim=1) / 16)
-
-    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        return self.similarity(self.embed(self.features(x1)), self.embed(self.features(x2)))
-
-
-def _store_with(model_store: Path, folder: Path, module: nn.Module, format_version: int) -> None:
-    """A copy of the test model whose model.pt is `module`, scripted, under a manifest of `format_version`."""
-    with_module(model_store / TEST_MODEL_NAME, folder, module.eval(), format_version=format_version,
-                feature_map={"channels": 8, "height": 4, "width": 4}, embedding_dim=16)
-
-
 def test_a_version_1_model_is_served_with_grad_cam_and_refuses_contributions(model_store: Path,
                                                                              tmp_path: Path) -> None:
-    _store_with(model_store, tmp_path / "old", _Version1Siamese(), format_version=1)
+    with_version1_module(model_store / TEST_MODEL_NAME, tmp_path / "old")
     files = pair_files(encode(drawn_image(46), "PNG"), encode(drawn_image(47), "JPEG"))
     with serve_in_thread(Settings(model_store=tmp_path, model_name="old", max_batch_wait_ms=10)) as url, \
             httpx.Client(base_url=url, timeout=120, trust_env=False) as client:
@@ -163,6 +131,6 @@ def test_a_version_1_model_is_served_with_grad_cam_and_refuses_contributions(mod
 
 def test_a_version_2_manifest_on_a_model_without_the_version_2_methods_is_refused(model_store: Path,
                                                                                  tmp_path: Path) -> None:
-    _store_with(model_store, tmp_path / "mislabelled", _Version1Siamese(), format_version=2)
+    with_version1_module(model_store / TEST_MODEL_NAME, tmp_path / "mislabelled", format_version=2)
     with pytest.raises(ModelLoadError, match="lacks the contract method.s. embed_cells, .* of format version 2"):
         load_model(tmp_path / "mislabelled", "cpu")

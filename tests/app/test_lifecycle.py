@@ -32,7 +32,7 @@ PAIR = pair_files(encode(drawn_image(31), "PNG"), encode(drawn_image(32), "JPEG"
 
 def test_ready_only_after_the_model_is_loaded_and_warmed_up(test_settings: Callable[..., Settings]) -> None:
     async def check() -> None:
-        app = create_app(test_settings())
+        app = create_app(test_settings(retry_after_s=5))
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:
             # Before start-up has run: alive, not ready, and inference politely refused.
@@ -40,7 +40,7 @@ def test_ready_only_after_the_model_is_loaded_and_warmed_up(test_settings: Calla
             not_ready = await client.get("/readyz")
             assert not_ready.status_code == 503 and not_ready.json() == {"status": "loading"}
             refused = await client.post("/similarity", files=PAIR)
-            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "5"  # RETRY_AFTER_S
             async with LifespanManager(app):
                 assert (await client.get("/readyz")).status_code == 200
                 assert (await client.post("/similarity", files=PAIR)).status_code == 200

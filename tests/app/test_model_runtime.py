@@ -3,14 +3,18 @@ runs torch with several threads (app/torch_threads.py)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
 from app.model import load_model
-from app.torch_threads import MODEL_TORCH_THREADS, model_thread_executor, single_threaded_pool
 from contract.torchscript import load_torchscript
 from tests.app.conftest import TEST_MODEL_NAME
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_served_model_is_frozen_and_scores_as_its_file(model_store: Path) -> None:
@@ -32,14 +36,46 @@ def test_the_served_model_is_frozen_and_scores_as_its_file(model_store: Path) ->
     assert float(features.grad.abs().max()) > 0
 
 
+# Run in a process of its own, whose torch is told to use 2 threads before app.torch_threads reads its choice: the
+# result is the same on a machine of any size (on one CPU torch's own choice is 1, and every pool would pass), and
+# no thread of this test process has made OpenMP teams already. Each pool's threads are started (and counted)
+# first; then each runs an operator torch parallelises, and the OS threads that appear are the OpenMP team it made.
+# The plain pool goes first: a thread started after another one set torch's threads takes that count.
+_COUNT_OPENMP_TEAMS = """
+import json, os, threading
+from concurrent.futures import ThreadPoolExecutor
+import torch
+torch.set_num_threads(2)
+from app.torch_threads import model_thread_executor, single_threaded_pool
+
+def os_threads():
+    return len(os.listdir("/proc/self/task"))
+
+def parallel_work():
+    x = torch.rand(4_000_000)
+    (x * 2 + 1).sum()
+    return torch.get_num_threads()
+
+found = {}
+for name, pool, workers in (("plain", ThreadPoolExecutor(2), 2), ("model", model_thread_executor(), 1),
+                            ("images", single_threaded_pool(2, "images"), 2)):
+    started = threading.Barrier(workers)
+    list(pool.map(lambda _: started.wait(), range(workers)))  # every worker thread exists
+    before = os_threads()
+    counts = [future.result() for future in [pool.submit(parallel_work) for _ in range(4)]]
+    found[name] = {"torch_threads": sorted(set(counts)), "openmp_threads_added": os_threads() - before}
+print(json.dumps(found))
+"""
+
+
 def test_only_the_model_thread_runs_torch_on_several_threads() -> None:
-    model_thread = model_thread_executor()
-    image_threads = single_threaded_pool(2, "images")
-    try:
-        assert model_thread.submit(torch.get_num_threads).result() == MODEL_TORCH_THREADS
-        assert list(image_threads.map(lambda _: torch.get_num_threads(), range(4))) == [1, 1, 1, 1]
-        # a thread of either kind keeps its own count, whatever the other sets afterwards
-        assert model_thread.submit(torch.get_num_threads).result() == MODEL_TORCH_THREADS
-    finally:
-        model_thread.shutdown()
-        image_threads.shutdown()
+    """Catches image threads (or an event loop) that run torch's operators on OpenMP teams of their own, which
+    doubled a pair's model time (app/torch_threads.py), and a model thread that runs them alone. It counts the
+    threads OpenMP actually starts, not a setting; a plain thread pool is measured beside ours to show that the
+    count sees a team."""
+    result = subprocess.run([sys.executable, "-c", _COUNT_OPENMP_TEAMS], cwd=REPO, capture_output=True, text=True,
+                            check=True, timeout=120)
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["model"] == {"torch_threads": [2], "openmp_threads_added": 1}, found  # a team of 2: itself + 1
+    assert found["images"] == {"torch_threads": [1], "openmp_threads_added": 0}, found
+    assert found["plain"]["openmp_threads_added"] > 0, found  # the measurement can see a team being made

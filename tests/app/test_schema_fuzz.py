@@ -10,15 +10,17 @@ would multiply the run time, and this API has no state to walk through.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+import hypothesis
 import pytest
 import requests
 import schemathesis
 from hypothesis import strategies as st
+from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 from schemathesis.specs.openapi import checks
 
@@ -69,7 +71,6 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
     return case
 
 
-STATUSES: defaultdict[str, Counter[int]] = defaultdict(Counter)  # per operation: what the fuzzing got
 CHECKS = [
     checks.status_code_conformance,
     checks.content_type_conformance,
@@ -109,15 +110,32 @@ def test_every_answer_is_documented_and_none_is_a_5xx(
     case: schemathesis.Case, documented_service: str, http: requests.Session
 ) -> None:
     response = case.call(base_url=documented_service, session=http)
-    STATUSES[case.operation.label][response.status_code] += 1
     assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text}"
     case.validate_response(response, checks=CHECKS)
 
 
-def test_the_fuzzing_was_both_scored_and_refused() -> None:
-    """Runs after the fuzzing above: its valid requests (real images) were scored, its invalid ones refused."""
-    if not STATUSES:
-        pytest.skip("checks the fuzzing above, which did not run in this session")
-    for operation in ("POST /similarity", "POST /explain", "POST /embed", "POST /rank"):
-        seen = STATUSES[operation]
-        assert seen[200] > 0 and seen[422] > 0, (operation, seen)
+# Enough drawn requests of each kind to meet a scored and a refused one (a few seconds).
+GENERATED_PER_MODE = 12
+
+
+@pytest.mark.parametrize("path", ["/similarity", "/explain", "/embed", "/rank"])
+def test_generated_requests_are_both_scored_and_refused(path: str, documented_service: str,
+                                                        http: requests.Session) -> None:
+    """Catches a fuzzing that never reaches the model (e.g. uploads that are never real images, so that every
+    request is refused before inference) or never sends an invalid request. It draws its own requests from the
+    strategies the fuzzing above uses, so it checks something whatever ran before it (alone, with -k, --lf):
+    the valid ones must be scored (200), the invalid ones refused (422)."""
+    operation = schema[path]["POST"]
+    for mode, expected in ((GenerationMode.POSITIVE, 200), (GenerationMode.NEGATIVE, 422)):
+        seen: Counter[int] = Counter()
+
+        @hypothesis.settings(max_examples=GENERATED_PER_MODE, derandomize=True, database=None, deadline=None,
+                             phases=[hypothesis.Phase.generate], suppress_health_check=list(hypothesis.HealthCheck))
+        @hypothesis.given(case=operation.as_strategy(mode))
+        def send(case: schemathesis.Case) -> None:
+            case = map_case(None, case)  # as the fuzzing's cases are
+            seen[case.call(base_url=documented_service, session=http).status_code] += 1
+
+        send()
+        assert seen[expected] > 0, (path, mode.value, seen)
+        assert all(status < 500 for status in seen), (path, mode.value, seen)

@@ -19,6 +19,7 @@ from deploy.proof import (
     run_proof,
 )
 from deploy.rate_proof import TOLERANCE, RateProofSettings, run_rate_proof
+from tests.support.system_tools import missing_system_tool
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_every_request_is_answered_while_replicas_die(proof_model: tuple[Path, s
     try:
         report = run_proof(settings)
     except NginxUnavailable as reason:
-        pytest.skip(f"no nginx for the load-balancer proof: {reason}")
+        missing_system_tool(f"no nginx for the load-balancer proof: {reason}")
     print(report.summary())  # the figures bench/RESULTS.md records; shown with `pytest -s`
     assert len(report.outcomes) == settings.similarity + settings.explain
     assert report.failures == []
@@ -55,7 +56,7 @@ def test_one_keys_rate_limit_holds_for_the_deployment_while_a_replica_dies(proof
     try:
         report = run_rate_proof(settings)
     except SystemToolUnavailable as reason:
-        pytest.skip(f"no nginx or redis-server for the rate-limit proof: {reason}")
+        missing_system_tool(f"no nginx or redis-server for the rate-limit proof: {reason}")
     print(report.summary())  # the figures bench/RESULTS.md records; shown with `pytest -s`
     rate = settings.rate_per_s
     assert len(report.outcomes) == round(rate * settings.drive_factor * 2 * settings.phase_s)

@@ -12,6 +12,7 @@ from playwright.sync_api import Browser, sync_playwright
 from tests.conftest import SHARED_DATASETS
 from tests.support import service
 from tests.support.images import drawn_image
+from tests.support.system_tools import missing_system_tool
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_STORE = REPO / "model_store"
@@ -63,7 +64,8 @@ def running_service(store: Path, name: str, log_dir: Path, **settings: str) -> I
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} is missing: install Debian's chromium (`make system-deps` as root) to run the browser tests")
+        missing_system_tool(f"{CHROMIUM} is missing: install Debian's chromium (`make system-deps` as root) to run "
+                            "the browser tests")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium

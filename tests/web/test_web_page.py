@@ -16,7 +16,9 @@ import pytest
 from playwright.sync_api import Browser, Page, Request, expect
 
 from tests.app.failing_model import FAILING_MODEL_NAME, YELLOW, export_failing_model
+from tests.conftest import DrawnPair
 from tests.support.images import drawn_image, pair_files
+from tests.support.model_folders import with_version1_module
 from tests.web.conftest import FLOWERS, running_service
 
 RESULT_TIMEOUT_MS = 120_000  # /explain on CPU while a training run may share the two cores
@@ -172,9 +174,10 @@ def test_a_refused_upload_shows_the_services_message_in_plain_words(
 @pytest.fixture
 def busy_service_url(tmp_path: Path) -> Iterator[str]:
     """A service on the failing test model (an all-yellow pair keeps it busy a second or more) whose queue holds
-    one pair: while the model is busy and one request waits, the next one is refused as busy (503)."""
+    one pair: while the model is busy and one request waits, the next one is refused as busy (503), with a
+    Retry-After of 3 s (not the default 1 s: the page must read it)."""
     store = export_failing_model(tmp_path / "model_store")
-    settings = {"QUEUE_CAPACITY": "1", "DRAIN_GRACE_S": "0"}
+    settings = {"QUEUE_CAPACITY": "1", "DRAIN_GRACE_S": "0", "RETRY_AFTER_S": "3"}
     with running_service(store, FAILING_MODEL_NAME, tmp_path, **settings) as url:
         yield url
 
@@ -211,7 +214,7 @@ def test_a_busy_service_asks_to_retry_and_retry_works(
             error = page.locator("#error")
             expect(error).to_be_visible(timeout=RESULT_TIMEOUT_MS)
             expect(error).to_contain_text("busy")
-            expect(error).to_contain_text("retry in 1 second")
+            expect(error).to_contain_text("retry in 3 seconds")  # the service's RETRY_AFTER_S
 
         page.click("#retry")
         expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
@@ -352,10 +355,37 @@ def test_the_api_documentation_works_in_the_browser(browser: Browser, service_ur
 @pytest.fixture(scope="module")
 def contributions_service_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                               ) -> Iterator[str]:
-    """The suite's small real model, exported with exact contributions (format version 2)."""
+    """The suite's small real model, ``tiny``, exported with exact contributions (format version 2), which says
+    "similar" and "not similar" to the drawn pairs of tests/conftest.py."""
     store: Path = request.getfixturevalue("model_store")
     with running_service(store, "tiny", tmp_path_factory.mktemp("contributions")) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def version_1_service_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                          ) -> Iterator[str]:
+    """A model exported before format version 2: Grad-CAM only."""
+    store = tmp_path_factory.mktemp("version_1")
+    with_version1_module(request.getfixturevalue("model_store") / "tiny", store / "old")
+    with running_service(store, "old", store) as url:
+        yield url
+
+
+def test_the_decision_is_shown_in_words_either_way(browser: Browser, contributions_service_url: str,
+                                                   decided_pair: DrawnPair) -> None:
+    """Catches a page that always says "Similar" (or reads the decision off the wrong field): on a pair the model
+    decides "not similar" it must say so, with the score the API gives."""
+    url = contributions_service_url
+    with opened(browser, url) as page:
+        compare(page, decided_pair.image1, decided_pair.image2)
+        expect(page.locator("#result")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
+        expected = post_files(f"{url}/similarity", decided_pair.image1, decided_pair.image2).json()
+        assert expected["similar"] == decided_pair.similar
+        assert float(page.inner_text("#score")) == pytest.approx(expected["score"], abs=5e-4)
+        words = "Similar:" if decided_pair.similar else "Not similar:"
+        expect(page.locator("#decision")).to_have_text(re.compile(f"^{words}"))
+        expect(page.locator(OVERLAYS)).to_have_count(4)
 
 
 def test_exact_contributions_show_numbered_matches_and_hovering_a_region_lights_up_its_matches(
@@ -417,12 +447,25 @@ def test_exact_contributions_show_numbered_matches_and_hovering_a_region_lights_
         expect(page.locator(OVERLAYS)).to_have_count(4)
 
 
-def test_a_model_without_contributions_offers_grad_cam_only(page: Page, service_url: str) -> None:
-    methods = httpx.get(f"{service_url}/model").json()["explain_methods"]
-    expect(page.locator("#model-info")).to_contain_text("Model ")
-    for method in ("gradcam", "contributions"):
-        option = page.locator(f"#method option[value={method}]")
-        assert option.is_enabled() == (method in methods), method
+@pytest.mark.parametrize("model", ["format version 1", "format version 2"])
+def test_a_model_without_contributions_offers_grad_cam_only(browser: Browser, request: pytest.FixtureRequest,
+                                                           model: str, two_images: tuple[Path, Path]) -> None:
+    """Catches a page that offers exact contributions to a model that cannot give them (or withholds them from
+    one that can): the choice follows GET /model's explain_methods, and Grad-CAM still works."""
+    url = request.getfixturevalue("version_1_service_url" if model == "format version 1"
+                                  else "contributions_service_url")
+    methods = httpx.get(f"{url}/model").json()["explain_methods"]
+    assert methods == (["gradcam"] if model == "format version 1" else ["gradcam", "contributions"])
+    with opened(browser, url) as page:
+        expect(page.locator("#model-info")).to_contain_text("Model ")
+        for method in ("gradcam", "contributions"):
+            option = page.locator(f"#method option[value={method}]")
+            if method in methods:
+                expect(option).to_be_enabled()
+            else:
+                expect(option).to_be_disabled()
+        compare(page, *two_images)
+        expect(page.locator(OVERLAYS)).to_have_count(4, timeout=RESULT_TIMEOUT_MS)
 
 
 @pytest.fixture(scope="session")
