@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -87,8 +87,21 @@ async def _on_http_error(_: Request, error: Exception) -> JSONResponse:
     return problem_response(error.status_code, slug, detail, dict(error.headers or {}))
 
 
-async def _on_validation_error(_: Request, error: Exception) -> JSONResponse:
+def _takes_a_form(request: Request) -> bool:
+    """Whether the endpoint of `request` reads a multipart form (File and Form parameters)."""
+    route = request.scope.get("route")
+    body = getattr(route, "body_field", None)
+    return body is not None and isinstance(body.field_info, params.Form)
+
+
+async def _on_validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if _takes_a_form(request) and media_type != "multipart/form-data":
+        # Not a form with missing fields but no form at all (JSON, urlencoded, nothing): say what to send.
+        sent = f"a body of Content-Type {media_type}" if media_type else "no Content-Type"
+        return problem_response(400, "bad-request", f"The request has {sent}; send the images as multipart/form-data "
+                                "fields (e.g. curl -F image1=@a.jpg -F image2=@b.jpg). See /docs for each endpoint's fields.")
     # One readable sentence per error, e.g. "body.image2: Field required".
     reasons = [
         f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()
