@@ -251,8 +251,8 @@ def queue_full(settings: Settings) -> Problem:
 
 def _worker_stopped(settings: Settings) -> Problem:
     metrics.REJECTIONS.labels("worker_stopped").inc()
-    return service_unavailable("This replica's inference worker has stopped and it is restarting; retry, another "
-                               "replica will answer.", settings.retry_after_s)
+    return service_unavailable("This replica's inference worker has stopped (it is restarting, or shutting down "
+                               "after its grace period); retry, another replica will answer.", settings.retry_after_s)
 
 
 def _give_up(batcher: Batcher, job: Job) -> None:

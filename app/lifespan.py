@@ -75,7 +75,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     worker = asyncio.create_task(batcher.run(), name="inference-worker")
     restart_requested = False
     try:
-        with drain_on_signals(service.drain, settings.drain_grace_s) as stop:
+        # Past the grace period, stopping the worker answers the requests still waiting with 503.
+        with drain_on_signals(service.drain, settings.drain_grace_s, on_grace_over=worker.cancel) as stop:
 
             def on_worker_end(task: asyncio.Task[None]) -> None:
                 nonlocal restart_requested

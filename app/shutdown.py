@@ -3,7 +3,10 @@
 uvicorn installs its own SIGTERM/SIGINT handlers before our lifespan starts; we wrap them. The first signal
 turns on draining (/readyz answers 503 and new inference requests get 503 with Retry-After) and waits, up to
 the grace period, for the requests already admitted to be answered; only then is uvicorn's handler called,
-and uvicorn shuts down as usual. A second signal calls uvicorn's handler at once.
+and uvicorn shuts down as usual. If the grace period runs out first, `on_grace_over` (the lifespan stops the
+inference worker) answers the requests still waiting with 503 at once: uvicorn's shutdown waits for every open
+request, and would otherwise keep the process past the grace period, until the orchestrator kills it mid-answer.
+A second signal ends the grace period at once: `on_grace_over`, then uvicorn's handler.
 """
 
 from __future__ import annotations
@@ -60,8 +63,10 @@ class Drain:
 
 
 @contextmanager
-def drain_on_signals(drain: Drain, grace_s: float) -> Iterator[Callable[[], bool]]:
-    """While active, SIGTERM/SIGINT drain `drain` before reaching the handlers installed before us.
+def drain_on_signals(drain: Drain, grace_s: float, on_grace_over: Callable[[], object]
+                     ) -> Iterator[Callable[[], bool]]:
+    """While active, SIGTERM/SIGINT drain `drain` before reaching the handlers installed before us, calling
+    `on_grace_over` first when requests are still unanswered after `grace_s`, or on a second signal.
 
     Yields `stop()`, for the service to end itself as a SIGTERM would (drain, then uvicorn shuts down); it
     returns False, doing nothing, where the signals are not ours (not in the main thread, e.g. a server
@@ -73,13 +78,15 @@ def drain_on_signals(drain: Drain, grace_s: float) -> Iterator[Callable[[], bool
 
     def wrap(original: Callable[[int, FrameType | None], Any]) -> Callable[[int, FrameType | None], None]:
         def handler(signum: int, frame: FrameType | None) -> None:
-            if drain.draining:
+            if drain.draining:  # a second signal: no more waiting, for the drain or the requests still waiting
+                loop.call_soon_threadsafe(on_grace_over)
                 original(signum, frame)
                 return
             drain.draining = True  # at once, so that /readyz turns 503 before the loop even wakes up
 
             async def drain_then_exit() -> None:
-                await drain.finish(grace_s)
+                if not await drain.finish(grace_s):
+                    on_grace_over()
                 original(signum, frame)
 
             def start() -> None:
