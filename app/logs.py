@@ -38,6 +38,8 @@ def configure_logging(level: str) -> None:
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers = []
         logging.getLogger(name).propagate = True
+        # uvicorn set their level from its own --log-level (info): LOG_LEVEL=WARNING must silence them too.
+        logging.getLogger(name).setLevel(level)
     # uvicorn's access log would repeat, without the request id, what the middleware logs.
     logging.getLogger("uvicorn.access").handlers = []
     logging.getLogger("uvicorn.access").propagate = False

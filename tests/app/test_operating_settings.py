@@ -98,3 +98,84 @@ def test_a_second_signal_stops_the_drain(busy_replica: Replica) -> None:
     assert took_s < 5, took_s  # not the 60 s of grace, nor the 6 s of queued work
     assert exit_code in (0, -signal.SIGTERM, -signal.SIGINT), exit_code
     assert set(statuses) <= {200, 503} and 503 in statuses, statuses  # those still waiting: retry elsewhere
+
+
+LARGE_SIDE = 3000  # px: two such pictures fill the decode budget of `tuned_replica`
+# Blocks of flat colour: 9 Mpx in a small file.
+LARGE_PNG = encode(class_image("green", 7, (60, 60)).resize((LARGE_SIDE, LARGE_SIDE), Image.Resampling.NEAREST), "PNG")
+
+
+@pytest.fixture(scope="module")
+def tuned_replica(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replica]:
+    """The suite's small model with non-default settings: overlays capped at 100 px, warnings only in the log,
+    room to decode one pair of LARGE_SIDE pictures at a time and a long wait for it."""
+    env = {"MODEL_STORE": str(model_store), "MODEL_NAME": TEST_MODEL_NAME, "MAX_OVERLAY_SIDE": "100",
+           "LOG_LEVEL": "WARNING", "MAX_DECODE_PIXELS_IN_FLIGHT": str(2 * LARGE_SIDE**2), "ADMISSION_WAIT_S": "60"}
+    with running_service(env, tmp_path_factory.mktemp("tuned") / "uvicorn.log") as replica:
+        yield replica
+
+
+def test_max_overlay_side_caps_what_a_request_asks(tuned_replica: Replica) -> None:
+    """Catches a MAX_OVERLAY_SIDE that is not applied, to the default max_side (1024) or to a larger request,
+    or that enlarges what a smaller max_side asks for."""
+    files = pair_files(encode(class_image("red", 1, (300, 200)), "PNG"), encode(class_image("red", 2, (120, 240))))
+    with _client(tuned_replica.url) as client:
+        for form, sizes in (({}, [(100, 67), (50, 100)]), ({"max_side": "150"}, [(100, 67), (50, 100)]),
+                            ({"max_side": "60"}, [(60, 40), (30, 60)])):
+            answer = client.post("/explain", files=files, data=form)
+            assert answer.status_code == 200, answer.text
+            for overlay, size in zip((answer.json()["explanations"]["factual"][key] for key in ("image1", "image2")),
+                                     sizes, strict=True):
+                assert (overlay["width"], overlay["height"]) == size, form
+
+
+def test_log_level_warning_keeps_the_info_lines_out(tuned_replica: Replica) -> None:
+    """Catches a LOG_LEVEL that is not applied: with WARNING, a served request writes no INFO line (the request
+    log), while a warning (the multipart parser's, on a broken body) is still written."""
+    with _client(tuned_replica.url) as client:
+        assert client.post("/similarity", files=pair_files(LARGE_PNG, LARGE_PNG)).status_code == 200
+        broken = client.post("/similarity", content=b"garbage",
+                             headers={"content-type": "multipart/form-data; boundary=abc"})
+        assert broken.status_code == 400
+    wait_for(lambda: any(line["level"] == "WARNING" for line in _log_lines(tuned_replica)))
+    levels = {line["level"] for line in _log_lines(tuned_replica)}
+    assert levels <= {"WARNING", "ERROR", "CRITICAL"}, levels
+
+
+@pytest.mark.parametrize(("headers", "body"), [({"content-type": "application/json"}, b'{"image1": "a.jpg"}'),
+                                               ({"content-type": "application/x-www-form-urlencoded"}, b"image1=a"),
+                                               ({}, b""),
+                                               ({"content-type": "multipart/form-data; boundary=abc"}, b"garbage")],
+                         ids=["json", "urlencoded", "no body", "broken multipart"])
+def test_a_body_that_is_not_multipart_gets_400_saying_what_to_send(tuned_replica: Replica, headers: dict[str, str],
+                                                                   body: bytes) -> None:
+    """Catches a JSON or urlencoded body answered 422 "Field required" (as it was), which does not say that the
+    images go in a multipart form, and a service that stops serving after one."""
+    with _client(tuned_replica.url) as client:
+        for path in ("/similarity", "/explain"):
+            answer = client.post(path, content=body, headers=headers)
+            assert answer.status_code == 400, answer.text
+            assert answer.headers["content-type"] == "application/problem+json"
+            assert answer.json()["type"] == "urn:siamcam:problem:bad-request"
+            assert "multipart" in answer.json()["detail"]
+        assert client.get("/readyz").status_code == 200
+
+
+def test_admission_waits_for_room_in_the_decode_budget_then_admits(tuned_replica: Replica) -> None:
+    """Catches an ADMISSION_WAIT_S that is not applied (the default 1 s, or none): with room to decode one pair
+    at a time, concurrent pairs of 9 Mpx pictures wait their turn and are all answered, none refused. (With no
+    wait, such a flood is refused in part: tests/app/test_admission.py.)"""
+    async def post_all(count: int) -> list[int]:
+        async with httpx.AsyncClient(base_url=tuned_replica.url, timeout=120, trust_env=False) as client:
+            answers = await asyncio.gather(*(client.post("/similarity", files=pair_files(LARGE_PNG, LARGE_PNG))
+                                             for _ in range(count)))
+        return [answer.status_code for answer in answers]
+
+    with _client(tuned_replica.url) as client:
+        refused_before = metric_value(client, "siamcam_rejections_total", reason="decode_budget")
+        started = time.monotonic()
+        assert asyncio.run(post_all(6)) == [200] * 6
+        took_s = time.monotonic() - started
+        assert metric_value(client, "siamcam_rejections_total", reason="decode_budget") == refused_before
+        assert metric_value(client, "siamcam_decode_pixels_in_flight") == 0
+    print(f"6 pairs one at a time: {took_s:.1f} s")
