@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 from asgi_lifespan import LifespanManager
 from torch import nn
@@ -48,8 +49,9 @@ def test_ready_only_after_the_model_is_loaded_and_warmed_up(test_settings: Calla
     asyncio.run(check())
 
 
-def _start_fails_with_one_line(model_store: Path, model_name: str, expected: str, log_path: Path) -> None:
-    env = {"MODEL_STORE": str(model_store), "MODEL_NAME": model_name}
+def _start_fails_with_one_line(model_store: Path, model_name: str, expected: str, log_path: Path,
+                               **settings: str) -> None:
+    env = {"MODEL_STORE": str(model_store), "MODEL_NAME": model_name, **settings}
     with running_service(env, log_path, wait_ready=False) as replica:
         replica.process.wait(timeout=120)
     assert replica.process.returncode == 1
@@ -116,6 +118,13 @@ def test_a_model_failing_its_warm_up_stops_start_up_with_one_clear_line(model_st
     with_module(model_store / TEST_MODEL_NAME, tmp_path / "failing", _FailsOnEveryBatch(), format_version=1)
     _start_fails_with_one_line(tmp_path, "failing", f"{tmp_path / 'failing' / 'model.pt'} failed its warm-up batch",
                                tmp_path / "uvicorn.log")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device: DEVICE=cuda would start")
+def test_device_cuda_without_a_gpu_stops_start_up_with_one_clear_line(model_store: Path, tmp_path: Path) -> None:
+    """Catches a DEVICE=cuda that falls back to the CPU in silence (a GPU replica that quietly runs 10x slower)."""
+    _start_fails_with_one_line(model_store, TEST_MODEL_NAME, "DEVICE=cuda but no CUDA device is visible",
+                               tmp_path / "uvicorn.log", DEVICE="cuda")
 
 
 def _wait_until(condition: Callable[[], bool], timeout_s: float, replica: Replica) -> None:

@@ -179,3 +179,66 @@ def test_admission_waits_for_room_in_the_decode_budget_then_admits(tuned_replica
         assert metric_value(client, "siamcam_rejections_total", reason="decode_budget") == refused_before
         assert metric_value(client, "siamcam_decode_pixels_in_flight") == 0
     print(f"6 pairs one at a time: {took_s:.1f} s")
+
+
+RENDER_SIDE = 4000  # px: four PNG overlays of 12 Mpx take seconds to render; the model, milliseconds
+
+
+def test_explain_times_out_with_504_while_its_overlays_are_rendered(model_store: Path, tmp_path: Path) -> None:
+    """Catches a REQUEST_TIMEOUT_S that stops counting once the batch has run: the overlays are part of the
+    answer. The pair's batch ends well within the timeout (it is counted in /metrics when the 504 comes), so
+    the time ran out while its overlays were being rendered."""
+    env = {"MODEL_STORE": str(model_store), "MODEL_NAME": TEST_MODEL_NAME, "REQUEST_TIMEOUT_S": "2",
+           "MAX_OVERLAY_SIDE": str(RENDER_SIDE)}
+    photo = encode(class_image("red", 3, (60, 45)).resize((RENDER_SIDE, RENDER_SIDE * 3 // 4),
+                                                          Image.Resampling.BICUBIC), "JPEG", quality=90)
+    with running_service(env, tmp_path / "uvicorn.log") as replica, _client(replica.url) as client:
+        batches_before = metric_value(client, "siamcam_inference_seconds_count", queue="explain")
+        started = time.monotonic()
+        answer = client.post("/explain", files=pair_files(photo, photo),
+                             data={"format": "png", "max_side": str(RENDER_SIDE)})
+        took_s = time.monotonic() - started
+        assert metric_value(client, "siamcam_inference_seconds_count", queue="explain") == batches_before + 1
+        assert answer.status_code == 504, answer.text
+        assert answer.json()["type"] == "urn:siamcam:problem:timeout" and 2 <= took_s < 4, took_s
+        # The service keeps serving once the abandoned overlays are done.
+        wait_for(lambda: client.post("/similarity", files=pair_files(photo, photo)).status_code == 200, 60)
+
+
+def test_x_forwarded_for_from_an_untrusted_peer_is_ignored(model_store: Path, tmp_path: Path) -> None:
+    """Catches a client address taken from any peer's X-Forwarded-For: with FORWARDED_ALLOW_IPS naming another
+    address than this loopback peer, a client cannot dodge its rate limit by claiming another address in the
+    header. Both requests are counted against the peer's own address."""
+    env = {"MODEL_STORE": str(model_store), "MODEL_NAME": TEST_MODEL_NAME, "FORWARDED_ALLOW_IPS": "192.0.2.1",
+           "RATE_LIMIT_PER_S": "0.01", "RATE_LIMIT_BURST": "1"}
+    with running_service(env, tmp_path / "uvicorn.log") as replica, _client(replica.url) as client:
+        first = client.get("/model", headers={"X-Forwarded-For": "198.51.100.1"})
+        second = client.get("/model", headers={"X-Forwarded-For": "198.51.100.2"})
+    assert first.status_code == 200, first.text
+    assert second.status_code == 429, "a forwarded address from an untrusted peer was believed"
+
+
+def test_image_workers_sets_the_threads_that_decode_and_render(model_store: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Catches an IMAGE_WORKERS that is not applied (the pool sized by the CPUs instead, or asyncio's default
+    pool used): under a burst of /explain requests, exactly IMAGE_WORKERS new image threads run them. The
+    service runs in this process (uvicorn in a thread), where its threads can be seen by name."""
+    workers = 5  # not this machine's CPU count, the default
+    monkeypatch.setenv("IMAGE_WORKERS", str(workers))
+    monkeypatch.setenv("MODEL_STORE", str(model_store))
+    monkeypatch.setenv("MODEL_NAME", TEST_MODEL_NAME)
+    settings = Settings()
+    assert settings.image_workers == workers
+    before = {thread.ident for thread in threading.enumerate()}
+    files = pair_files(encode(class_image("red", 5, (640, 480)), "PNG"), encode(class_image("blue", 6, (480, 640))))
+
+    async def burst(url: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=120, trust_env=False) as client:
+            answers = await asyncio.gather(*(client.post("/explain", files=files) for _ in range(8)))
+        return [answer.status_code for answer in answers]
+
+    with serve_in_thread(settings) as url:
+        assert asyncio.run(burst(url)) == [200] * 8
+        image_threads = [thread for thread in threading.enumerate()
+                         if thread.ident not in before and thread.name.startswith("images")]
+    assert len(image_threads) == workers, [thread.name for thread in image_threads]
