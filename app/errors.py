@@ -101,7 +101,8 @@ async def _on_validation_error(request: Request, error: Exception) -> JSONRespon
         # Not a form with missing fields but no form at all (JSON, urlencoded, nothing): say what to send.
         sent = f"a body of Content-Type {media_type}" if media_type else "no Content-Type"
         return problem_response(400, "bad-request", f"The request has {sent}; send the images as multipart/form-data "
-                                "fields (e.g. curl -F image1=@a.jpg -F image2=@b.jpg). See /docs for each endpoint's fields.")
+                                "fields (e.g. curl -F image1=@a.jpg -F image2=@b.jpg). See /docs for each endpoint's "
+                                "fields.")
     # One readable sentence per error, e.g. "body.image2: Field required".
     reasons = [
         f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()

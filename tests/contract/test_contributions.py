@@ -131,7 +131,8 @@ def test_maps_show_the_part_pushing_toward_the_decision_and_the_part_against_it(
                 # Each cell's block of the drawn map follows the cell's contribution.
                 per_cell = drawn.unflatten(0, (rows, -1)).unflatten(2, (columns, -1)).mean(dim=(1, 3))
                 # (its strongest cell is one of the strongest: a uniform shape makes cells of equal evidence)
-                assert float(positive.flatten()[per_cell.argmax()]) >= 0.9 * float(positive.max()), f"pair {index} {name}"
+                strongest = float(positive.flatten()[per_cell.argmax()])
+                assert strongest >= 0.9 * float(positive.max()), f"pair {index} {name}"
                 correlation = torch.corrcoef(torch.stack([per_cell.flatten(), positive.flatten()]))[0, 1]
                 assert correlation > 0.9, f"pair {index} {name}: r = {float(correlation):.3f}"
                 compared += 1
