@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import struct
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +19,7 @@ from app.main import create_app
 from app.settings import Settings
 from tests.support.images import class_image, drawn_image, encode, pair_files
 
-GOOD = encode(drawn_image(11), "PNG")
+GOOD = encode(class_image("red", 11), "PNG")
 
 
 def _problem(response: httpx.Response, status: int, slug: str | None = None) -> dict:
@@ -85,7 +86,7 @@ def _exif_rotated(image: Image.Image) -> bytes:
 
 
 def _animated_gif() -> bytes:
-    frames = [drawn_image(seed, (50, 40)).convert("P") for seed in (20, 21, 22)]
+    frames = [class_image(colour, 20, (50, 40)).convert("P") for colour in ("red", "green", "blue")]
     return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
@@ -94,23 +95,47 @@ def _sixteen_bit_gray() -> bytes:
     return encode(Image.fromarray(ramp), "PNG")
 
 
+def _half_transparent() -> bytes:
+    """A red shape whose left half is transparent: what shows is the white it is composited on."""
+    picture = class_image("red", 17).convert("RGBA")
+    alpha = np.full((picture.height, picture.width), 255, dtype=np.uint8)
+    alpha[:, : picture.width // 2] = 0
+    picture.putalpha(Image.fromarray(alpha))
+    return encode(picture, "PNG")
+
+
 UNUSUAL_IMAGES = {
-    "grayscale": lambda: encode(drawn_image(14).convert("L"), "PNG"),
-    "palette": lambda: encode(drawn_image(15).convert("P"), "PNG"),
-    "cmyk jpeg": lambda: encode(drawn_image(16).convert("CMYK"), "JPEG"),
-    "alpha": lambda: encode(drawn_image(17).convert("RGBA"), "PNG"),
-    "16-bit": _sixteen_bit_gray,
+    "grayscale": lambda: encode(class_image("red", 14).convert("L"), "PNG"),
+    "palette": lambda: encode(class_image("red", 15).convert("P"), "PNG"),
+    "cmyk jpeg": lambda: encode(class_image("red", 16).convert("CMYK"), "JPEG"),
+    "alpha": _half_transparent,
     "animated gif": _animated_gif,
-    "webp": lambda: encode(drawn_image(18), "WEBP"),
-    "bmp": lambda: encode(drawn_image(19), "BMP"),
+    "webp": lambda: encode(class_image("red", 18), "WEBP"),
+    "bmp": lambda: encode(class_image("red", 19), "BMP"),
 }
 
 
+def _as_plain_rgb_png(data: bytes) -> bytes:
+    """What the service must see of `data`: its first frame, in RGB, transparency composited on white."""
+    picture = Image.open(io.BytesIO(data))
+    picture.seek(0)
+    if picture.mode in ("RGBA", "LA", "PA", "P") and (picture.mode != "P" or "transparency" in picture.info):
+        white = Image.new("RGBA", picture.size, (255, 255, 255, 255))
+        picture = Image.alpha_composite(white, picture.convert("RGBA"))
+    return encode(picture.convert("RGB"), "PNG")
+
+
 @pytest.mark.parametrize("case", list(UNUSUAL_IMAGES))
-def test_unusual_images_work(client: httpx.Client, case: str) -> None:
-    response = client.post("/similarity", files=pair_files(GOOD, UNUSUAL_IMAGES[case]()))
-    assert response.status_code == 200, response.text
-    assert 0 <= response.json()["score"] <= 1
+def test_unusual_images_are_scored_as_their_pixels(client: httpx.Client, case: str) -> None:
+    """Catches a decoder that reads an unusual file differently from its plain RGB pixels (CMYK left inverted,
+    transparency shown instead of composited on white, a later frame of an animation, a palette's indices):
+    each must score as the same picture saved as a plain RGB PNG."""
+    unusual = UNUSUAL_IMAGES[case]()
+    score = lambda data: client.post("/similarity", files=pair_files(GOOD, data)).json()["score"]  # noqa: E731
+    assert score(unusual) == pytest.approx(score(_as_plain_rgb_png(unusual)), abs=1e-4)
+    if case == "alpha":  # the check can tell: the hidden pixels shown instead score otherwise
+        shown = encode(Image.open(io.BytesIO(unusual)).convert("RGB"), "PNG")
+        assert abs(score(shown) - score(unusual)) > 0.02
 
 
 def test_16_bit_images_are_scaled_not_clipped(client: httpx.Client) -> None:

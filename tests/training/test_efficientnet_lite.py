@@ -16,7 +16,7 @@ from efficientnet_lite_pytorch import EfficientNet
 from PIL import Image
 from torch import nn
 
-from app.model import explain_pairs, load_model
+from app.model import explain_pairs, load_model, score_pairs
 from contract.preprocess import normalize
 from contract.torchscript import quiet_torchscript
 from tests.conftest import SHARED_DATASETS
@@ -199,7 +199,9 @@ def test_a_pretrained_lite0_trains_exports_and_is_served(shapes_dataset: Path, t
             Image.open(sorted(shapes_dataset.rglob("*.png"))[-1]) as last:
         pictures = [served.preprocessing.resize(image.convert("RGB")) for image in (first, last)]
     explained = explain_pairs(served, [pictures[0]], [pictures[1]], "contributions")[0]
-    assert 0 <= explained.score <= 1 and explained.contributions is not None
+    # the explained pair's score is the model's own for it (not merely some number in [0, 1])
+    assert explained.score == pytest.approx(score_pairs(served, [pictures[0]], [pictures[1]])[0], abs=1e-5)
+    assert explained.contributions is not None
     maps = explained.maps
     for heatmap in (maps.factual1, maps.factual2, maps.counterfactual1, maps.counterfactual2):
         assert tuple(heatmap.shape) == (32, 32) and bool(torch.isfinite(heatmap).all())
@@ -214,4 +216,6 @@ def test_a_pretrained_lite0_trains_exports_and_is_served(shapes_dataset: Path, t
                    "print(score_pairs(served, [black], [white])[0])")
     completed = subprocess.run([sys.executable, "-c", serve_alone], cwd=REPO, capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr
-    assert 0 <= float(completed.stdout) <= 1
+    # ... and scores as the model does here, with training/ and the weight packages loaded
+    black, white = torch.zeros(3, 32, 32, dtype=torch.uint8), torch.full((3, 32, 32), 255, dtype=torch.uint8)
+    assert float(completed.stdout) == pytest.approx(score_pairs(served, [black], [white])[0], abs=1e-5)
