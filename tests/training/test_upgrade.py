@@ -12,13 +12,29 @@ from contract.manifest import FORMAT_VERSION, read_manifest
 from contract.torchscript import load_torchscript, sha256_of
 from tests.support.model_folders import copy_of_model
 from training.__main__ import main
+from training.export import export_model
+from training.model import IMAGENET, build_siamese
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _relabelled(model_store: Path, folder: Path, **changes: object) -> Path:
-    """The suite's tiny model under a manifest with these fields changed, as an earlier export would have it."""
-    copy_of_model(model_store / "tiny", folder, **changes)
+@pytest.fixture(scope="module")
+def resnet_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store holding `small`, an untrained resnet18 Siamese network at 64 x 64 px: upgrading rebuilds the
+    network from its manifest's backbone, one of training's (the suite's `tiny` model, set by hand, is not)."""
+    torch.manual_seed(0)
+    store = tmp_path_factory.mktemp("resnet_store")
+    export_model(build_siamese("resnet18", embedding_dim=64), store / "small", {
+        "name": "small", "version": "0.0.1", "backbone": "resnet18", "input_size": [64, 64],
+        "resize_policy": "stretch", "normalization": IMAGENET.model_dump(), "threshold": 0.5, "metrics": {},
+        "dataset": {"name": "none (untrained test model)"}, "training": {"command": "tests/training/test_upgrade.py"},
+    })
+    return store
+
+
+def _relabelled(store: Path, folder: Path, **changes: object) -> Path:
+    """The store's `small` model under a manifest with these fields changed, as an earlier export would have it."""
+    copy_of_model(store / "small", folder, **changes)
     return folder
 
 
@@ -31,9 +47,9 @@ def _scores(folder: Path) -> torch.Tensor:
         return module(x1, x2)
 
 
-def test_a_version_1_folder_is_upgraded_in_place_with_the_same_scores_and_its_history(model_store: Path,
+def test_a_version_1_folder_is_upgraded_in_place_with_the_same_scores_and_its_history(resnet_store: Path,
                                                                                       tmp_path: Path) -> None:
-    folder = _relabelled(model_store, tmp_path / "old", format_version=1, metrics={"test": {"accuracy": 0.75}})
+    folder = _relabelled(resnet_store, tmp_path / "old", format_version=1, metrics={"test": {"accuracy": 0.75}})
     before = _scores(folder)
     main(["upgrade", "--model", str(folder)])
     upgraded = read_manifest(folder)
@@ -58,9 +74,9 @@ def test_the_committed_default_model_upgrades_to_the_same_scores(tmp_path: Path)
     assert torch.allclose(_scores(tmp_path / "flowers"), _scores(default), atol=1e-6)
 
 
-def test_a_file_that_is_not_what_its_manifest_says_is_refused_in_one_line(model_store: Path, tmp_path: Path,
+def test_a_file_that_is_not_what_its_manifest_says_is_refused_in_one_line(resnet_store: Path, tmp_path: Path,
                                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    folder = _relabelled(model_store, tmp_path / "mislabelled", format_version=1, backbone="resnet34")
+    folder = _relabelled(resnet_store, tmp_path / "mislabelled", format_version=1, backbone="resnet34")
     manifest_before = (folder / "manifest.json").read_text()
     with pytest.raises(SystemExit) as stopped:
         main(["upgrade", "--model", str(folder)])
