@@ -1,7 +1,8 @@
-"""What the README promises about operating the service, each through `uvicorn app.main:app` in a process of its
-own (tests/support/service.py), as a user or an orchestrator runs it: the drain after SIGTERM when its grace runs
-out and on a second signal, a 504 for /explain while its overlays are rendered, and the settings MAX_OVERLAY_SIDE,
-LOG_LEVEL, RETRY_AFTER_S, ADMISSION_WAIT_S, IMAGE_WORKERS and uvicorn's FORWARDED_ALLOW_IPS."""
+"""What the README promises about operating the service, through `uvicorn app.main:app` in a process of its own
+(tests/support/service.py), as a user or an orchestrator runs it: the drain after SIGTERM when its grace runs
+out and on a second signal, a 504 for /explain while its overlays are rendered, a 400 for a body that is not
+multipart, and the settings MAX_OVERLAY_SIDE, LOG_LEVEL, RETRY_AFTER_S, ADMISSION_WAIT_S and uvicorn's
+FORWARDED_ALLOW_IPS; IMAGE_WORKERS with uvicorn in this process, where the service's threads can be seen."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from app.settings import Settings
 from deploy.local_cluster import Replica
 from tests.app.conftest import TEST_MODEL_NAME
 from tests.app.failing_model import FAILING_MODEL_NAME, YELLOW
-from tests.conftest import DrawnPair
 from tests.support.images import class_image, encode, pair_files
 from tests.support.metrics import metric_value
 from tests.support.service import running_service, serve_in_thread
