@@ -12,6 +12,7 @@ import pytest
 from deploy.local_cluster import RedisServer, RedisUnavailable, ensure_redis_server
 from tests.support.colour_model import export_colour_model
 from tests.support.images import class_image, encode, pair_files
+from tests.support.system_tools import missing_system_tool
 
 # The paper's datasets (see its README); tests that need them skip, saying so, when they are absent.
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -68,11 +69,11 @@ def decided_pair(request: pytest.FixtureRequest, tmp_path: Path) -> DrawnPair:
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A real redis-server of its own on a free loopback port (installed as root when missing, like nginx);
-    tests may stop and start it again."""
+    """A real redis-server of its own on a free loopback port (installed as root when missing, like nginx; a
+    failure rather than a skip when missing under CI=true); tests may stop and start it again."""
     try:
         binary = ensure_redis_server()
     except RedisUnavailable as reason:
-        pytest.skip(f"no redis-server for the shared rate-limit store: {reason}")
+        missing_system_tool(f"no redis-server for the shared rate-limit store: {reason}")
     with RedisServer(binary, tmp_path) as server:
         yield server
