@@ -20,9 +20,9 @@ from PIL import Image
 from app.model import EMBED_QUEUE
 from app.settings import Settings
 from tests.app.busy_model import model_kept_busy
-from tests.app.test_explain_contributions import _store_with, _Version1Siamese
 from tests.app.failing_model import FAILING_MODEL_NAME, YELLOW
 from tests.support.images import drawn_image, encode, pair_files
+from tests.support.model_folders import with_version1_module
 from tests.support.metrics import metric_value
 from tests.support.service import serve_in_thread
 from tests.support.waiting import wait_for
@@ -247,7 +247,7 @@ def test_a_request_not_answered_in_time_gets_504_and_its_images_leave_the_queue(
 
 def test_a_version_1_model_embeds_and_ranks_without_publishing_its_scoring(model_store: Path,
                                                                              tmp_path: Path) -> None:
-    _store_with(model_store, tmp_path / "old", _Version1Siamese(), format_version=1)
+    with_version1_module(model_store / "tiny", tmp_path / "old")
     with serve_in_thread(Settings(model_store=tmp_path, model_name="old")) as url, \
             httpx.Client(base_url=url, timeout=120, trust_env=False) as client:
         assert client.get("/model").json()["embedding_scoring"] is None
