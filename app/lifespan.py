@@ -13,6 +13,7 @@ from functools import partial
 from fastapi import FastAPI
 
 from app.admission import ImageWork
+from app.backbone import with_compiled_backbone
 from app.batcher import Batcher, QueueLimits
 from app.model import (
     EMBED_QUEUE, EXPLAIN_QUEUES, ModelLoadError, ServedModel, embed_pictures, explain_pairs, load_model,
@@ -31,6 +32,8 @@ EXIT_MODEL_UNAVAILABLE = 1
 def _load_and_warm_up(settings: Settings) -> ServedModel:
     keep_freed_memory_for_reuse()
     model = load_model(settings.model_dir, settings.device)
+    if settings.compile == "auto":
+        model = with_compiled_backbone(model, settings.compile_cache_dir)
     warm_up(model)
     warm_up_embeddings(model)
     return model
@@ -93,6 +96,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             service.model = model
             logger.info("ready", extra={
                 "model": model.manifest.name, "version": model.manifest.version, "device": str(model.device),
+                "backbone": model.backbone,
             })
             yield
     finally:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from contract.compiled import CompiledBackbone
 from contract.explainers import Method, PairMaps, contributions, decide, gradcam
 from contract.explainers.contributions import PairContributions, ThresholdUnreachable
 from contract.manifest import MODEL_FILE, Manifest, ManifestError, read_manifest
@@ -38,7 +39,7 @@ class PairExplanation:
 @dataclass(frozen=True)
 class ServedModel:
     path: Path  # the model.pt it was loaded from
-    module: torch.jit.ScriptModule
+    module: torch.jit.ScriptModule | CompiledBackbone  # the latter: features compiled, the rest model.pt's
     manifest: Manifest
     device: torch.device
     preprocessing: Preprocessing
@@ -48,6 +49,11 @@ class ServedModel:
     @property
     def methods(self) -> tuple[Method, ...]:
         return ("gradcam",) if self.contributions_refusal else ("gradcam", "contributions")
+
+    @property
+    def backbone(self) -> str:
+        """What computes the feature maps: "compiled" (contract/compiled.py) or "torchscript"."""
+        return "compiled" if isinstance(self.module, CompiledBackbone) else "torchscript"
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -127,7 +133,7 @@ def _model_batch(model: ServedModel, pictures: list[torch.Tensor]) -> torch.Tens
     return model.preprocessing.normalize(torch.stack(pictures).to(model.device, non_blocking=True))
 
 
-def score_batch(module: torch.jit.ScriptModule, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+def score_batch(module: torch.jit.ScriptModule | CompiledBackbone, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     """Scores [N] of the pairs (x1[i], x2[i])."""
     with torch.inference_mode():
         return module(x1, x2)

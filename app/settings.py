@@ -13,6 +13,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from contract.compiled import default_cache_dir
+
 REPO_MODEL_STORE = Path(__file__).resolve().parents[1] / "model_store"
 # The stores RATE_LIMIT_STORAGE may name (app/ratelimit.py): one process's memory, or Redis in its forms.
 MEMORY_SCHEMES = ("memory",)
@@ -28,6 +30,13 @@ class Settings(BaseSettings):
     model_store: Path = Field(REPO_MODEL_STORE, description="folder holding the models")
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto picks CUDA when it is available"
+    )
+    compile: Literal["auto", "off"] = Field(
+        "auto", description="auto: the backbone compiled for this machine (compiled at start-up when COMPILE_CACHE_DIR "
+        "lacks it) where it scores as model.pt does, else TorchScript; off: TorchScript only"
+    )
+    compile_cache_dir: Path = Field(
+        default_factory=default_cache_dir, description="folder of compiled backbones (`python -m training compile`)"
     )
     # 8: on a 2-core CPU the default model served 45.5 pairs/s at 32 clients with batches of up to 8 and 26.0
     # with up to 16 (`python -m bench.service_bench`, bench/RESULTS.md, "Peers"); on a GPU larger batches pay.

@@ -35,6 +35,14 @@ class FeatureMap(BaseModel):
     width: PositiveInt
 
 
+class BackboneProgram(BaseModel):
+    """The backbone (`features`) as a `torch.export` program beside model.pt, which a machine compiles for itself
+    (contract/compiled.py). Only an accelerator: model.pt is what a pair's score means."""
+
+    file: str = Field(pattern=r"^[^/\\]+$", description="file name inside the model folder")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class Manifest(BaseModel):
     """Every field is described in model_store/README.md. Fields training adds beyond these are kept as they are."""
 
@@ -61,6 +69,8 @@ class Manifest(BaseModel):
     torch_version: str
     torchvision_version: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of model.pt")
+    # Absent in folders exported before it (`python -m training upgrade` adds it); they are served with TorchScript.
+    backbone_program: BackboneProgram | None = None
 
 
 def read_manifest(model_dir: Path) -> Manifest:

@@ -3,12 +3,16 @@ pairs of drawn images it decides each way."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
+from contract.compiled import ensure_package
+from contract.manifest import read_manifest
 from deploy.local_cluster import RedisServer, RedisUnavailable, ensure_redis_server
 from tests.support.colour_model import export_colour_model
 from tests.support.images import class_image, encode, pair_files
@@ -16,6 +20,11 @@ from tests.support.system_tools import missing_system_tool
 
 # The paper's datasets (see its README); tests that need them skip, saying so, when they are absent.
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+# The suite serves model.pt with TorchScript (COMPILE=off, inherited by the services it starts as processes):
+# compiling a backbone takes tens of seconds, so the tests of the compiled backbone share one package, compiled once
+# a session (`compiled_backbone_cache`).
+os.environ["COMPILE"] = "off"
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -65,6 +74,16 @@ def drawn_pair(decision: str, folder: Path, seed: int = 0) -> DrawnPair:
 def decided_pair(request: pytest.FixtureRequest, tmp_path: Path) -> DrawnPair:
     """A pair that ``tiny`` decides "similar", then one it decides "dissimilar": a test taking it runs for both."""
     return drawn_pair(request.param, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def compiled_backbone_cache(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding the test model's backbone compiled for this machine's CPU: compiled once a session
+    (tens of seconds on two cores), by the service's own start-up path (`ensure_package`)."""
+    cache = tmp_path_factory.mktemp("compiled_backbones")
+    model_dir = model_store / "tiny"
+    ensure_package(model_dir, read_manifest(model_dir), cache, torch.device("cpu"))
+    return cache
 
 
 @pytest.fixture

@@ -1,13 +1,14 @@
-"""Train a Siamese similarity model on an image-folder dataset, evaluate an exported one, or upgrade one exported
-by an earlier version to the current format.
+"""Train a Siamese similarity model on an image-folder dataset, evaluate an exported one, upgrade one exported
+by an earlier version to the current format, or compile its backbone for this machine.
 
-Run `python -m training COMMAND --help` (train, evaluate, upgrade) for every option."""
+Run `python -m training COMMAND --help` (train, evaluate, upgrade, compile) for every option."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from training.compile import add_compile_arguments, compile_model
 from training.errors import UsageError
 from training.evaluate import add_evaluate_arguments, evaluate
 from training.train import add_train_arguments, train
@@ -36,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_upgrade_arguments(upgrade_parser)
     upgrade_parser.set_defaults(handler=upgrade)
+    compile_parser = commands.add_parser(
+        "compile", help="compile a model folder's backbone program for this machine (the service's COMPILE cache)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_compile_arguments(compile_parser)
+    compile_parser.set_defaults(handler=compile_model)
     return parser
 
 

@@ -6,9 +6,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import sys
+
 import torch
 import torchvision
 
+from contract.compiled import BACKBONE_PROGRAM_FILE, CompileError, export_backbone, run_program
 from contract.explainers import contributions
 from contract.manifest import FORMAT_VERSION, MODEL_FILE, Manifest, write_manifest
 from contract.torchscript import load_torchscript, save_torchscript, sha256_of
@@ -76,8 +79,30 @@ def _check_contributions(scripted: torch.jit.ScriptModule, input_size: tuple[int
     return worst
 
 
+def export_backbone_program(model: SiameseNet, scripted: torch.jit.ScriptModule, out_dir: Path,
+                            input_size: tuple[int, int]) -> dict[str, str] | None:
+    """Write out_dir/backbone.pt2, `features` as a program the serving machine compiles for itself
+    (contract/compiled.py), checked to compute the TorchScript file's feature maps; its manifest entry. A model
+    whose features cannot be exported gets none, and is served with TorchScript alone."""
+    path = out_dir / BACKBONE_PROGRAM_FILE
+    try:
+        export_backbone(model, input_size, path)
+    except CompileError as error:
+        path.unlink(missing_ok=True)
+        print(f"note: {error}; the model will be served with TorchScript only", file=sys.stderr)
+        return None
+    x = torch.randn(3, 3, *input_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        difference = float((run_program(path, x) - scripted.features(x)).abs().max())
+    if not difference < EXPORT_TOLERANCE:
+        path.unlink()
+        raise ExportMismatchError(f"the exported backbone program differs from the TorchScript file's features by "
+                                  f"{difference:.2e} (limit {EXPORT_TOLERANCE}); nothing was exported")
+    return {"file": BACKBONE_PROGRAM_FILE, "sha256": sha256_of(path)}
+
+
 def export_model(model: SiameseNet, out_dir: Path, manifest: dict[str, Any]) -> Manifest:
-    """Write out_dir/model.pt and out_dir/manifest.json; return the manifest.
+    """Write out_dir/model.pt, out_dir/backbone.pt2 and out_dir/manifest.json; return the manifest.
 
     ``manifest`` carries what only the caller knows (name, version, backbone, input_size, resize_policy,
     normalization, threshold, metrics, dataset, training); this adds what the file itself tells. The result is
@@ -102,6 +127,7 @@ def export_model(model: SiameseNet, out_dir: Path, manifest: dict[str, Any]) -> 
         "torch_version": torch.__version__,
         "torchvision_version": torchvision.__version__,
         "sha256": sha256_of(model_path),
+        "backbone_program": export_backbone_program(model, scripted, out_dir, input_size),
     })
     write_manifest(out_dir, full)
     return full

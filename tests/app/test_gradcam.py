@@ -9,19 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from app.model import ServedModel, load_model
+from app.model import ServedModel
 from bench.gradcam_reference import as_loaded, pytorch_grad_cam_maps
 from contract.explainers import Decided, PairMaps, decide, gradcam
 
 from tests.app.conftest import TEST_MODEL_NAME
+from tests.support.backbones import BACKBONES, served_model
 from tests.support.images import class_pairs
 
 PAIRS = 8
 
 
-@pytest.fixture(scope="module")
-def served(model_store: Path) -> ServedModel:
-    return load_model(model_store / TEST_MODEL_NAME, "cpu")
+@pytest.fixture(scope="module", params=BACKBONES)
+def served(model_store: Path, request: pytest.FixtureRequest) -> ServedModel:
+    return served_model(model_store / TEST_MODEL_NAME, request.param, request)
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,19 @@ import pytest
 import torch
 from torch import nn
 
-from app.model import ServedModel, load_model
+from app.model import ServedModel
 from contract.explainers import PairMaps, cell_box, contributions, decide
 from contract.torchscript import TorchScriptError, load_torchscript, save_torchscript
+from tests.support.backbones import BACKBONES, served_model
 from tests.support.images import class_pairs
 
 PAIRS = 8
 RELATIVE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def served(model_store: Path) -> ServedModel:
-    return load_model(model_store / "tiny", "cpu")
+@pytest.fixture(scope="module", params=BACKBONES)
+def served(model_store: Path, request: pytest.FixtureRequest) -> ServedModel:
+    return served_model(model_store / "tiny", request.param, request)
 
 
 @pytest.fixture(scope="module")

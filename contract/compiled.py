@@ -1,0 +1,203 @@
+"""The compiled backbone: `features` as a `torch.export` program beside `model.pt`, compiled ahead of time for the
+machine that serves it.
+
+TorchScript (`model.pt`) stays the contract; this is an accelerator that must never change what a pair scores.
+- Training writes the backbone program (`backbone.pt2`, with a dynamic batch dimension) and lists it in the
+  manifest (`backbone_program`: file and sha256); `python -m training upgrade` adds it to an older folder.
+- An AOTInductor package (a shared library compiled from the program for one device kind, CPU instruction set
+  or GPU architecture, and torch version) is made by `python -m training compile`, or by the service at
+  start-up, into a cache folder; it is never committed, since it only runs where it was compiled for.
+- The service runs `CompiledBackbone`: the package computes `features`, the TorchScript module everything else
+  (embed, similarity, the contribution methods), so the explainers differentiate the same head as before. They
+  already take the feature maps as computed without autograd (`contract.explainers.decide`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from contract.manifest import Manifest
+from contract.torchscript import sha256_of
+
+# Inductor imports torch's C++ extension helper, which warns on a machine without CUDA that it found no CUDA
+# runtime: nothing a user of the CPU package can act on, in every compile's and start-up's log.
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+BACKBONE_PROGRAM_FILE = "backbone.pt2"
+# The largest batch the program accepts (images, so twice the pairs): far above any MAX_BATCH_SIZE.
+MAX_BATCH = 1024
+# The compiled backbone may differ from TorchScript by rounding only: this much on a score at most.
+SCORE_TOLERANCE = 1e-5
+
+
+class CompileError(RuntimeError):
+    """No compiled backbone can be made or loaded here; the message says why and what to do."""
+
+
+class _Features(nn.Module):
+    """A model's `features` method as the forward of a module: what the program computes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(x)
+
+
+def export_backbone(model: nn.Module, input_size: tuple[int, int], path: Path) -> None:
+    """Save `model.features` (in eval mode, on the CPU) as a `torch.export` program taking any batch of up to
+    MAX_BATCH images of `input_size`; CompileError when it cannot be exported (data-dependent control flow)."""
+    # An example batch of 2: a batch of 1 would let the exporter specialise on it.
+    example = torch.zeros(2, 3, *input_size)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(_Features(model).eval(), (example,), dynamic_shapes=({0: batch},))
+    except Exception as error:
+        raise CompileError(f"the model's features cannot be exported as a program ({_first_line(error)})") \
+            from error
+    torch.export.save(program, str(path))
+
+
+def run_program(path: Path, x: torch.Tensor) -> torch.Tensor:
+    """The saved program run as it is (not compiled) on `x`: how an export is checked against the eager model."""
+    with torch.no_grad():
+        return torch.export.load(str(path)).module()(x)
+
+
+def machine_tag(device: torch.device) -> str:
+    """What a package is compiled for: the device kind with its GPU architecture, or the CPU architecture with
+    the vector instruction set Inductor generates code for."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda-sm{major}{minor}"
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = str(pick_vec_isa()).replace(" ", "+") or "novec"
+    return f"cpu-{platform.machine()}-{isa}"
+
+
+def package_path(cache_dir: Path, program_sha256: str, device: torch.device) -> Path:
+    """Where the package of the program with this sha256 for this machine and torch version lives in `cache_dir`."""
+    version = torch.__version__.replace("+", "-")
+    return cache_dir / f"backbone-{program_sha256[:16]}-{machine_tag(device)}-torch{version}.pt2"
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/siamcam/compiled` (`~/.cache` by default), or the temporary folder's when the home folder
+    is not writable (a container's system user)."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    if not _writable(base):
+        base = Path(tempfile.gettempdir())
+    return base / "siamcam" / "compiled"
+
+
+def _writable(folder: Path) -> bool:
+    existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
+    return existing is not None and os.access(existing, os.W_OK)
+
+
+def program_path(model_dir: Path, manifest: Manifest) -> Path:
+    """The model folder's backbone program, checked against its manifest; CompileError says why there is none."""
+    if manifest.backbone_program is None:
+        raise CompileError(f"{model_dir} has no backbone program (exported before siamcam made one): add it with "
+                           f"`python -m training upgrade --model {model_dir}`")
+    path = model_dir / manifest.backbone_program.file
+    if not path.is_file():
+        raise CompileError(f"{path} is missing; re-export the model, or run `python -m training upgrade --model "
+                           f"{model_dir}`")
+    if sha256_of(path) != manifest.backbone_program.sha256:
+        raise CompileError(f"{path} does not match its manifest's sha256: the file is corrupt or was replaced; "
+                           f"re-export the model")
+    return path
+
+
+def ensure_package(model_dir: Path, manifest: Manifest, cache_dir: Path, device: torch.device,
+                   force: bool = False) -> tuple[Path, float | None]:
+    """The package of the folder's backbone program for `device` in `cache_dir`, compiled first when there is
+    none (or when `force`), with the seconds compiling took (None: it was there)."""
+    program = program_path(model_dir, manifest)
+    package = package_path(cache_dir, manifest.backbone_program.sha256, device)
+    if package.is_file() and not force:
+        return package, None
+    return package, compile_backbone(program, package, device)
+
+
+def compile_backbone(program: Path, package: Path, device: torch.device) -> float:
+    """Compile the program at `program` with AOTInductor for `device` into the package `package` (written under
+    another name first, then renamed: replicas compiling at once never read half a package); the seconds taken."""
+    if not _writable(package.parent):
+        raise CompileError(f"cannot write the compiled backbone to {package.parent}: set COMPILE_CACHE_DIR (or "
+                           "--cache) to a writable folder")
+    compiler = torch._inductor.config.cpp.cxx[-1] if device.type == "cpu" else None
+    if compiler is not None and shutil.which(compiler) is None:
+        raise CompileError(f"no C++ compiler ({compiler}) on this machine to compile the backbone: install one "
+                           "(Debian: g++), or compile the package where one is and copy it into the cache folder")
+    started = time.perf_counter()
+    package.parent.mkdir(parents=True, exist_ok=True)
+    staging = package.with_name(f"{package.stem}.{os.getpid()}.partial.pt2")  # AOTInductor wants .pt2
+    try:
+        exported = torch.export.load(str(program))
+        if device.type != "cpu":
+            exported = torch.export.passes.move_to_device_pass(exported, str(device))
+        # Inductor freezes only what is compiled without autograd (the package never records any).
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(exported, package_path=str(staging),
+                                                     inductor_configs=_inductor_configs(device))
+        staging.replace(package)
+    except Exception as error:
+        raise CompileError(f"compiling {program} for {machine_tag(device)} failed ({_first_line(error)})") from error
+    finally:
+        staging.unlink(missing_ok=True)
+    return time.perf_counter() - started
+
+
+def _inductor_configs(device: torch.device) -> dict[str, Any]:
+    # Freezing makes the weights constants, so BatchNorm folds into the convolutions and, on a CPU, the
+    # convolutions' weights are pre-packed for oneDNN, as `torch.jit.freeze` does for the TorchScript path.
+    return {"freezing": True}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+class CompiledBackbone:
+    """A TorchScript model whose `features` runs a compiled package: every other method is the TorchScript
+    module's own (the head the explainers differentiate), and calling it scores pairs as `forward` does."""
+
+    def __init__(self, module: torch.jit.ScriptModule, package: Path, device: torch.device) -> None:
+        self.module = module
+        self.package = package
+        try:
+            self._features = torch._inductor.aoti_load_package(str(package), device_index=_device_index(device))
+        except Exception as error:
+            raise CompileError(f"{package} is not a loadable compiled backbone ({_first_line(error)}); delete it "
+                               "to compile it again") from error
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        # The package records no autograd graph: its maps are inputs to the head, never differentiated through.
+        with torch.no_grad():
+            return self._features(x.contiguous())
+
+    def __call__(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return self.module.similarity(self.module.embed(self.features(x1)), self.module.embed(self.features(x2)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.module, name)
+
+
+def _device_index(device: torch.device) -> int:
+    return (device.index or 0) if device.type == "cuda" else -1
