@@ -33,6 +33,23 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject
     fi \
  && pip install -r /tmp/requirements.txt
 
+# ---- compiled: the default model's backbone compiled for the CPU (contract/compiled.py), so that replicas start
+# ready instead of compiling for tens of seconds. A package runs on CPUs with the instruction set of the machine
+# that built the image (its name says which); elsewhere the service logs why and serves TorchScript.
+FROM deps AS compiled
+# AOTInductor compiles C++: the compiler, and training's own dependencies for its command, stay in this stage.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/* \
+ && python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']['optional-dependencies']['train']))" \
+        > /tmp/train.txt \
+ && pip install -r /tmp/train.txt
+WORKDIR /build
+COPY contract/ /build/contract/
+COPY training/ /build/training/
+COPY model_store/flowers/ /build/model_store/flowers/
+RUN python -m training compile --model model_store/flowers --device cpu --cache /opt/compiled
+
 # ---- runtime: the virtualenv, the service code and the default model; no compilers, no pip cache -------------
 FROM ${PYTHON_IMAGE} AS runtime
 
@@ -49,12 +66,16 @@ COPY contract/ /srv/contract/
 # The default model, baked in. Serve another one by mounting a store and pointing MODEL_STORE/MODEL_NAME at it:
 #   docker run -v /path/to/store:/models:ro -e MODEL_STORE=/models -e MODEL_NAME=mine siamcam
 COPY model_store/flowers/ /srv/model_store/flowers/
+# Its backbone compiled for this image's CPUs (COMPILE=auto loads it; a mounted model is compiled at start-up only
+# where a compiler is present, and served with TorchScript otherwise).
+COPY --from=compiled /opt/compiled/ /srv/compiled/
 
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MODEL_STORE=/srv/model_store \
     MODEL_NAME=flowers \
+    COMPILE_CACHE_DIR=/srv/compiled \
     FORWARDED_ALLOW_IPS=127.0.0.1
 
 USER siamcam:siamcam

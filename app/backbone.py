@@ -47,7 +47,7 @@ def with_compiled_backbone(model: ServedModel, cache_dir: Path) -> ServedModel:
     return compiled
 
 
-def check_pictures(model: ServedModel) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _check_pictures(model: ServedModel) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
     shape = (_CHECKED_PAIRS - 1, 3, *model.input_size)
     first = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
@@ -58,7 +58,7 @@ def check_pictures(model: ServedModel) -> tuple[list[torch.Tensor], list[torch.T
 
 def largest_score_difference(model: ServedModel, other: ServedModel) -> float:
     """The largest difference between the two models' scores of the check pairs, each alone and all in one batch."""
-    pictures1, pictures2 = check_pictures(model)
+    pictures1, pictures2 = _check_pictures(model)
     reference = torch.tensor(score_pairs(model, pictures1, pictures2))
     together = torch.tensor(score_pairs(other, pictures1, pictures2))
     alone = torch.tensor([score_pairs(other, [a], [b])[0] for a, b in zip(pictures1, pictures2)])

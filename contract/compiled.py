@@ -193,7 +193,9 @@ class CompiledBackbone:
             return self._features(x.contiguous())
 
     def __call__(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        return self.module.similarity(self.module.embed(self.features(x1)), self.module.embed(self.features(x2)))
+        # Both sides in one call: one pair is a batch of two images, which keeps both cores of a small CPU busy.
+        embeddings1, embeddings2 = self.module.embed(self.features(torch.cat([x1, x2]))).chunk(2)
+        return self.module.similarity(embeddings1, embeddings2)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.module, name)

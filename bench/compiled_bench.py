@@ -1,0 +1,135 @@
+"""The compiled backbone against TorchScript, measured in one run (issue 23): the model's work, the service, start-up.
+
+Run from the repository root: `.venv/bin/python -m bench.compiled_bench [--model DIR] [--device cpu|cuda]`.
+1. Model work, in this process, on the same pairs (flowers JPEG files when present, else drawn pictures): the
+   batch runners the service's model thread calls (`score_pairs`, `explain_pairs` with Grad-CAM and with the
+   exact contributions), for one pair and for eight, with the TorchScript backbone (COMPILE=off) and the compiled
+   one (COMPILE=auto), the two timed in alternation, call after call, so that both see the same load from others.
+2. The service (`uvicorn app.main:app`, one replica, default settings) started with COMPILE=off and
+   COMPILE=auto alternately, ROUNDS times each: seconds from launch to ready, and /similarity at 32 clients
+   (deploy/load.py checks every answer against a direct call).
+The package is compiled first, into the default cache (or found there), as `python -m training compile` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from app.backbone import with_compiled_backbone
+from app.model import ServedModel, explain_pairs, load_model, score_pairs
+from bench.service_bench import (
+    DEFAULT_MODEL_DIR, SIMILARITY_REQUESTS, drive, load_pairs, model_pictures, start_service, verdict,
+)
+from contract.compiled import default_cache_dir, ensure_package, machine_tag
+from contract.memory import keep_freed_memory_for_reuse
+from deploy.load import reference_scores
+
+BATCHES = (1, 8)
+CALLS = 15  # timed calls of each kind per variant, alternating
+ROUNDS = 2  # service starts per setting, alternating
+CLIENTS = 32
+PAIRS = 16
+TARGET_MODEL_WORK = 0.67  # compiled / TorchScript time, at most
+TARGET_SERVICE = 1.3  # compiled / TorchScript pairs/s at 32 clients, at least
+TARGET_START_UP_S = 2.0  # compiled start-up minus TorchScript's, at most
+
+
+def timed(work: Callable[[], object], times: list[float]) -> None:
+    """Run `work` once, appending its ms to `times`."""
+    started = time.perf_counter()
+    work()
+    times.append(1000 * (time.perf_counter() - started))
+
+
+def model_work(variants: dict[str, ServedModel], pictures: tuple[torch.Tensor, torch.Tensor]
+               ) -> dict[tuple[str, int], dict[str, float]]:
+    """Median ms per (kind, batch) for each variant, the variants called in alternation."""
+    kinds: dict[str, Callable[[ServedModel, list[torch.Tensor], list[torch.Tensor]], object]] = {
+        "score_pairs": score_pairs,
+        "explain gradcam": lambda model, a, b: explain_pairs(model, a, b, "gradcam"),
+        "explain contributions": lambda model, a, b: explain_pairs(model, a, b, "contributions"),
+    }
+    medians: dict[tuple[str, int], dict[str, float]] = {}
+    for batch in BATCHES:
+        first, second = list(pictures[0][:batch]), list(pictures[1][:batch])
+        for kind, run in kinds.items():
+            times: dict[str, list[float]] = {name: [] for name in variants}
+            for model in variants.values():
+                for _ in range(3):  # warm-up: TorchScript's profiling executor, the first calls' allocations
+                    run(model, first, second)
+            for _ in range(CALLS):
+                for name, model in variants.items():
+                    timed(lambda: run(model, first, second), times[name])
+            medians[(kind, batch)] = {name: statistics.median(values) for name, values in times.items()}
+    return medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="model folder")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the model work runs (the service "
+                        "part runs on the CPU)")
+    parser.add_argument("--skip-service", action="store_true", help="only the model work")
+    args = parser.parse_args()
+    model_dir = args.model.resolve()
+    device = torch.device(args.device)
+    keep_freed_memory_for_reuse()
+    torchscript = load_model(model_dir, args.device)
+    cache = default_cache_dir()
+    package, compile_s = ensure_package(model_dir, torchscript.manifest, cache, device)
+    compiled = with_compiled_backbone(torchscript, cache)
+    if compiled.backbone != "compiled":
+        raise SystemExit("the compiled backbone was refused (see the log above)")
+    pairs = load_pairs(PAIRS)
+    pictures = model_pictures(torchscript, pairs)
+    print(f"model {torchscript.manifest.name} ({torchscript.manifest.backbone}, {torchscript.input_size[0]} px), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {machine_tag(device)}; package "
+          f"{package.name}: " + ("found in the cache" if compile_s is None else f"compiled in {compile_s:.1f} s"))
+
+    rows: list[tuple[str, float, float, bool]] = []
+    print(f"\nmodel work on {device}, median of {CALLS} calls each, alternating (ms):")
+    print(f"{'batch runner':<24} {'pairs':>5} {'TorchScript':>12} {'compiled':>10} {'ratio':>7}")
+    for (kind, batch), medians in model_work({"torchscript": torchscript, "compiled": compiled}, pictures).items():
+        ratio = medians["compiled"] / medians["torchscript"]
+        print(f"{kind:<24} {batch:>5} {medians['torchscript']:>12.1f} {medians['compiled']:>10.1f} {ratio:>6.2f}x")
+        rows.append((f"{kind}, {batch} pair(s): compiled / TorchScript time", ratio, TARGET_MODEL_WORK, True))
+
+    if not args.skip_service and device.type == "cpu":
+        started_s: dict[str, list[float]] = {"off": [], "auto": []}
+        rates: dict[str, list[float]] = {"off": [], "auto": []}
+        for _ in range(ROUNDS):
+            for setting in ("off", "auto"):
+                env = {"COMPILE": setting, "COMPILE_CACHE_DIR": str(cache)}
+                started = time.perf_counter()
+                with start_service(model_dir, env) as cluster:
+                    started_s[setting].append(time.perf_counter() - started)
+                    url = cluster.replicas[0].url
+                    log = cluster.replicas[0].log_path.read_text()
+                    if setting == "auto" and "serving the compiled backbone" not in log:
+                        raise SystemExit(f"COMPILE=auto did not serve the compiled backbone; its log:\n{log}")
+                    run = drive(url, "/similarity", CLIENTS, SIMILARITY_REQUESTS, pairs, reference_scores(url, pairs))
+                    rates[setting].append(run.pairs_per_s)
+        print(f"\nservice, COMPILE=off and auto alternately, {ROUNDS} starts each:")
+        for setting in ("off", "auto"):
+            print(f"  COMPILE={setting:<4}  launch to ready: {', '.join(f'{s:.1f}' for s in started_s[setting])} s;"
+                  f"  /similarity at {CLIENTS} clients: {', '.join(f'{r:.1f}' for r in rates[setting])} pairs/s")
+        rows.append((f"/similarity at {CLIENTS} clients: auto / off pairs/s",
+                     statistics.mean(rates["auto"]) / statistics.mean(rates["off"]), TARGET_SERVICE, False))
+        slower = statistics.mean(started_s["auto"]) - statistics.mean(started_s["off"])
+        print(f"  start-up with the package: {slower:+.1f} s against TorchScript alone (goal: at most "
+              f"+{TARGET_START_UP_S:.0f} s): {verdict(slower, TARGET_START_UP_S, at_most=True)}")
+
+    print(f"\n{'target':<58} {'measured':>9} {'goal':>8}  result")
+    for name, value, goal, at_most in rows:
+        print(f"{name:<58} {value:>8.2f}x {('<= ' if at_most else '>= ') + f'{goal}x':>8}  "
+              f"{verdict(value, goal, at_most)}")
+
+
+if __name__ == "__main__":
+    main()
