@@ -7,6 +7,8 @@
 #   photos   bench.photos_bench (12 Mpx photos, the decompression flood)
 #   service  bench.service_bench
 #   peers    bench.peers (siamcam against LitServe on the same model)
+#   compiled issue 23: bench.compiled_bench on the GPU (the default model's backbone compiled for this GPU's
+#            architecture into a temporary cache, then its model work against TorchScript's)
 #   lite2    issue 9's GPU run: EfficientNet-Lite2 fine-tuned at 260 px on flowers with the default model's
 #            recipe, exported to a temporary folder (its manifest copied to OUT_DIR/lite2_manifest.json)
 #   lite1    the same recipe with EfficientNet-Lite1 at 240 px (the largest step a 2-core CPU could afford)
@@ -42,6 +44,7 @@ print("torchvision", torchvision.__version__, "pillow", PIL.__version__, "opencv
         photos) "$python" -m bench.photos_bench ;;
         service) "$python" -m bench.service_bench ;;
         peers) "$python" -m bench.peers ;;
+        compiled) XDG_CACHE_HOME="$work/cache" "$python" -m bench.compiled_bench --device cuda --skip-service ;;
         lite2) train lite2 efficientnet_lite2 260 ;;
         lite1) train lite1 efficientnet_lite1 240 ;;
         *) echo "unknown step $step"; false ;;

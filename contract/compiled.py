@@ -38,6 +38,10 @@ BACKBONE_PROGRAM_FILE = "backbone.pt2"
 MAX_BATCH = 1024
 # The compiled backbone may differ from TorchScript by rounding only: this much on a score at most.
 SCORE_TOLERANCE = 1e-5
+# Freezing makes the weights constants, so BatchNorm folds into the convolutions and, on a CPU, their weights are
+# pre-packed for oneDNN, as `torch.jit.freeze` does for the TorchScript path (without it, the package ran plain
+# ATen convolutions and was no faster than TorchScript).
+_INDUCTOR_CONFIGS: dict[str, Any] = {"freezing": True}
 
 
 class CompileError(RuntimeError):
@@ -128,6 +132,7 @@ def ensure_package(model_dir: Path, manifest: Manifest, cache_dir: Path, device:
     """The package of the folder's backbone program for `device` in `cache_dir`, compiled first when there is
     none (or when `force`), with the seconds compiling took (None: it was there)."""
     program = program_path(model_dir, manifest)
+    assert manifest.backbone_program is not None  # program_path checked it
     package = package_path(cache_dir, manifest.backbone_program.sha256, device)
     if package.is_file() and not force:
         return package, None
@@ -140,7 +145,9 @@ def compile_backbone(program: Path, package: Path, device: torch.device) -> floa
     if not _writable(package.parent):
         raise CompileError(f"cannot write the compiled backbone to {package.parent}: set COMPILE_CACHE_DIR (or "
                            "--cache) to a writable folder")
-    compiler = torch._inductor.config.cpp.cxx[-1] if device.type == "cpu" else None
+    from torch._inductor import aoti_compile_and_package, config  # Inductor loads in seconds: only when compiling
+
+    compiler = config.cpp.cxx[-1] if device.type == "cpu" else None
     if compiler is not None and shutil.which(compiler) is None:
         raise CompileError(f"no C++ compiler ({compiler}) on this machine to compile the backbone: install one "
                            "(Debian: g++), or compile the package where one is and copy it into the cache folder")
@@ -153,20 +160,13 @@ def compile_backbone(program: Path, package: Path, device: torch.device) -> floa
             exported = torch.export.passes.move_to_device_pass(exported, str(device))
         # Inductor freezes only what is compiled without autograd (the package never records any).
         with torch.no_grad():
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(staging),
-                                                     inductor_configs=_inductor_configs(device))
+            aoti_compile_and_package(exported, package_path=str(staging), inductor_configs=_INDUCTOR_CONFIGS)
         staging.replace(package)
     except Exception as error:
         raise CompileError(f"compiling {program} for {machine_tag(device)} failed ({_first_line(error)})") from error
     finally:
         staging.unlink(missing_ok=True)
     return time.perf_counter() - started
-
-
-def _inductor_configs(device: torch.device) -> dict[str, Any]:
-    # Freezing makes the weights constants, so BatchNorm folds into the convolutions and, on a CPU, the
-    # convolutions' weights are pre-packed for oneDNN, as `torch.jit.freeze` does for the TorchScript path.
-    return {"freezing": True}
 
 
 def _first_line(error: BaseException) -> str:
@@ -181,8 +181,10 @@ class CompiledBackbone:
     def __init__(self, module: torch.jit.ScriptModule, package: Path, device: torch.device) -> None:
         self.module = module
         self.package = package
+        from torch._inductor import aoti_load_package
+
         try:
-            self._features = torch._inductor.aoti_load_package(str(package), device_index=_device_index(device))
+            self._features = aoti_load_package(str(package), device_index=_device_index(device))
         except Exception as error:
             raise CompileError(f"{package} is not a loadable compiled backbone ({_first_line(error)}); delete it "
                                "to compile it again") from error

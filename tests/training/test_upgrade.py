@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from contract.compiled import BACKBONE_PROGRAM_FILE, run_program
 from contract.manifest import FORMAT_VERSION, read_manifest
 from contract.torchscript import load_torchscript, sha256_of
 from tests.support.model_folders import copy_of_model
@@ -59,10 +60,31 @@ def test_a_version_1_folder_is_upgraded_in_place_with_the_same_scores_and_its_hi
     assert upgraded.model_extra["upgraded_from"]["format_version"] == 1
     assert torch.equal(_scores(folder), before)
     assert not (tmp_path / "old.upgrading").exists()
+    assert upgraded.backbone_program is not None
+    assert upgraded.backbone_program.sha256 == sha256_of(folder / upgraded.backbone_program.file)
     # and the upgraded file offers what version 2 promises
     module = load_torchscript(folder / "model.pt", 2)
     features = module.features(torch.zeros(1, 3, *upgraded.input_size))
     assert torch.allclose(module.embed_cells(features).sum(dim=(1, 2)), module.embed(features), atol=1e-5)
+
+
+def test_a_current_folder_without_a_backbone_program_gets_one_from_its_own_weights(model_store: Path,
+                                                                                  tmp_path: Path) -> None:
+    folder = _relabelled(model_store, tmp_path / "current", backbone_program=None)
+    (folder / BACKBONE_PROGRAM_FILE).unlink()
+    before = read_manifest(folder)
+    model_file = (folder / "model.pt").read_bytes()
+    main(["upgrade", "--model", str(folder)])
+    upgraded = read_manifest(folder)
+    assert (folder / "model.pt").read_bytes() == model_file, "model.pt is left as it is"
+    assert upgraded.model_dump(exclude={"backbone_program"}) == before.model_dump(exclude={"backbone_program"})
+    assert upgraded.backbone_program is not None
+    assert upgraded.backbone_program.sha256 == sha256_of(folder / BACKBONE_PROGRAM_FILE)
+    module = load_torchscript(folder / "model.pt", upgraded.format_version)
+    x = torch.randn(3, 3, *upgraded.input_size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        torch.testing.assert_close(run_program(folder / BACKBONE_PROGRAM_FILE, x), module.features(x), rtol=0,
+                                   atol=1e-5)
 
 
 def test_the_committed_default_model_upgrades_to_the_same_scores(tmp_path: Path) -> None:
