@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ import torch
 from app.backbone import with_compiled_backbone
 from app.model import ServedModel, explain_pairs, load_model, score_pairs
 from bench.service_bench import (
-    DEFAULT_MODEL_DIR, SIMILARITY_REQUESTS, drive, load_pairs, model_pictures, start_service, verdict,
+    DEFAULT_MODEL_DIR, SIMILARITY_REQUESTS, drive, load_pairs, model_pictures, print_targets, start_service, verdict,
 )
 from contract.compiled import default_cache_dir, ensure_package, machine_tag
 from contract.memory import keep_freed_memory_for_reuse
@@ -48,14 +48,13 @@ def timed(work: Callable[[], object], times: list[float]) -> None:
 
 
 def model_work(variants: dict[str, ServedModel], pictures: tuple[torch.Tensor, torch.Tensor]
-               ) -> dict[tuple[str, int], dict[str, float]]:
-    """Median ms per (kind, batch) for each variant, the variants called in alternation."""
+               ) -> Iterator[tuple[str, int, dict[str, float]]]:
+    """(kind, batch, median ms of each variant), the variants called in alternation."""
     kinds: dict[str, Callable[[ServedModel, list[torch.Tensor], list[torch.Tensor]], object]] = {
         "score_pairs": score_pairs,
         "explain gradcam": lambda model, a, b: explain_pairs(model, a, b, "gradcam"),
         "explain contributions": lambda model, a, b: explain_pairs(model, a, b, "contributions"),
     }
-    medians: dict[tuple[str, int], dict[str, float]] = {}
     for batch in BATCHES:
         first, second = list(pictures[0][:batch]), list(pictures[1][:batch])
         for kind, run in kinds.items():
@@ -66,8 +65,7 @@ def model_work(variants: dict[str, ServedModel], pictures: tuple[torch.Tensor, t
             for _ in range(CALLS):
                 for name, model in variants.items():
                     timed(lambda: run(model, first, second), times[name])
-            medians[(kind, batch)] = {name: statistics.median(values) for name, values in times.items()}
-    return medians
+            yield kind, batch, {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -95,9 +93,10 @@ def main() -> None:
     rows: list[tuple[str, float, float, bool]] = []
     print(f"\nmodel work on {device}, median of {CALLS} calls each, alternating (ms):")
     print(f"{'batch runner':<24} {'pairs':>5} {'TorchScript':>12} {'compiled':>10} {'ratio':>7}")
-    for (kind, batch), medians in model_work({"torchscript": torchscript, "compiled": compiled}, pictures).items():
+    for kind, batch, medians in model_work({"torchscript": torchscript, "compiled": compiled}, pictures):
         ratio = medians["compiled"] / medians["torchscript"]
-        print(f"{kind:<24} {batch:>5} {medians['torchscript']:>12.1f} {medians['compiled']:>10.1f} {ratio:>6.2f}x")
+        print(f"{kind:<24} {batch:>5} {medians['torchscript']:>12.1f} {medians['compiled']:>10.1f} {ratio:>6.2f}x",
+              flush=True)
         rows.append((f"{kind}, {batch} pair(s): compiled / TorchScript time", ratio, TARGET_MODEL_WORK, True))
 
     if not args.skip_service and device.type == "cpu":
@@ -125,10 +124,7 @@ def main() -> None:
         print(f"  start-up with the package: {slower:+.1f} s against TorchScript alone (goal: at most "
               f"+{TARGET_START_UP_S:.0f} s): {verdict(slower, TARGET_START_UP_S, at_most=True)}")
 
-    print(f"\n{'target':<58} {'measured':>9} {'goal':>8}  result")
-    for name, value, goal, at_most in rows:
-        print(f"{name:<58} {value:>8.2f}x {('<= ' if at_most else '>= ') + f'{goal}x':>8}  "
-              f"{verdict(value, goal, at_most)}")
+    print_targets(rows)
 
 
 if __name__ == "__main__":

@@ -175,6 +175,14 @@ def verdict(value: float, goal: float, at_most: bool = False) -> str:
     return "met" if (value <= goal if at_most else value >= goal) else "NOT MET"
 
 
+def print_targets(rows: list[tuple[str, float, float, bool]]) -> None:
+    """A table of (target, measured ratio, goal, whether the goal is a maximum) with met / NOT MET."""
+    print(f"\n{'target':<62} {'measured':>9} {'goal':>8}  result")
+    for name, value, goal, at_most in rows:
+        print(f"{name:<62} {value:>8.2f}x {('<= ' if at_most else '>= ') + f'{goal}x':>8}  "
+              f"{verdict(value, goal, at_most)}")
+
+
 def main() -> None:
     model_dir = served_model_option(__doc__.splitlines()[0])
     keep_freed_memory_for_reuse()  # the in-process baseline runs the model with the service's memory settings
@@ -256,10 +264,7 @@ def main() -> None:
         ("ours vs pytorch-grad-cam speed, four maps per pair", theirs_s / ours_s, TARGET_VS_PYTORCH_GRAD_CAM,
          False),
     ]
-    print(f"\n{'target':<62} {'measured':>9} {'goal':>8}  result")
-    for name, value, goal, at_most in rows:
-        print(f"{name:<62} {value:>8.2f}x {('<= ' if at_most else '>= ') + f'{goal}x':>8}  "
-              f"{verdict(value, goal, at_most)}")
+    print_targets(rows)
 
 
 if __name__ == "__main__":

@@ -194,10 +194,15 @@ class CompiledBackbone:
         with torch.no_grad():
             return self._features(x.contiguous())
 
+    def pair_features(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both sides' feature maps from one call: one pair is a batch of two images, which keeps both cores of a
+        small CPU busy (TorchScript's forward makes two passes)."""
+        maps1, maps2 = self.features(torch.cat([x1, x2])).chunk(2)
+        return maps1, maps2
+
     def __call__(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        # Both sides in one call: one pair is a batch of two images, which keeps both cores of a small CPU busy.
-        embeddings1, embeddings2 = self.module.embed(self.features(torch.cat([x1, x2]))).chunk(2)
-        return self.module.similarity(embeddings1, embeddings2)
+        maps1, maps2 = self.pair_features(x1, x2)
+        return self.module.similarity(self.module.embed(maps1), self.module.embed(maps2))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.module, name)

@@ -17,6 +17,8 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from contract.compiled import CompiledBackbone
+
 Method = Literal["gradcam", "contributions"]
 Box = tuple[int, int, int, int]  # [x0, y0, x1, y1] in pixels, x1 and y1 exclusive
 
@@ -40,13 +42,16 @@ class PairMaps(NamedTuple):
     counterfactual2: torch.Tensor
 
 
-def decide(model: torch.jit.ScriptModule, x1: torch.Tensor, x2: torch.Tensor, threshold: float) -> Decided:
+def decide(model: torch.jit.ScriptModule | CompiledBackbone, x1: torch.Tensor, x2: torch.Tensor, threshold: float) -> Decided:
     """The feature maps and scores of the pairs (x1[i], x2[i]), and each pair's decision: similar when
     score >= threshold."""
     with torch.no_grad():
-        # Two backbone passes, as the model's forward (what /similarity runs) makes them: explaining a batch
-        # then costs what scoring it costs, plus the explainer's own work.
-        maps1, maps2 = model.features(x1), model.features(x2)
+        # The backbone passes the model's forward (what /similarity runs) makes: explaining a batch then costs
+        # what scoring it costs, plus the explainer's own work, and scores the same.
+        if isinstance(model, CompiledBackbone):
+            maps1, maps2 = model.pair_features(x1, x2)
+        else:
+            maps1, maps2 = model.features(x1), model.features(x2)
         scores = model.similarity(model.embed(maps1), model.embed(maps2))
     return Decided(maps1, maps2, scores, scores >= threshold)
 

@@ -57,16 +57,27 @@ def _pearson(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> floa
     return float(np.corrcoef(np.asarray(a).ravel(), np.asarray(b).ravel())[0, 1])
 
 
-def test_maps_match_pytorch_grad_cam(served: ServedModel, batch) -> None:
+@pytest.fixture(scope="module")
+def reference_maps() -> dict[tuple[int, bool], dict[str, np.ndarray]]:
+    """pytorch-grad-cam's maps of model.pt by (pair, decision), computed once for both backbones' tests."""
+    return {}
+
+
+def test_maps_match_pytorch_grad_cam(served: ServedModel, batch, reference_maps) -> None:
     """Catches maps that differ from the reference implementation's, on similar and dissimilar pairs alike (an
     explainer that always took "similar" as the factual target would fail the dissimilar ones)."""
     x1, x2 = batch
     decided, ours = explain_batch(served, x1, x2)
     compared = {True: 0, False: 0}
-    as_in_its_file = as_loaded(served)
+    as_in_its_file = None
     for index in range(4):
-        pair = (x1[index:index + 1], x2[index:index + 1])
-        for name, theirs in pytorch_grad_cam_maps(as_in_its_file, *pair, bool(decided.similar[index])).items():
+        key = (index, bool(decided.similar[index]))
+        if key not in reference_maps:
+            if as_in_its_file is None:
+                as_in_its_file = as_loaded(served)
+            pair = (x1[index:index + 1], x2[index:index + 1])
+            reference_maps[key] = pytorch_grad_cam_maps(as_in_its_file, *pair, key[1])
+        for name, theirs in reference_maps[key].items():
             mine = getattr(ours, name)[index].numpy()
             assert theirs.shape == mine.shape
             if mine.max() == 0:  # no positive evidence: theirs must be blank too
