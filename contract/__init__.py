@@ -5,6 +5,8 @@ that what training evaluates is exactly what the service serves:
 
 - `manifest`: `manifest.json` as a pydantic model, one format version, validated on load;
 - `torchscript`: saving and loading `model.pt` (TorchScript), its sha256, and the methods it must provide;
+- `compiled`: the backbone as a `torch.export` program beside it, compiled ahead of time for the serving machine
+  (an accelerator that never changes a score);
 - `images`: decoding any supported upload or file into an upright RGB picture, with domain errors;
 - `preprocess`: the manifest's resize policy and normalisation, from a picture to the model's input tensor.
 - `explainers`: the explanation methods, one module each (`gradcam`, `contributions`), batched and hook-free,

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from contract.manifest import Manifest
-from contract.torchscript import sha256_of
+from contract.torchscript import compute_convolutions_in_fp32, sha256_of
 
 # Inductor imports torch's C++ extension helper, which warns on a machine without CUDA that it found no CUDA
 # runtime: nothing a user of the CPU package can act on, in every compile's and start-up's log.
@@ -156,7 +156,8 @@ def compile_backbone(program: Path, package: Path, device: torch.device) -> floa
     staging = package.with_name(f"{package.stem}.{os.getpid()}.partial.pt2")  # AOTInductor wants .pt2
     try:
         exported = torch.export.load(str(program))
-        if device.type != "cpu":
+        if device.type == "cuda":
+            compute_convolutions_in_fp32()  # as the TorchScript path computes: no TF32 kernels compiled in
             exported = torch.export.passes.move_to_device_pass(exported, str(device))
         # Inductor freezes only what is compiled without autograd (the package never records any).
         with torch.no_grad():
