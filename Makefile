@@ -22,14 +22,17 @@ test: install system-deps
 	$(BIN)/python -m pytest
 
 # Browser tests need Debian's Chromium, the load-balancer proof needs nginx, the shared rate-limit store's
-# tests redis-server; all are installed when missing and we are root (as in CI). Without them those tests skip
-# and say why, except with CI=true (.ci/run), where they fail: a CI run that could not install them must not pass.
+# tests redis-server, the compiled backbone's tests g++; all are installed when missing and we are root (as in
+# CI). Without them those tests skip and say why, except with CI=true (.ci/run), where they fail: a CI run that
+# could not install them must not pass.
 system-deps:
-	@if command -v chromium >/dev/null && command -v nginx >/dev/null && command -v redis-server >/dev/null; then exit 0; fi; \
+	@if command -v chromium >/dev/null && command -v nginx >/dev/null && command -v redis-server >/dev/null \
+		&& command -v g++ >/dev/null; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver nginx redis-server; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver nginx \
+			redis-server g++; \
 	else \
-		echo "chromium, nginx or redis-server is missing and this is not root: their tests will skip"; \
+		echo "chromium, nginx, redis-server or g++ is missing and this is not root: their tests will skip"; \
 	fi
 
 # The bundled model_store/flowers: the recipe and its measured numbers are in model_store/README.md.

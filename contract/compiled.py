@@ -42,6 +42,7 @@ SCORE_TOLERANCE = 1e-5
 # pre-packed for oneDNN, as `torch.jit.freeze` does for the TorchScript path (without it, the package ran plain
 # ATen convolutions and was no faster than TorchScript).
 _INDUCTOR_CONFIGS: dict[str, Any] = {"freezing": True}
+_CXX = os.environ.get("CXX", "g++")  # what Inductor runs, unless its own config is changed
 
 
 class CompileError(RuntimeError):
@@ -139,18 +140,22 @@ def ensure_package(model_dir: Path, manifest: Manifest, cache_dir: Path, device:
     return package, compile_backbone(program, package, device)
 
 
+def cpp_compiler() -> str | None:
+    """The path of the C++ compiler AOTInductor runs (for any device: it compiles the package's host code too)."""
+    return shutil.which(_CXX)
+
+
 def compile_backbone(program: Path, package: Path, device: torch.device) -> float:
     """Compile the program at `program` with AOTInductor for `device` into the package `package` (written under
     another name first, then renamed: replicas compiling at once never read half a package); the seconds taken."""
     if not _writable(package.parent):
         raise CompileError(f"cannot write the compiled backbone to {package.parent}: set COMPILE_CACHE_DIR (or "
                            "--cache) to a writable folder")
-    from torch._inductor import aoti_compile_and_package, config  # Inductor loads in seconds: only when compiling
-
-    compiler = config.cpp.cxx[-1] if device.type == "cpu" else None
-    if compiler is not None and shutil.which(compiler) is None:
-        raise CompileError(f"no C++ compiler ({compiler}) on this machine to compile the backbone: install one "
+    if cpp_compiler() is None:
+        raise CompileError(f"no C++ compiler ({_CXX}) on this machine to compile the backbone: install one "
                            "(Debian: g++), or compile the package where one is and copy it into the cache folder")
+    from torch._inductor import aoti_compile_and_package  # Inductor loads in seconds: only when compiling
+
     started = time.perf_counter()
     package.parent.mkdir(parents=True, exist_ok=True)
     staging = package.with_name(f"{package.stem}.{os.getpid()}.partial.pt2")  # AOTInductor wants .pt2

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from contract.compiled import ensure_package
+from contract.compiled import cpp_compiler, ensure_package
 from contract.manifest import read_manifest
 from deploy.local_cluster import RedisServer, RedisUnavailable, ensure_redis_server
 from tests.support.colour_model import export_colour_model
@@ -80,6 +80,8 @@ def decided_pair(request: pytest.FixtureRequest, tmp_path: Path) -> DrawnPair:
 def compiled_backbone_cache(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder holding the test model's backbone compiled for this machine's CPU: compiled once a session
     (tens of seconds on two cores), by the service's own start-up path (`ensure_package`)."""
+    if cpp_compiler() is None:
+        pytest.skip("no C++ compiler (g++) to compile the backbone with: `apt-get install g++` to run this test")
     cache = tmp_path_factory.mktemp("compiled_backbones")
     model_dir = model_store / "tiny"
     ensure_package(model_dir, read_manifest(model_dir), cache, torch.device("cpu"))
