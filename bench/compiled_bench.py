@@ -81,14 +81,17 @@ def main() -> None:
     torchscript = load_model(model_dir, args.device)
     cache = default_cache_dir()
     package, compile_s = ensure_package(model_dir, torchscript.manifest, cache, device)
+    started = time.perf_counter()
     compiled = with_compiled_backbone(torchscript, cache)
+    switch_s = time.perf_counter() - started  # what COMPILE=auto adds to a start-up that finds its package
     if compiled.backbone != "compiled":
         raise SystemExit("the compiled backbone was refused (see the log above)")
     pairs = load_pairs(PAIRS)
     pictures = model_pictures(torchscript, pairs)
     print(f"model {torchscript.manifest.name} ({torchscript.manifest.backbone}, {torchscript.input_size[0]} px), "
           f"torch {torch.__version__}, {torch.get_num_threads()} torch threads, {machine_tag(device)}; package "
-          f"{package.name}: " + ("found in the cache" if compile_s is None else f"compiled in {compile_s:.1f} s"))
+          f"{package.name}: " + ("found in the cache" if compile_s is None else f"compiled in {compile_s:.1f} s")
+          + f"; loaded and checked against TorchScript in {switch_s:.2f} s", flush=True)
 
     rows: list[tuple[str, float, float, bool]] = []
     print(f"\nmodel work on {device}, median of {CALLS} calls each, alternating (ms):")
