@@ -81,7 +81,7 @@ def compiled_backbone_cache(model_store: Path, tmp_path_factory: pytest.TempPath
     """A cache folder holding the test model's backbone compiled for this machine's CPU: compiled once a session
     (tens of seconds on two cores), by the service's own start-up path (`ensure_package`)."""
     if cpp_compiler() is None:
-        pytest.skip("no C++ compiler (g++) to compile the backbone with: `apt-get install g++` to run this test")
+        missing_system_tool("no C++ compiler (g++) to compile the backbone with: `apt-get install g++`")
     cache = tmp_path_factory.mktemp("compiled_backbones")
     model_dir = model_store / "tiny"
     ensure_package(model_dir, read_manifest(model_dir), cache, torch.device("cpu"))

@@ -1,4 +1,4 @@
-"""Tests that need a system program (Chromium, nginx, redis-server): they skip where it is missing, except in CI.
+"""Tests that need a system program (Chromium, nginx, redis-server, g++): they skip where it is missing, except in CI.
 
 `make test` installs them as root (`make system-deps`), and CI runs it with CI=true: there a missing program means
 the installation failed, and a suite that skipped its browser or load-balancer tests must not pass as green.
