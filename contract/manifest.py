@@ -14,6 +14,8 @@ FORMAT_VERSION = 2
 SUPPORTED_FORMAT_VERSIONS: tuple[int, ...] = (1, 2)
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.pt"
+# The model's evidence in one self-contained page (training/report.py), served at GET /model/report; optional.
+REPORT_FILE = "report.html"
 
 
 class ManifestError(ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from training.data import DatasetError, decode_images, make_pairs, scan_image_fo
 from training import faithfulness
 from training.errors import UsageError
 from training.metrics import format_table, pair_metrics
+from training.report import ScoredPairs, write_report
 from training.train import fixed_pairs_generator, score_pairs
 
 
@@ -41,6 +43,10 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
                              "metrics.faithfulness; needs a format-version-2 model")
     parser.add_argument("--faithfulness-pairs", type=int, default=None,
                         help="measure faithfulness on at most this many pairs, evenly spread (default: every pair)")
+    parser.add_argument("--report", action="store_true",
+                        help="also write report.html into the model folder: ROC, score histograms, reliability, "
+                             "confusion matrix, accuracy per pair of classes, learning curves, faithfulness and the "
+                             "most confident right and wrong pairs, for this split (training/report.py)")
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,7 +86,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             module.embed(module.features(preprocessing.normalize(images[start:start + args.batch_size])))
             for start in range(0, len(images), args.batch_size)
         ])
-    metrics = {args.split: pair_metrics(pairs[2], score_pairs(module, embeddings, pairs), manifest.threshold)}
+    scores = score_pairs(module, embeddings, pairs)
+    metrics = {args.split: pair_metrics(pairs[2], scores, manifest.threshold)}
     print(f"{manifest.name} {manifest.version} on {args.data} ({len(indices)} images, "
           f"threshold {manifest.threshold:.4f})")
     print(format_table(metrics))
@@ -88,6 +95,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         metrics["faithfulness"] = _faithfulness(args, module, manifest, preprocessing, images, pairs, seed)
     if args.json:
         args.json.write_text(json.dumps(metrics, indent=2) + "\n")
+    if args.report:
+        # read again: --faithfulness has just recorded its result there
+        path = write_report(args.model, read_manifest(args.model), module,
+                            ScoredPairs(args.split, images, labels, pairs, scores),
+                            "python -m training " + shlex.join(args.argv))
+        print(f"wrote {path}")
     return metrics
 
 

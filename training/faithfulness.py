@@ -88,16 +88,19 @@ def area(curve: torch.Tensor) -> torch.Tensor:
 
 def measure(model: torch.jit.ScriptModule, manifest: Manifest, threshold_raw_logit: float,
             x1_batches: list[torch.Tensor], x2_batches: list[torch.Tensor], seed: int) -> dict[str, Any]:
-    """Mean deletion and insertion areas of each order over the pairs of the given batches of model inputs."""
+    """Mean deletion and insertion areas of each order over the pairs of the given batches of model inputs, and
+    the mean curves."""
     grid = (manifest.feature_map.height, manifest.feature_map.width)
     masks = cell_masks(grid, manifest.input_size)
     generator = torch.Generator().manual_seed(seed)
-    areas: dict[str, dict[str, list[torch.Tensor]]] = {curve: {name: [] for name in ORDERS} for curve in CURVES}
+    measured: dict[str, dict[str, list[torch.Tensor]]] = {curve: {name: [] for name in ORDERS} for curve in CURVES}
     for x1, x2 in zip(x1_batches, x2_batches, strict=True):
         similar, orders = cell_orders(model, x1, x2, manifest.threshold, threshold_raw_logit, generator)
         for curve in CURVES:
             for name, order in orders.items():
-                areas[curve][name].append(area(curves(model, x1, x2, similar, order, masks, curve)))
+                measured[curve][name].append(curves(model, x1, x2, similar, order, masks, curve))
+    every = {curve: {name: torch.cat(values) for name, values in by_order.items()}
+             for curve, by_order in measured.items()}
     pairs = sum(len(x1) for x1 in x1_batches)
     return {
         "pairs": pairs,
@@ -105,8 +108,11 @@ def measure(model: torch.jit.ScriptModule, manifest: Manifest, threshold_raw_log
         "seed": seed,
         "protocol": "image 1's cells replaced by its mean colour (deletion) or restored (insertion), most "
                     "important first; area under the decided class's probability over the fraction of cells",
-        **{curve: {name: round(float(torch.cat(values).mean()), 4) for name, values in by_order.items()}
-           for curve, by_order in areas.items()},
+        **{curve: {name: round(float(area(values).mean()), 4) for name, values in by_order.items()}
+           for curve, by_order in every.items()},
+        # the mean curves themselves, at 0, 1/P, ..., 1 of the cells: what the model report draws
+        "curves": {curve: {name: [round(float(value), 4) for value in values.mean(dim=0)]
+                           for name, values in by_order.items()} for curve, by_order in every.items()},
     }
 
 

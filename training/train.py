@@ -8,7 +8,8 @@ The run, top to bottom:
      optionally with the backbone frozen (`--freeze-backbone`), which makes an epoch nearly free, or all but its
      last layers (`--unfreeze-last N`), trained on the cached outputs of the frozen ones;
   4. keep the weights with the best validation ROC AUC, calibrate the score on validation pairs (Platt
-     scaling), choose the threshold there, report validation and test metrics, export model.pt + manifest.json.
+     scaling), choose the threshold there, report validation and test metrics, export model.pt + manifest.json,
+     and draw the test split's report.html (training/report.py).
 Every epoch writes a checkpoint; `--resume` continues from it. Under torchrun every process trains on its
 own shard of each epoch (DistributedDataParallel).
 """
@@ -32,9 +33,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from contract.manifest import Manifest, Normalization
+from contract.manifest import MODEL_FILE, Manifest, Normalization
 from contract.memory import keep_freed_memory_for_reuse
 from contract.preprocess import normalize
+from contract.torchscript import load_torchscript
 from training import distributed
 from training.augment import augment_batch, build_augmentation
 from training.data import MIN_IMAGES_TO_SPLIT, SPLITS, decode_images, make_pairs, scan_image_folder, split_by_image
@@ -43,6 +45,7 @@ from training.errors import UsageError
 from training.export import export_model
 from training.metrics import best_threshold, format_table, pair_metrics, platt_scaling
 from training.model import BACKBONE_NORMALIZATION, BACKBONES, SiameseNet, build_siamese
+from training.report import ScoredPairs, write_report
 
 STAGES: tuple[str, ...] = ("classify", "pairs")
 # NHWC activations and weights: oneDNN's depthwise and pointwise convolutions run faster on CPU (and cuDNN's under
@@ -546,6 +549,11 @@ def _train(args: argparse.Namespace, runtime: distributed.Runtime, started: floa
     net = net.to("cpu", memory_format=torch.contiguous_format)
     exported = export_model(net, args.output, manifest)
     print(f"exported {args.output / 'model.pt'} (sha256 {exported.sha256[:12]}...)", flush=True)
+    # drawn with the exported file itself (its gallery's maps), as `evaluate --report` would draw it
+    report = write_report(args.output, exported, load_torchscript(args.output / MODEL_FILE, exported.format_version),
+                          ScoredPairs("test", evaluation_images["test"], labels["test"], pairs["test"],
+                                      scores["test"]), manifest["training"]["command"])
+    print(f"wrote {report}", flush=True)
     return exported
 
 

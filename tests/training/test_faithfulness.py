@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from app.model import load_model
-from contract.manifest import read_manifest
+from contract.manifest import REPORT_FILE, read_manifest
 from tests.support.images import class_pairs, drawn_image
+from tests.support.report_page import ReportPage, svg_text
 from tests.training.conftest import run_training, train_command
 from training import faithfulness
 from training.__main__ import main
@@ -95,7 +96,7 @@ def test_evaluate_records_faithfulness_in_the_manifest(shapes_dataset: Path, tmp
     run_training(train_command(shapes_dataset, tmp_path, "--input-size", "64"))
     model = tmp_path / "shapes"
     run_training(["evaluate", "--model", str(model), "--data", str(shapes_dataset), "--split", "test",
-                  "--faithfulness", "--json", str(tmp_path / "metrics.json")])
+                  "--faithfulness", "--report", "--json", str(tmp_path / "metrics.json")])
     measured = json.loads((tmp_path / "metrics.json").read_text())["faithfulness"]
     recorded = read_manifest(model).metrics["faithfulness"]
     assert recorded == measured
@@ -109,3 +110,13 @@ def test_evaluate_records_faithfulness_in_the_manifest(shapes_dataset: Path, tmp
     for method in ("gradcam", "contributions"):
         assert recorded["deletion"][method] < recorded["deletion"]["random"], recorded
         assert recorded["insertion"][method] > recorded["insertion"]["random"], recorded
+
+    # The mean curves are recorded too, and the model report (--report) draws them with their areas.
+    drawn = svg_text(ReportPage((model / REPORT_FILE).read_text()).images["faithfulness"][0])
+    for curve in ("deletion", "insertion"):
+        for order, recorded_area in recorded[curve].items():
+            values = torch.tensor(recorded["curves"][curve][order])
+            assert len(values) == 4 + 1  # after deleting or inserting 0, 1, ..., 4 cells
+            # the mean of the pairs' areas is the area under their mean curve
+            assert float(faithfulness.area(values[None])) == pytest.approx(recorded_area, abs=2e-4)
+            assert f"({recorded_area:.4f})" in drawn
