@@ -11,6 +11,12 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'"
 )
+# The model report (training/report.py) is one file with its style sheet inline and its figures as data: URLs, and
+# no script: it may use exactly that.
+REPORT_CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 # fastapi-offline's Swagger UI and ReDoc pages start themselves with inline scripts: they get no CSP (their
 # other headers still apply). Everything they load comes from this service (/static-offline-docs).
 WITHOUT_CSP = ("/docs", "/docs/oauth2-redirect", "/redoc")
@@ -31,7 +37,7 @@ class SecurityHeadersMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        fields = dict(ALWAYS)
+        fields = dict(ALWAYS)  # set only where the answer has none of its own (the model report's CSP)
         if scope["path"] not in WITHOUT_CSP:
             fields["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
 

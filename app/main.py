@@ -37,6 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="siamcam",
         version="0.1.0",
         summary="Explainable image similarity: a Siamese network scores two images, Grad-CAM shows why.",
+        description="Compare two images on [the web page](/) or with `POST /similarity` and `POST /explain`. "
+        "How good the served model is, with its figures: [the model report](/model/report).",
         lifespan=lifespan,
     )
     app.state.service = Service(settings)

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import ranking
+from app.errors import Problem
+from app.headers import REPORT_CONTENT_SECURITY_POLICY
 from app.inference import (
     ExplainOptions, OverlayOptions, explain_in_time, read_pair, reject_repeated_fields, require_method,
     require_ready, run_in_batch, timings_ms,
@@ -19,14 +21,17 @@ from app.inference import (
 from app.model import EXPLAIN_QUEUES, embedding_scoring
 from app.overlays import DEFAULT_FORMAT, DEFAULT_QUALITY, ColormapName, OverlayFormat
 from app.schemas import (
-    IMAGE_PAIR_ENCODING, INFERENCE_ERRORS, MAX_TOP_MATCHES, MODEL_INFO_ERRORS, RETRY_AFTER_HEADER, EmbeddingScoring,
-    EmbedResponse, ExplainResponse, ModelInfo, ModelRef, RankResponse, SimilarityResponse, Status, image_encoding,
+    IMAGE_PAIR_ENCODING, INFERENCE_ERRORS, MAX_TOP_MATCHES, MODEL_INFO_ERRORS, MODEL_REPORT_ERRORS,
+    RETRY_AFTER_HEADER, EmbeddingScoring, EmbedResponse, ExplainResponse, ModelInfo, ModelRef, RankResponse,
+    SimilarityResponse, Status, image_encoding,
 )
 from app.service import Service
 from app.settings import Settings
 from contract.explainers import Method
+from contract.manifest import REPORT_FILE
 
 STATIC_DIR = Path(__file__).parent / "static"
+MODEL_REPORT_PATH = "/model/report"
 router = APIRouter()
 
 
@@ -138,10 +143,27 @@ async def rank(
 async def model_info(service: ServiceDep) -> ModelInfo:
     """The served model, from its manifest."""
     model, _, _ = require_ready(service)
+    report = MODEL_REPORT_PATH if (service.settings.model_dir / REPORT_FILE).is_file() else None
     constants = embedding_scoring(model)
     scoring = None if constants is None else EmbeddingScoring.model_validate(constants, from_attributes=True)
     return ModelInfo.model_validate({**model.manifest.model_dump(), "explain_methods": list(model.methods),
-                                     "embedding_scoring": scoring})
+                                     "embedding_scoring": scoring, "report": report})
+
+
+@router.get(MODEL_REPORT_PATH, response_class=HTMLResponse, responses=MODEL_REPORT_ERRORS, tags=["operations"])
+async def model_report(service: ServiceDep) -> FileResponse:
+    """The served model's report, a page to open in a browser: ROC curve with the threshold, score histograms,
+    reliability diagram, confusion matrix, accuracy per pair of classes, learning curves, faithfulness curves
+    and the most confident right and wrong test pairs with their factual maps (`report.html` in the model's
+    folder, written by `python -m training train`, or `evaluate --report`)."""
+    path = service.settings.model_dir / REPORT_FILE
+    if not path.is_file():
+        raise Problem(404, "no-model-report",
+                      f"The served model ({service.settings.model_name}) has no report: its folder holds no "
+                      f"{REPORT_FILE}. Write one with `python -m training evaluate --model <its folder> --data "
+                      "<its dataset> --split test --report` (every `python -m training train` writes one).")
+    return FileResponse(path, media_type="text/html",
+                        headers={"Content-Security-Policy": REPORT_CONTENT_SECURITY_POLICY})
 
 
 @router.get("/healthz", response_model=Status, tags=["operations"])

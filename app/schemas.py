@@ -191,6 +191,8 @@ class ModelInfo(BaseModel):
         description="how to score two /embed embeddings exactly as /similarity does (README, \"Embeddings\"); "
         "null for a format-version-1 model, whose contract publishes no pair weight or offset: its embeddings "
         "are then only comparable through /similarity and /rank")
+    report: str | None = Field(default=None, description="the path of the model's report (a page with its "
+                               "figures), when its folder has one", examples=["/model/report"])
 
 
 class Status(BaseModel):
@@ -248,6 +250,11 @@ INFERENCE_ERRORS: dict[int | str, dict[str, Any]] = {
                   "worker stopped: retry after "
                   "the Retry-After header", RETRY_AFTER_HEADER),
     504: _problem("the request was not answered within REQUEST_TIMEOUT_S"),
+    500: _UNEXPECTED,
+}
+MODEL_REPORT_ERRORS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the report, one self-contained HTML page"},
+    404: _problem("the served model's folder holds no report.html: the detail says how to write one"),
     500: _UNEXPECTED,
 }
 MODEL_INFO_ERRORS: dict[int | str, dict[str, Any]] = {

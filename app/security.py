@@ -21,8 +21,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.errors import Problem
 from app.settings import Settings
 
-# The endpoints that need a key when keys are configured; /healthz, /readyz, the page and /docs never do.
-PROTECTED_PATHS = ("/similarity", "/explain", "/embed", "/rank", "/model")
+# The endpoints that need a key when keys are configured; /healthz, /readyz, the page and /docs never do. The
+# model report too: its gallery shows pictures of the model's dataset.
+PROTECTED_PATHS = ("/similarity", "/explain", "/embed", "/rank", "/model", "/model/report")
 METRICS_PATH = "/metrics"
 # Where the id of the key a request came with is kept, for the request log line and the rate limiter.
 KEY_ID_SCOPE = "siamcam.key_id"

@@ -199,7 +199,7 @@ def test_balancer_limits_per_client_sit_above_the_apps_per_key_limits() -> None:
     assert f"limit_req zone=siamcam_requests burst={lb['LB_BURST_PER_CLIENT']};" in rendered
     assert f"limit_conn siamcam_connections {lb['LB_CONNECTIONS_PER_CLIENT']};" in rendered
     # The limited locations are the app's limited endpoints.
-    (limited,) = re.findall(r"location ~ \^/\(([a-z|]+)\)\$", rendered)
+    (limited,) = re.findall(r"location ~ \^/\(([a-z|/]+)\)\$", rendered)
     assert {f"/{path}" for path in limited.split("|")} == set(PROTECTED_PATHS)
 
 
