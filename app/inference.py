@@ -21,7 +21,8 @@ from app.errors import CLIENT_CLOSED_REQUEST, Problem, service_unavailable
 from app.model import PairExplanation, ServedModel
 from app.overlays import MEDIA_TYPES, Background, ColormapName, OverlayFormat, overlay_background, render_overlay
 from app.schemas import (
-    Contributions, ExplainedPair, Explanation, Explanations, ImageContributions, Match, Overlay, Target,
+    SPREAD_FACTOR, Contributions, Evidence, ExplainedPair, Explanation, Explanations, ImageContributions, Match,
+    Overlay, Target,
 )
 from app.service import Service
 from app.settings import Settings
@@ -294,8 +295,8 @@ async def explain_in_time(images: ImageWork, backgrounds: asyncio.Future[list[Ba
     except TimeoutError:
         raise _timed_out(settings) from None
     contributions = None if result.contributions is None else describe_contributions(
-        [background.original_size for background in pair_backgrounds], result.contributions, options.top_matches,
-        options.include_correspondence)
+        [background.original_size for background in pair_backgrounds], result.contributions, result.similar,
+        options.top_matches, options.include_correspondence)
     return ExplainedPair(method=options.method, explanations=explanations, contributions=contributions)
 
 
@@ -315,12 +316,18 @@ async def render_explanations(images: ImageWork, backgrounds: list[Background], 
     )
 
 
-def describe_contributions(original_sizes: Sequence[tuple[int, int]], found: PairContributions, top_matches: int,
-                           include_correspondence: bool) -> Contributions:
+def describe_contributions(original_sizes: Sequence[tuple[int, int]], found: PairContributions, similar: bool,
+                           top_matches: int, include_correspondence: bool) -> Contributions:
     """One pair's contributions, its top matches boxed in the original (upright) images' pixels, whose
-    (width, height) are `original_sizes`."""
+    (width, height) are `original_sizes`, and named in words, with what they carry of the evidence for similarity
+    and how to read them (`Contributions.evidence`)."""
     grid = found.grid
     size1, size2 = original_sizes
+    matches = found.top_matches(top_matches)
+    strongest = found.top_matches(1)[0].share
+    even_share = 1 / (grid[0] * grid[1]) ** 2
+    evidence: Evidence = ("not_similar" if not similar
+                          else "concentrated" if strongest >= SPREAD_FACTOR * even_share else "spread")
     return Contributions(
         raw_logit=found.raw_logit,
         offset=found.offset,
@@ -328,14 +335,27 @@ def describe_contributions(original_sizes: Sequence[tuple[int, int]], found: Pai
         grid=grid,
         image1=ImageContributions(**found.totals(1)._asdict()),
         image2=ImageContributions(**found.totals(2)._asdict()),
+        positive_evidence=float(found.correspondence.clamp(min=0).sum()),
+        matches_share=sum(match.share for match in matches),
+        evidence=evidence,
         matches=[
-            Match(image1_cell=match.cell1, image2_cell=match.cell2, image1_box=cell_box(*match.cell1, grid, size1),
+            Match(image1_cell=match.cell1, image2_cell=match.cell2, image1_region=region_name(match.cell1, grid),
+                  image2_region=region_name(match.cell2, grid), image1_box=cell_box(*match.cell1, grid, size1),
                   image2_box=cell_box(*match.cell2, grid, size2), contribution=match.contribution,
                   share=match.share)
-            for match in found.top_matches(top_matches)
+            for match in matches
         ],
         correspondence=found.correspondence.tolist() if include_correspondence else None,
     )
+
+
+def region_name(cell: tuple[int, int], grid: tuple[int, int]) -> str:
+    """Where a cell lies, in words: the third of the image its centre falls in, down and across ("upper left",
+    "centre", "lower centre", ...)."""
+    row, column = (min(int(3 * (index + 0.5) / size), 2) for index, size in zip(cell, grid, strict=True))
+    if (row, column) == (1, 1):
+        return "centre"
+    return f"{('upper', 'middle', 'lower')[row]} {('left', 'centre', 'right')[column]}"
 
 
 def _overlay(background: np.ndarray, heatmap: torch.Tensor, options: OverlayOptions) -> Overlay:

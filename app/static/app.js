@@ -85,9 +85,27 @@ async function loadModelInfo() {
     $("model-info").textContent =
       `Model ${model.name}, version ${model.version}, threshold ${model.threshold.toFixed(2)}`;
     offerMethods(model.explain_methods);
+    $("model-report").hidden = !model.report;
   } catch (error) {
     $("model-info").textContent = `Model information is unavailable right now (${error.message}).`;
   }
+}
+
+// A link cannot send the API key: with one, the page fetches the report and hands it over as a file to open.
+async function openReportWithKey(event) {
+  if (!sessionStorage.getItem(KEY_STORAGE)) return; // no key needed: the browser opens the link itself
+  event.preventDefault();
+  const response = await apiFetch("/model/report");
+  if (!response.ok) {
+    showError("The model report is not available right now.", problemDetail(await readBody(response)), false);
+    return;
+  }
+  const url = URL.createObjectURL(await response.blob());
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = "model-report.html";
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(url), 1000);
 }
 
 // ---------------------------------------------------------------- choosing images
@@ -380,7 +398,9 @@ function fillFigure(figure, key, name, kind, explanation, caption) {
 
 // ---------------------------------------------------------------- matches (exact contributions)
 
-// The grid of cells over each original, the numbered top matches, and the summary in logit units.
+// What the contributions say in words (the service's `evidence` tells how to read its matches), the grid of
+// regions over each original, and, when some pairs of regions stand out, those pairs listed and numbered on both
+// images.
 function showMatches(contributions) {
   const section = $("matches");
   section.hidden = !contributions;
@@ -388,24 +408,57 @@ function showMatches(contributions) {
   const c = contributions;
   const margin = c.raw_logit - c.threshold_raw_logit;
   $("contributions-summary").textContent =
-    `The similarity's logit is ${c.raw_logit.toFixed(2)}, ${Math.abs(margin).toFixed(2)} ` +
-    `${margin >= 0 ? "above" : "below"} the threshold's ${c.threshold_raw_logit.toFixed(2)}. ` +
-    `Regions of the first image add ${signed(c.image1.positive)} and ${signed(c.image1.negative)}, ` +
-    `those of the second ${signed(c.image2.positive)} and ${signed(c.image2.negative)}.`;
-  [0, 1].forEach((index) => buildMatchView(index, c));
-  $("match-list").replaceChildren(...c.matches.map((match, rank) => {
-    const item = document.createElement("li");
-    item.textContent = `${percent(match.share)} of the matching evidence: first image ` +
-      `[${match.image1_box.join(", ")}] with second image [${match.image2_box.join(", ")}] ` +
-      `(${signed(match.contribution)})`;
-    item.dataset.rank = String(rank + 1);
-    return item;
-  }));
+    `In the model's own units: the similarity's logit is ${c.raw_logit.toFixed(2)}, ` +
+    `${Math.abs(margin).toFixed(2)} ${margin >= 0 ? "above" : "below"} the threshold's ` +
+    `${c.threshold_raw_logit.toFixed(2)}. Regions of the first image add ${signed(c.image1.positive)} and ` +
+    `${signed(c.image1.negative)}, those of the second ${signed(c.image2.positive)} and ${signed(c.image2.negative)}.`;
+  const listed = c.evidence === "concentrated" ? c.matches : [];
+  $("matches-summary").textContent = evidenceInWords(c, listed.length);
+  $("match-list").replaceChildren(...listed.map(describeMatch));
+  $("match-list").hidden = listed.length === 0;
+  [0, 1].forEach((index) => buildMatchView(index, c, listed));
 }
 
-function buildMatchView(index, c) {
+function evidenceInWords(c, listed) {
+  const pairs = (c.grid[0] * c.grid[1]) ** 2;
+  const strongest = c.matches.length;
+  switch (c.evidence) {
+    case "not_similar":
+      return "The images were judged not similar, so no regions are listed as matching: the factual maps above " +
+        "show what argued against similarity.";
+    case "spread":
+      return `No pair of regions stands out: the evidence for similarity is spread thin over both images (the ` +
+        `${strongest} strongest of the ${pairs.toLocaleString("en")} pairs of regions carry ` +
+        `${percent(c.matches_share)} of it together). The factual maps above show which regions count most.`;
+    default: {
+      const even = listed / pairs;
+      return `${listed === 1 ? "This pair of regions carries" : `These ${listed} pairs of regions carry`} ` +
+        `${percent(c.matches_share)} of the evidence for similarity together, ` +
+        `${times(c.matches_share / even)} what an even spread over all ` +
+        `${pairs.toLocaleString("en")} pairs would give them; the rest is spread over both images. ` +
+        "They are numbered on the images below.";
+    }
+  }
+}
+
+function times(ratio) {
+  return `${ratio.toFixed(ratio < 10 ? 1 : 0)} times`;
+}
+
+function describeMatch(match) {
+  const item = document.createElement("li");
+  const first = `${match.image1_region} of the first image`;
+  item.textContent = `The ${first} with the ${match.image2_region} of the second: ` +
+    `${percent(match.share)} of the evidence for similarity.`;
+  // The pixels stay in the API's answer; here they are a tooltip for whoever wants them.
+  item.title = `first image pixels [${match.image1_box.join(", ")}], second image [${match.image2_box.join(", ")}]`;
+  return item;
+}
+
+function buildMatchView(index, c, listed) {
   const [rows, columns] = c.grid;
   const view = $(`match-view${index + 1}`);
+  const frame = view.querySelector(".match-frame");
   const img = view.querySelector("img");
   img.src = state.previews[index];
   img.alt = `${IMAGE_NAMES[index]}, divided into the model's ${rows} by ${columns} regions`;
@@ -426,31 +479,122 @@ function buildMatchView(index, c) {
     }
     buttons.push(button);
   }
-  // One box per region, numbered with every top match it is part of (a region can match several).
-  const numbers = new Map();
-  c.matches.forEach((match, rank) => {
+  cells.replaceChildren(...buttons);
+  // One box per region, with one label naming every listed pair it is part of (a region can match several).
+  const ranks = new Map();
+  listed.forEach((match, rank) => {
     const [row, column] = match[`image${index + 1}_cell`];
     const key = row * columns + column;
-    numbers.set(key, [...(numbers.get(key) || []), rank + 1]);
+    ranks.set(key, [...(ranks.get(key) || []), rank + 1]);
   });
-  const boxes = [...numbers].map(([key, ranks]) =>
-    matchBox([Math.floor(key / columns), key % columns], ranks.join(", "), rows, columns));
-  cells.replaceChildren(...buttons);
-  view.querySelectorAll(".match-box").forEach((box) => box.remove());
-  view.querySelector(".match-frame").append(...boxes);
+  frame.querySelectorAll(".match-box, .match-label").forEach((element) => element.remove());
+  for (const [key, numbers] of ranks) {
+    const box = matchBox(Math.floor(key / columns), key % columns, rows, columns);
+    const label = document.createElement("span");
+    label.className = "match-label";
+    label.setAttribute("aria-hidden", "true"); // the list above says the same in words
+    label.textContent = rankList(numbers);
+    box.dataset.cell = label.dataset.cell = String(key);
+    frame.append(box, label);
+  }
+  placeLabelsWhenShown(frame);
 }
 
-function matchBox([row, column], label, rows, columns) {
+function matchBox(row, column, rows, columns) {
   const box = document.createElement("div");
   box.className = "match-box";
   box.style.left = `${(100 * column) / columns}%`;
   box.style.top = `${(100 * row) / rows}%`;
   box.style.width = `${100 / columns}%`;
   box.style.height = `${100 / rows}%`;
-  const numbers = document.createElement("span");
-  numbers.textContent = label;
-  box.append(numbers);
   return box;
+}
+
+// "1–3, 5": consecutive ranks as a range, so that a region's label stays short.
+function rankList(numbers) {
+  const parts = [];
+  for (let start = 0; start < numbers.length;) {
+    let end = start;
+    while (end + 1 < numbers.length && numbers[end + 1] === numbers[end] + 1) end++;
+    parts.push(end - start >= 2 ? `${numbers[start]}–${numbers[end]}` : numbers.slice(start, end + 1).join(", "));
+    start = end + 1;
+  }
+  return parts.join(", ");
+}
+
+// Labels are placed in pixels, so again whenever the picture's size changes (a new picture, a resized window).
+const labelPlacer = new ResizeObserver((entries) => entries.forEach((entry) => placeLabels(entry.target)));
+
+function placeLabelsWhenShown(frame) {
+  labelPlacer.observe(frame);
+  const img = frame.querySelector("img");
+  if (img.complete) placeLabels(frame);
+  else img.addEventListener("load", () => placeLabels(frame), { once: true });
+}
+
+// Each label goes where it fits inside the picture without covering another label: a corner inside its box
+// first, then just outside it, then the nearest free spot; smaller type before giving up a spot near its box.
+function placeLabels(frame) {
+  const width = frame.clientWidth;
+  const height = frame.clientHeight;
+  if (width === 0 || height === 0) return; // not laid out yet: the observer calls again once it is
+  const placed = [];
+  for (const label of frame.querySelectorAll(".match-label")) {
+    const box = frame.querySelector(`.match-box[data-cell="${label.dataset.cell}"]`);
+    const area = { x: box.offsetLeft, y: box.offsetTop, w: box.offsetWidth, h: box.offsetHeight };
+    let spot = null;
+    for (const size of LABEL_SIZES_REM) {
+      label.style.fontSize = `${size}rem`;
+      spot = nearBox(area, label.offsetWidth, label.offsetHeight, width, height)
+        .find((candidate) => !placed.some((other) => overlap(candidate, other)));
+      if (spot) break;
+    }
+    spot = spot || nearestFree(area, label.offsetWidth, label.offsetHeight, width, height, placed);
+    label.style.left = `${spot.x}px`;
+    label.style.top = `${spot.y}px`;
+    placed.push(spot);
+  }
+}
+
+const LABEL_SIZES_REM = [0.8, 0.7, 0.6];
+const LABEL_GAP_PX = 2;
+
+// Candidate spots for a w x h label of the box `area`, each moved inside the picture.
+function nearBox(area, w, h, width, height) {
+  const gap = LABEL_GAP_PX;
+  const right = area.x + area.w - w - gap;
+  const bottom = area.y + area.h - h - gap;
+  return [
+    [area.x + gap, area.y + gap], [right, area.y + gap], [area.x + gap, bottom], [right, bottom],
+    [area.x, area.y - h - gap], [area.x, area.y + area.h + gap], [area.x - w - gap, area.y],
+    [area.x + area.w + gap, area.y],
+  ].map(([x, y]) => inside(x, y, w, h, width, height));
+}
+
+function nearestFree(area, w, h, width, height, placed) {
+  const centre = { x: area.x + area.w / 2, y: area.y + area.h / 2 };
+  let best = inside(area.x, area.y, w, h, width, height);
+  let bestDistance = Infinity;
+  for (let y = 0; y + h <= height; y += 2) {
+    for (let x = 0; x + w <= width; x += 2) {
+      const candidate = { x, y, w, h };
+      const distance = Math.hypot(x + w / 2 - centre.x, y + h / 2 - centre.y);
+      if (distance < bestDistance && !placed.some((other) => overlap(candidate, other))) {
+        best = candidate;
+        bestDistance = distance;
+      }
+    }
+  }
+  return best;
+}
+
+function inside(x, y, w, h, width, height) {
+  return { x: Math.max(0, Math.min(x, width - w)), y: Math.max(0, Math.min(y, height - h)), w, h };
+}
+
+function overlap(a, b) {
+  const gap = LABEL_GAP_PX;
+  return a.x < b.x + b.w + gap && b.x < a.x + a.w + gap && a.y < b.y + b.h + gap && b.y < a.y + a.h + gap;
 }
 
 // Region `cell` of image `from`: on the other image, each region's share of what the two add together
@@ -475,8 +619,9 @@ function signed(value) {
   return `${value >= 0 ? "+" : ""}${value.toFixed(2)}`;
 }
 
+// Two significant decimals for small shares: 0.58%, not 0.6%; 12.3%, not 12.30%.
 function percent(share) {
-  return `${(100 * share).toFixed(1)}%`;
+  return `${(100 * share).toFixed(share < 0.01 ? 2 : 1)}%`;
 }
 
 // ---------------------------------------------------------------- start
@@ -485,6 +630,7 @@ setUpPicker(0);
 setUpPicker(1);
 setUpOptions();
 loadModelInfo();
+$("model-report").querySelector("a").addEventListener("click", openReportWithKey);
 $("compare-form").addEventListener("submit", (event) => {
   event.preventDefault();
   submitInMode();

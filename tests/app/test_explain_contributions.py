@@ -10,7 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from app.inference import region_name
 from app.model import ModelLoadError, load_model
+from app.schemas import SPREAD_FACTOR
 from app.settings import Settings
 from tests.app.conftest import TEST_MODEL_NAME
 from tests.conftest import DECISIONS
@@ -80,11 +82,28 @@ def test_contributions_decompose_the_returned_score_exactly(client: httpx.Client
         # The grid is stretched over each whole original: 24 x 18 px cells on image 1, 18 x 24 px on image 2.
         assert match["image1_box"] == [24 * col1, 18 * row1, 24 * (col1 + 1), 18 * (row1 + 1)]
         assert match["image2_box"] == [18 * col2, 24 * row2, 18 * (col2 + 1), 24 * (row2 + 1)]
+        # In words, on the 4 x 4 grid: rows and columns 0 | 1, 2 | 3 fall in the thirds (upper, middle, lower).
+        assert match["image1_region"] == region_name(match["image1_cell"], (rows, columns))
+    # What the matches carry together, and how to read them, from the matrix itself.
+    assert found["positive_evidence"] == pytest.approx(positive_total, rel=1e-4)
+    assert found["matches_share"] == pytest.approx(sum(match["share"] for match in matches), rel=1e-6)
+    stands_out = float(matrix.max()) / positive_total >= SPREAD_FACTOR / (rows * columns) ** 2
+    assert found["evidence"] == ("not_similar" if not body["similar"] else
+                                 "concentrated" if stands_out else "spread")
     # The overlays are drawn from the contributions, over the upright originals.
     factual = body["explanations"]["factual"]
     assert (factual["target"], body["explanations"]["counterfactual"]["target"]) == \
         ((decision, "dissimilar") if decision == "similar" else (decision, "similar"))
     assert (factual["image2"]["width"], factual["image2"]["height"]) == (72, 96)
+
+
+def test_regions_are_named_by_the_third_of_the_image_their_centre_falls_in() -> None:
+    names = [[region_name((row, column), (7, 7)) for column in range(7)] for row in range(7)]
+    assert names[0] == ["upper left"] * 2 + ["upper centre"] * 3 + ["upper right"] * 2
+    assert names[3] == ["middle left"] * 2 + ["centre"] * 3 + ["middle right"] * 2
+    assert [row[6] for row in names] == ["upper right"] * 2 + ["middle right"] * 3 + ["lower right"] * 2
+    assert region_name((0, 0), (1, 1)) == "centre"
+    assert [region_name((0, column), (1, 4)) for column in range(4)] == ["middle left", "centre", "centre", "middle right"]
 
 
 def test_contributions_are_the_same_pair_for_pair_as_a_direct_call(client: httpx.Client, model_store: Path) -> None:

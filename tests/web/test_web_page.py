@@ -388,65 +388,6 @@ def test_the_decision_is_shown_in_words_either_way(browser: Browser, contributio
         expect(page.locator(OVERLAYS)).to_have_count(4)
 
 
-def test_exact_contributions_show_numbered_matches_and_hovering_a_region_lights_up_its_matches(
-    browser: Browser, contributions_service_url: str, two_images: tuple[Path, Path], artifacts: Path
-) -> None:
-    url = contributions_service_url
-    with opened(browser, url, viewport={"width": 1280, "height": 900}) as page:
-        expect(page.locator("#model-info")).to_contain_text("Model tiny")
-        assert page.locator("#method option[value=contributions]").is_enabled()
-        page.select_option("#method", "contributions")
-        compare(page, *two_images)
-        expect(page.locator("#matches")).to_be_visible(timeout=RESULT_TIMEOUT_MS)
-        files = {"image1": (two_images[0].name, two_images[0].read_bytes()),
-                 "image2": (two_images[1].name, two_images[1].read_bytes())}
-        answer = httpx.post(f"{url}/explain", files=files, timeout=RESULT_TIMEOUT_MS / 1000,
-                            data={"method": "contributions", "include_correspondence": "true"}).json()
-        contributions = answer["contributions"]
-        rows, columns = contributions["grid"]
-        expect(page.locator("#overlays figure img")).to_have_count(6)  # the originals and four overlays
-        # Each image gets its grid of regions and one box per region of a top match, numbered with its matches'
-        # ranks; the list names each pair.
-        for index, view in ((1, "#match-view1"), (2, "#match-view2")):
-            expect(page.locator(f"{view} .cell")).to_have_count(rows * columns)
-            cells = [tuple(match[f"image{index}_cell"]) for match in contributions["matches"]]
-            expect(page.locator(f"{view} .match-box")).to_have_count(len(set(cells)))
-            ranks = [str(rank) for rank, cell in enumerate(cells, start=1) if cell == cells[0]]
-            expect(page.locator(f"{view} .match-box span").first).to_have_text(", ".join(ranks))
-        expect(page.locator("#match-list li")).to_have_count(5)
-        first = contributions["matches"][0]
-        expect(page.locator("#match-list li").first).to_contain_text(f"{100 * first['share']:.1f}%")
-        expect(page.locator("#match-list li").first).to_contain_text(
-            f"[{', '.join(str(v) for v in first['image1_box'])}]")
-        # The first box on image 1 sits on the top match's cell: its left edge at that column's fraction.
-        frame = page.locator("#match-view1 .match-frame").bounding_box()
-        box = page.locator("#match-view1 .match-box").first.bounding_box()
-        assert box is not None and frame is not None
-        assert box["x"] - frame["x"] == pytest.approx(frame["width"] * first["image1_cell"][1] / columns, abs=2)
-
-        # Hovering a region of image 1 lights up image 2 by that region's row of the correspondence matrix,
-        # strongest where the matrix is largest; hovering a region of image 2 uses its column.
-        correspondence = contributions["correspondence"]
-        for source, other, cell in (("#match-view1", "#match-view2", first["image1_cell"]),
-                                    ("#match-view2", "#match-view1", first["image2_cell"])):
-            index = cell[0] * columns + cell[1]
-            page.locator(f"{source} .cell").nth(index).hover()
-            expect(page.locator(f"{source} .cell.source")).to_have_count(1)
-            values = correspondence[index] if source == "#match-view1" else [row[index] for row in correspondence]
-            strengths = [float(s) for s in page.locator(f"{other} .cell").evaluate_all(
-                "cells => cells.map(cell => cell.dataset.strength)")]
-            peak = max(max(values), 0)
-            expected = [max(v, 0) / peak if peak > 0 else 0 for v in values]
-            assert strengths == pytest.approx(expected, abs=1e-3)
-            assert strengths.index(max(strengths)) == values.index(max(values))
-        page.screenshot(path=artifacts / "contributions.png", full_page=True)
-
-        # Back to Grad-CAM: the page asks again and the matches go away.
-        page.select_option("#method", "gradcam")
-        expect(page.locator("#matches")).to_be_hidden(timeout=RESULT_TIMEOUT_MS)
-        expect(page.locator(OVERLAYS)).to_have_count(4)
-
-
 @pytest.mark.parametrize("model", ["format version 1", "format version 2"])
 def test_a_model_without_contributions_offers_grad_cam_only(browser: Browser, request: pytest.FixtureRequest,
                                                            model: str, two_images: tuple[Path, Path]) -> None:
