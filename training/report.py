@@ -264,8 +264,8 @@ def _faithfulness(result: dict[str, Any] | None) -> Section:
     title = "Faithfulness of the explanations"
     if not result:
         return Section("faithfulness", title, "", absent=(
-            "Not measured for this model: `python -m training evaluate --model DIR --data DATASET --split test "
-            "--faithfulness --report` measures it and redraws this report."))
+            "Not measured for this model: python -m training evaluate --model DIR --data DATASET --split test "
+            "--faithfulness --report measures it and redraws this report."))
     text = (f"Image 1's {result['grid'][0]} x {result['grid'][1]} cells removed (deletion) or restored (insertion), "
             f"most important first, on {result['pairs']} {result['split']} pairs: the probability of the decided "
             "class should fall fast when deleting (small area) and rise fast when inserting (large area); the "
@@ -379,7 +379,8 @@ _TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).f
 
 <section id="summary">
   <h2>Summary</h2>
-  <p>Evaluated on the <strong>{{ scored.split }}</strong> split of <strong>{{ manifest.dataset.get("name", "?") }}</strong>
+  <p>Evaluated on the <strong>{{ scored.split }}</strong> split of
+    <strong>{{ manifest.dataset.get("name", "?") }}</strong>
     ({{ classes | length }} classes, {{ scored.labels | length }} images, {{ metrics.pairs }} pairs: one similar
     and one dissimilar partner per image, the paper's protocol). A pair is called similar when its score is at
     least the threshold, {{ "%.4f" | format(manifest.threshold) }}, chosen on validation pairs.</p>
@@ -400,7 +401,8 @@ _TEMPLATE = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True).f
   <table>
     <tr><th>split</th><th>pairs</th><th>accuracy</th><th>ROC AUC</th></tr>
     {% for split, row in recorded.items() %}
-    <tr><td>{{ split }}</td><td class="number">{{ row.pairs }}</td><td class="number">{{ "%.4f" | format(row.accuracy) }}</td>
+    <tr><td>{{ split }}</td><td class="number">{{ row.pairs }}</td>
+      <td class="number">{{ "%.4f" | format(row.accuracy) }}</td>
       <td class="number">{{ "%.4f" | format(row.roc_auc) }}</td></tr>
     {% endfor %}
   </table>

@@ -103,7 +103,8 @@ def test_regions_are_named_by_the_third_of_the_image_their_centre_falls_in() -> 
     assert names[3] == ["middle left"] * 2 + ["centre"] * 3 + ["middle right"] * 2
     assert [row[6] for row in names] == ["upper right"] * 2 + ["middle right"] * 3 + ["lower right"] * 2
     assert region_name((0, 0), (1, 1)) == "centre"
-    assert [region_name((0, column), (1, 4)) for column in range(4)] == ["middle left", "centre", "centre", "middle right"]
+    assert [region_name((0, column), (1, 4)) for column in range(4)] == [
+        "middle left", "centre", "centre", "middle right"]
 
 
 def test_contributions_are_the_same_pair_for_pair_as_a_direct_call(client: httpx.Client, model_store: Path) -> None:

@@ -112,7 +112,8 @@ def assert_words_follow_the_answer(page: Page, contributions: dict) -> None:
             assert text.startswith(f"The {match['image1_region']} of the first image with the "
                                    f"{match['image2_region']} of the second")
             assert percent(match["share"]) in text and "[" not in text  # pixels only in the tooltip
-            assert item.get_attribute("title").startswith(f"first image pixels [{', '.join(map(str, match['image1_box']))}]")
+            pixels = ", ".join(map(str, match["image1_box"]))
+            assert item.get_attribute("title").startswith(f"first image pixels [{pixels}]")
     else:
         expected = "judged not similar" if contributions["evidence"] == "not_similar" else "spread thin"
         expect(summary).to_contain_text(expected)
