@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from bench.paper_table import DEFAULT_RECIPE, RECIPES
+from contract.manifest import REPORT_FILE
 from contract.torchscript import load_torchscript
 from tests.conftest import SHARED_DATASETS
+from tests.support.report_page import ReportPage
 from training.data import scan_image_folder, split_by_image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,3 +106,17 @@ def test_make_default_model_trains_the_paper_tables_recipe() -> None:
     assert tuple(recipe[data_at + 2:]) == RECIPES[DEFAULT_RECIPE]
     command = json.loads((DEFAULT_MODEL / "manifest.json").read_text())["training"]["command"]
     assert shlex.split(command)[6:] == list(RECIPES[DEFAULT_RECIPE])
+
+
+def test_the_default_model_has_its_report_on_its_test_split() -> None:
+    """The bundled model's report.html (GET /model/report) is this model's, on the held-back test split, with
+    every figure: its learning curves and faithfulness figures included."""
+    manifest = json.loads((DEFAULT_MODEL / "manifest.json").read_text())
+    html = (DEFAULT_MODEL / REPORT_FILE).read_text()
+    assert f"sha256 {manifest['sha256'][:12]}" in " ".join(html.split())
+    assert "--split test" in html and "<strong>test</strong> split" in html
+    page = ReportPage(html)
+    for figure in ("roc", "score-histograms", "reliability", "confusion-matrix", "class-pairs", "learning-curves",
+                   "faithfulness"):
+        assert len(page.images[figure]) == 1, f"{figure} missing: redraw it with the command in model_store/README.md"
+    assert str(manifest["metrics"]["test"]["confusion_matrix"]) in html  # its figures are the recorded test split's
