@@ -208,7 +208,7 @@ class ModelInfo(BaseModel):
     created_at: str
     sha256: str = Field(description="sha256 of model.pt, as /embed answers it")
     embedding_scoring: EmbeddingScoring | None = Field(
-        description="how to score two /embed embeddings exactly as /similarity does (README, \"Embeddings\"); "
+        description="how to score two /embed embeddings exactly as /similarity does (docs/api.md, \"Embeddings\"); "
         "null for a format-version-1 model, whose contract publishes no pair weight or offset: its embeddings "
         "are then only comparable through /similarity and /rank")
     report: str | None = Field(default=None, description="the path of the model's report (a page with its "

@@ -70,7 +70,7 @@ def parse_keys_file(text: str, source: str) -> list[ApiKey]:
             keys.append(plain_key(line))
         else:
             raise KeyConfigError(f"{source}, line {number}: a key cannot contain spaces; write the key alone or "
-                                 "`id:sha256-hex-of-the-key` (README, Security)")
+                                 "`id:sha256-hex-of-the-key` (docs/security.md)")
     return keys
 
 
@@ -87,7 +87,7 @@ def load_keys(settings: Settings) -> list[ApiKey]:
         from_file = parse_keys_file(text, f"API_KEYS_FILE {path}")
         if not from_file:
             # A keys file that was meant to lock the API must not leave it open: refuse to start instead.
-            raise KeyConfigError(f"API_KEYS_FILE {path} holds no key: add one (README, Security) or unset "
+            raise KeyConfigError(f"API_KEYS_FILE {path} holds no key: add one (docs/security.md) or unset "
                                  "API_KEYS_FILE to serve without keys")
         keys += from_file
     ids = [key.id for key in keys]

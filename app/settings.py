@@ -22,7 +22,7 @@ REDIS_SCHEMES = ("redis", "rediss", "redis+unix", "redis+sentinel", "redis+clust
 
 
 class Settings(BaseSettings):
-    """Every knob of the service; the README's "Service" section lists them with their defaults."""
+    """Every knob of the service; docs/settings.md lists them with their defaults."""
 
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", protected_namespaces=())
 
@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="a request still waiting after this gets 504")
     max_upload_bytes: int = Field(10 * 1024 * 1024, ge=1, description="largest accepted file per image")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted image (width x height)")
-    # Two pairs of the largest images (README, "Settings"): while one pair's decoding ends, the next one's starts.
+    # Two pairs of the largest images (docs/settings.md): while one pair's decoding ends, the next one's starts.
     max_decode_pixels_in_flight: int = Field(
         160_000_000, ge=1, description="header pixels (width x height) of the images being decoded at once"
     )
@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 answers")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    # Access control (README, "Security"): all off by default, so that a local `make serve` stays open.
+    # Access control (docs/security.md): all off by default, so that a local `make serve` stays open.
     api_keys: SecretStr = Field(
         SecretStr(""), description="comma-separated API keys; when set (or API_KEYS_FILE), the API needs one"
     )

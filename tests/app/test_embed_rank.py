@@ -1,4 +1,4 @@
-"""/embed and /rank over real HTTP on the real small model: embeddings that reproduce /similarity (the README's
+"""/embed and /rank over real HTTP on the real small model: embeddings that reproduce /similarity (docs/api.md's
 snippet, run as written), rankings that agree with /similarity and explanations that agree with /explain, and
 their limits, bad input and overload answers."""
 
@@ -27,7 +27,7 @@ from tests.support.metrics import metric_value
 from tests.support.service import serve_in_thread
 from tests.support.waiting import wait_for
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+API_DOCUMENT = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 SCORE_TOLERANCE = 1e-5
 QUERY = encode(drawn_image(40, (120, 90)), "JPEG")
 CANDIDATES = [encode(drawn_image(seed, (80 + 8 * seed % 50, 64)), "PNG") for seed in range(41, 47)]
@@ -50,13 +50,13 @@ def _problem(response: httpx.Response, status: int, slug: str) -> str:
 
 
 def _readme_snippet() -> str:
-    """The README's Python block that scores two /embed embeddings, as a reader would copy it."""
-    text = README.read_text()
+    """docs/api.md's Python block that scores two /embed embeddings, as a reader would copy it."""
+    text = API_DOCUMENT.read_text()
     (snippet,) = re.findall(r"<!-- embedding-scoring-snippet -->\n```python\n(.*?)```", text, re.DOTALL)
     return snippet
 
 
-def test_the_readme_snippet_reproduces_similarity_from_two_embeddings(
+def test_the_documented_snippet_reproduces_similarity_from_two_embeddings(
     client: httpx.Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     snippet = _readme_snippet()

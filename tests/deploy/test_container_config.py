@@ -152,7 +152,7 @@ def seconds(duration: str) -> float:
 
 
 def test_compose_defaults_are_the_app_defaults() -> None:
-    """The README states the balancer's limits against the app's defaults: compose must not drift from them."""
+    """docs/deployment.md states the balancer's limits against the app's defaults: compose must not drift from them."""
     defaults = Settings(_env_file=None)
     api = compose_environment("api", environ={})
     assert int(api["MAX_UPLOAD_BYTES"]) == defaults.max_upload_bytes
