@@ -68,9 +68,9 @@ def test_a_version_1_folder_is_upgraded_in_place_with_the_same_scores_and_its_hi
     assert torch.allclose(module.embed_cells(features).sum(dim=(1, 2)), module.embed(features), atol=1e-5)
 
 
-def test_a_current_folder_without_a_backbone_program_gets_one_from_its_own_weights(model_store: Path,
+def test_a_current_folder_without_a_backbone_program_gets_one_from_its_own_weights(resnet_store: Path,
                                                                                   tmp_path: Path) -> None:
-    folder = _relabelled(model_store, tmp_path / "current", backbone_program=None)
+    folder = _relabelled(resnet_store, tmp_path / "current", backbone_program=None)
     (folder / BACKBONE_PROGRAM_FILE).unlink()
     before = read_manifest(folder)
     model_file = (folder / "model.pt").read_bytes()
