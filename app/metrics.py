@@ -15,7 +15,9 @@ REQUESTS_IN_PROGRESS = Gauge(
     "Inference requests (/similarity, /explain, /embed, /rank) admitted and not yet answered: what a drain waits for",
     ["route"],
 )
-QUEUE_DEPTH = Gauge("siamcam_queue_depth", "Jobs (pairs; single images in the embed queue) waiting in a queue for the inference worker", ["queue"])
+QUEUE_DEPTH = Gauge("siamcam_queue_depth",
+                    "Jobs (pairs; single images in the embed queue) waiting in a queue for the inference worker",
+                    ["queue"])
 QUEUE_WAIT = Histogram(
     "siamcam_queue_wait_seconds", "Time a job waited before its batch started", ["queue"], buckets=_LATENCY_BUCKETS
 )

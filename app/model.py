@@ -206,7 +206,8 @@ def score_blank_pair(model: ServedModel) -> list[float]:
 @dataclass(frozen=True)
 class ScoringConstants:
     """What a client needs to score two embeddings itself, exactly as the model does (format version 2):
-    ``score = sigmoid(squash(pair_weight * <e1, e2> + offset))`` with ``squash(r) = r / sqrt(1 + (r / max_logit)^2)``."""
+    ``score = sigmoid(squash(pair_weight * <e1, e2> + offset))`` with
+    ``squash(r) = r / sqrt(1 + (r / max_logit)^2)``."""
 
     pair_weight: float
     offset: float

@@ -42,7 +42,8 @@ class PairMaps(NamedTuple):
     counterfactual2: torch.Tensor
 
 
-def decide(model: torch.jit.ScriptModule | CompiledBackbone, x1: torch.Tensor, x2: torch.Tensor, threshold: float) -> Decided:
+def decide(model: torch.jit.ScriptModule | CompiledBackbone, x1: torch.Tensor, x2: torch.Tensor,
+           threshold: float) -> Decided:
     """The feature maps and scores of the pairs (x1[i], x2[i]), and each pair's decision: similar when
     score >= threshold."""
     with torch.no_grad():
