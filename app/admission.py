@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TypeVar
 
 from app import metrics
-from app.torch_threads import single_threaded_pool
 from contract.memory import give_back_free_memory
 
 T = TypeVar("T")
@@ -80,9 +80,12 @@ class ImageWork:
     thread; and the budget of pixels those threads may be decoding at once."""
 
     def __init__(self, workers: int, max_pixels_in_flight: int, idle_before_trim_s: float = IDLE_BEFORE_TRIM_S,
-                 give_back: Callable[[], None] = give_back_free_memory) -> None:
+                 give_back: Callable[[], None] = give_back_free_memory,
+                 on_thread_start: Callable[[], None] | None = None) -> None:
+        """`on_thread_start` prepares each image thread (where the model runs in this process too, it keeps
+        torch single-threaded there: app/torch_threads.py)."""
         self.workers = workers
-        self.pool = single_threaded_pool(workers, "images")
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images", initializer=on_thread_start)
         self.budget = PixelBudget(max_pixels_in_flight)
         self.idle_before_trim_s = idle_before_trim_s
         self._give_back = give_back

@@ -26,50 +26,24 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
+import numpy as np
 
 from app import metrics
+from app.jobs import Job, Outcome, QueueFull, WorkerStopped
 
 T = TypeVar("T")
 # Called with one list per position of the jobs' pictures (images1, images2 for pairs; images for single images).
 BatchRunner = Callable[..., Sequence[Any]]
 
 
-class QueueFull(Exception):
-    pass
-
-
-class WorkerStopped(Exception):
-    """The inference worker has stopped: no job will be run by this process any more."""
-
-
 class ModelBroken(RuntimeError):
     """The model fails even on the pair it passed at warm-up: only a restart can help."""
 
 
-@dataclass
-class Outcome:
-    """One job's result, with how long it waited in the queue and how long its batch took; `batch_started`
-    tells the batches of a request's several jobs apart."""
-
-    value: Any
-    queue_wait_s: float
-    inference_s: float
-    batch_started: float = 0.0
-
-
-@dataclass(eq=False)
-class Job:
-    kind: str
-    pictures: tuple[torch.Tensor, ...]  # a pair, or one picture
-    future: asyncio.Future[Outcome]
-    enqueued_at: float = field(default_factory=time.monotonic)
-
-
-def _timed(runner: BatchRunner, *inputs: list[torch.Tensor]) -> tuple[Sequence[Any], float, float]:
+def _timed(runner: BatchRunner, *inputs: list[np.ndarray]) -> tuple[Sequence[Any], float, float]:
     """`runner`'s results, when it started and how long it took, timed on the model thread itself: timed from the
     event loop, a batch would also count the hand-over to the thread and the loop's turnaround back to the batch,
     which grow with the load, and `timings_ms.inference` would no longer be the model's work alone."""
@@ -107,12 +81,12 @@ class Batcher:
         for kind in runners:
             metrics.QUEUE_DEPTH.labels(kind).set(0)
 
-    def submit(self, kind: str, *pictures: torch.Tensor) -> Job:
+    def submit(self, kind: str, *pictures: np.ndarray) -> Job:
         """Queue one job (a pair, or one picture); raises QueueFull when its queue is at capacity, WorkerStopped
         once the worker is."""
         return self.submit_all(kind, [pictures])[0]
 
-    def submit_all(self, kind: str, jobs: Sequence[tuple[torch.Tensor, ...]]) -> list[Job]:
+    def submit_all(self, kind: str, jobs: Sequence[tuple[np.ndarray, ...]]) -> list[Job]:
         """Queue every job of one request, or none: QueueFull when they do not all fit in their queue."""
         if self.stopped:
             raise WorkerStopped
@@ -142,8 +116,12 @@ class Batcher:
         self._queue_changed(job.kind)
         return True
 
-    def depth(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
+    def depths(self) -> dict[str, int]:
+        """The jobs waiting in each queue."""
+        return {kind: len(queue) for kind, queue in self._queues.items()}
+
+    def capacity(self, kind: str) -> int:
+        return self._limits[kind].capacity
 
     async def run(self) -> None:
         """The inference worker: runs until cancelled, or until it fails (ModelBroken, or a bug)."""

@@ -11,14 +11,13 @@ from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
-import torch
 from fastapi import Request, UploadFile
 
 from app import metrics
 from app.admission import BudgetExhausted, ImageWork, OverBudget
-from app.batcher import Batcher, Job, Outcome, QueueFull, WorkerStopped
 from app.errors import CLIENT_CLOSED_REQUEST, Problem, service_unavailable
-from app.model import PairExplanation, ServedModel
+from app.jobs import Inference, Job, Outcome, QueueFull, WorkerStopped
+from app.model_view import ModelView
 from app.overlays import MEDIA_TYPES, Background, ColormapName, OverlayFormat, overlay_background, render_overlay
 from app.schemas import (
     SPREAD_FACTOR, Contributions, Evidence, ExplainedPair, Explanation, Explanations, ImageContributions, Match,
@@ -26,8 +25,7 @@ from app.schemas import (
 )
 from app.service import Service
 from app.settings import Settings
-from contract.explainers import Method, cell_box
-from contract.explainers.contributions import PairContributions
+from contract.explanation import Method, PairContributions, PairExplanation, cell_box
 from contract.images import header_pixels
 
 
@@ -42,7 +40,7 @@ class Upload:
 
 @dataclass(frozen=True)
 class DecodedPair:
-    pictures: tuple[torch.Tensor, torch.Tensor]  # uint8 [3, H, W] at the model's input size: what it sees
+    pictures: tuple[np.ndarray, np.ndarray]  # uint8 [3, H, W] at the model's input size: what it sees
     # /explain only: each upright original at overlay size, decoded and resized once for all its overlays, once
     # `batch_ran` is set (cancelled if the pair's batch fails)
     backgrounds: asyncio.Future[list[Background]] | None = None
@@ -97,7 +95,7 @@ def require_count(field: str, count: int, limit: int, setting: str) -> None:
                       f"({setting}). Send at most {limit}, in several requests if need be.")
 
 
-async def read_uploads(named: Sequence[tuple[str, UploadFile]], batcher: Batcher, kind: str, jobs: int,
+async def read_uploads(named: Sequence[tuple[str, UploadFile]], inference: Inference, kind: str, jobs: int,
                        settings: Settings) -> list[Upload]:
     """The uploads' bytes, once none is over MAX_UPLOAD_BYTES (413) and the `kind` queue has room for `jobs`
     (503): refused before anything is read or decoded."""
@@ -106,13 +104,13 @@ async def read_uploads(named: Sequence[tuple[str, UploadFile]], batcher: Batcher
             raise Problem(413, "content-too-large",
                           f"{name} is {upload.size:,} bytes; the limit is {settings.max_upload_bytes:,} bytes. "
                           "Send a smaller file.")
-    if not batcher.has_room(kind, jobs):
+    if not inference.has_room(kind, jobs):
         raise queue_full(settings)
     return [Upload(name, upload.filename, await upload.read()) for name, upload in named]
 
 
-async def admit_and_decode(uploads: Sequence[Upload], model: ServedModel, images: ImageWork, settings: Settings,
-                           keep_charged: bool = False) -> tuple[list[torch.Tensor], int]:
+async def admit_and_decode(uploads: Sequence[Upload], model: ModelView, images: ImageWork, settings: Settings,
+                           keep_charged: bool = False) -> tuple[list[np.ndarray], int]:
     """The uploads admitted, then decoded and preprocessed side by side on the image threads, as the uint8
     pictures the model takes; and the pixels still charged to the budget: none, unless `keep_charged` (then
     the caller gives them back with `images.discharge`, e.g. after a second decode at overlay size, which they
@@ -165,11 +163,11 @@ def backgrounds_after(batch_ran: asyncio.Event, uploads: Sequence[Upload], image
     return backgrounds
 
 
-async def read_pair(image1: UploadFile, image2: UploadFile, model: ServedModel, batcher: Batcher, kind: str,
+async def read_pair(image1: UploadFile, image2: UploadFile, model: ModelView, inference: Inference, kind: str,
                     images: ImageWork, settings: Settings, overlay_max_side: int | None = None) -> DecodedPair:
     """Both uploads read and decoded (`read_uploads`, `admit_and_decode`); with `overlay_max_side`, their overlay
     backgrounds are decoded once `run_in_batch` has run the pair (their pixels stay charged until then)."""
-    uploads = await read_uploads([("image1", image1), ("image2", image2)], batcher, kind, 1, settings)
+    uploads = await read_uploads([("image1", image1), ("image2", image2)], inference, kind, 1, settings)
     (first, second), pixels = await admit_and_decode(uploads, model, images, settings,
                                                      keep_charged=overlay_max_side is not None)
     if overlay_max_side is None:
@@ -188,13 +186,13 @@ def _backgrounds_decoded(backgrounds: asyncio.Future[list[Background]], images: 
         backgrounds.exception()  # retrieved here, for a request that failed before it needed them
 
 
-async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: DecodedPair, arrived: float,
+async def run_in_batch(request: Request, inference: Inference, kind: str, pair: DecodedPair, arrived: float,
                        settings: Settings) -> Outcome:
     """Queue the pair and wait for its result, until REQUEST_TIMEOUT_S after it `arrived` (time.monotonic)
     or until the client leaves; then start decoding its overlay backgrounds, if it has any (or drop them if it
     failed)."""
     try:
-        (outcome,) = await run_jobs(request, batcher, kind, [pair.pictures], arrived, settings)
+        (outcome,) = await run_jobs(request, inference, kind, [pair.pictures], arrived, settings)
     except BaseException:
         if pair.backgrounds is not None:
             pair.backgrounds.cancel()  # never decoded: their pixels go back to the budget
@@ -204,14 +202,14 @@ async def run_in_batch(request: Request, batcher: Batcher, kind: str, pair: Deco
     return outcome
 
 
-async def run_jobs(request: Request, batcher: Batcher, kind: str, jobs: Sequence[tuple[torch.Tensor, ...]],
+async def run_jobs(request: Request, inference: Inference, kind: str, jobs: Sequence[tuple[np.ndarray, ...]],
                    arrived: float, settings: Settings) -> list[Outcome]:
     """Queue one request's jobs (pairs, or single pictures) together and wait for all their results, until
     REQUEST_TIMEOUT_S after it `arrived` (time.monotonic) or until the client leaves; then the jobs not yet
     started leave their queue. A job that failed fails the request (after all have ended)."""
     deadline = arrived + settings.request_timeout_s
     try:
-        queued = batcher.submit_all(kind, jobs)
+        queued = inference.submit_all(kind, jobs)
     except QueueFull:  # filled while these were being decoded
         raise queue_full(settings) from None
     except WorkerStopped:
@@ -228,11 +226,13 @@ async def run_jobs(request: Request, batcher: Batcher, kind: str, jobs: Sequence
     if all(future.done() for future in futures):
         try:
             return [future.result() for future in futures]
+        except QueueFull:  # refused by the model owner of several front processes (app/owner_server.py)
+            raise queue_full(settings) from None
         except WorkerStopped:
             raise _worker_stopped(settings) from None
     for job in queued:
         if not job.future.done():
-            _give_up(batcher, job)
+            _give_up(inference, job)
     if client_gone.done() and not client_gone.cancelled():
         metrics.REJECTIONS.labels("disconnected").inc()
         raise Problem(CLIENT_CLOSED_REQUEST, "client-closed-request", "The client closed the connection.")
@@ -256,9 +256,9 @@ def _worker_stopped(settings: Settings) -> Problem:
                                "after its grace period); retry, another replica will answer.", settings.retry_after_s)
 
 
-def _give_up(batcher: Batcher, job: Job) -> None:
+def _give_up(inference: Inference, job: Job) -> None:
     # Not started yet: the pair leaves its queue. Already running: its result will simply be ignored.
-    if not batcher.withdraw(job):
+    if not inference.withdraw(job):
         job.future.cancel()
 
 
@@ -335,7 +335,7 @@ def describe_contributions(original_sizes: Sequence[tuple[int, int]], found: Pai
         grid=grid,
         image1=ImageContributions(**found.totals(1)._asdict()),
         image2=ImageContributions(**found.totals(2)._asdict()),
-        positive_evidence=float(found.correspondence.clamp(min=0).sum()),
+        positive_evidence=found.positive_total,
         matches_share=sum(match.share for match in matches),
         evidence=evidence,
         matches=[
@@ -358,8 +358,7 @@ def region_name(cell: tuple[int, int], grid: tuple[int, int]) -> str:
     return f"{('upper', 'middle', 'lower')[row]} {('left', 'centre', 'right')[column]}"
 
 
-def _overlay(background: np.ndarray, heatmap: torch.Tensor, options: OverlayOptions) -> Overlay:
-    values = heatmap.numpy()
+def _overlay(background: np.ndarray, values: np.ndarray, options: OverlayOptions) -> Overlay:
     encoded = render_overlay(background, values, options.colormap, options.opacity, options.format, options.quality)
     height, width = background.shape[:2]
     return Overlay(
@@ -372,15 +371,15 @@ def _overlay(background: np.ndarray, heatmap: torch.Tensor, options: OverlayOpti
     )
 
 
-def require_method(model: ServedModel, method: Method) -> None:
+def require_method(model: ModelView, method: Method) -> None:
     """Refuse, before anything is decoded, a method the served model cannot explain with."""
     if method not in model.methods:
         raise Problem(422, "method-unavailable", f"method={method} is not available: {model.contributions_refusal}.")
 
 
-def require_ready(service: Service) -> tuple[ServedModel, Batcher, ImageWork]:
-    if service.model is None or service.batcher is None or service.images is None:
+def require_ready(service: Service) -> tuple[ModelView, Inference, ImageWork]:
+    if service.model is None or service.inference is None or service.images is None:
         raise service_unavailable("The model is still loading; retry shortly.", service.settings.retry_after_s)
-    if service.batcher.stopped:
+    if service.inference.stopped:
         raise _worker_stopped(service.settings)
-    return service.model, service.batcher, service.images
+    return service.model, service.inference, service.images

@@ -1,42 +1,37 @@
-"""Start-up and shutdown: load and warm up the model, run the inference worker, drain on SIGTERM."""
+"""Start-up and shutdown: reach the model's owner (load the model here, or connect to the container's model-owning
+process), run until a signal, drain, and exit non-zero when the owner can no longer run the model."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
+import math
 import os
 import sys
-from collections.abc import AsyncIterator
-from functools import partial
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from fastapi import FastAPI
 
 from app.admission import ImageWork
-from app.backbone import with_compiled_backbone
-from app.batcher import Batcher, QueueLimits
-from app.model import (
-    EMBED_QUEUE, EXPLAIN_QUEUES, ModelLoadError, ServedModel, embed_pictures, explain_pairs, load_model,
-    score_blank_pair, score_pairs, warm_up, warm_up_embeddings,
-)
+from app.jobs import Inference
+from app.model_view import ModelLoadError, ModelView
 from app.service import Service
 from app.settings import Settings
 from app.shutdown import drain_on_signals
-from app.torch_threads import model_thread_executor, run_torch_here_only
-from contract.memory import keep_freed_memory_for_reuse
 
 logger = logging.getLogger(__name__)
 EXIT_MODEL_UNAVAILABLE = 1
 
 
-def _load_and_warm_up(settings: Settings) -> ServedModel:
-    keep_freed_memory_for_reuse()
-    model = load_model(settings.model_dir, settings.device)
-    if settings.compile == "auto":
-        model = with_compiled_backbone(model, settings.compile_cache_dir)
-    warm_up(model)
-    warm_up_embeddings(model)
-    return model
+class Owner(Inference, Protocol):
+    """What the lifespan needs of an owner beyond `Inference`: app/model_owner.py's or app/owner_client.py's."""
+
+    view: ModelView
+
+    def on_stop(self, callback: Callable[[BaseException | None], object]) -> None: ...
+
+    def abandon(self) -> None: ...
 
 
 def _exit_now(status: int) -> None:
@@ -46,63 +41,66 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
+def _owner(settings: Settings) -> contextlib.AbstractAsyncContextManager[Owner]:
+    if settings.owner_socket is None:
+        from app.model_owner import running_model_owner  # torch: only where the model runs
+
+        return running_model_owner(settings)
+    from app.owner_client import connected_owner, slots_per_front
+
+    # The pictures the owner's queues hold when full: three queues of pairs, one of single images.
+    pictures = 3 * 2 * settings.queue_capacity + settings.embed_queue_capacity
+    largest = max(settings.max_embed_images, 1 + settings.max_rank_candidates)
+    return connected_owner(settings.owner_socket,
+                           lambda _: slots_per_front(pictures, settings.http_workers, largest))
+
+
+def _image_work(settings: Settings) -> ImageWork:
+    """This process's image threads and pixel budget: with several front processes, each has its share of the
+    CPUs and of MAX_DECODE_PIXELS_IN_FLIGHT, but always room for a pair of the largest images."""
+    if settings.owner_socket is None:
+        from app.torch_threads import run_torch_here_only
+
+        return ImageWork(settings.image_workers, settings.max_decode_pixels_in_flight,
+                         on_thread_start=run_torch_here_only)
+    fronts = settings.http_workers
+    return ImageWork(math.ceil(settings.image_workers / fronts),
+                     max(settings.max_decode_pixels_in_flight // fronts, 2 * settings.max_image_pixels))
+
+
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
     settings = service.settings
-    run_torch_here_only()  # the event loop's thread
-    model_thread = model_thread_executor()
-    try:
-        # Loaded and warmed up on the thread that will run it: no other thread may run torch in parallel.
-        model = await asyncio.get_running_loop().run_in_executor(model_thread, _load_and_warm_up, settings)
-    except ModelLoadError as error:
-        logger.critical(f"cannot start: {error}")
-        # Leave now: through uvicorn, a failed start-up is logged as a traceback plus more lines, and
-        # restarting would fail the same way. One clear line and a non-zero status are what an operator needs.
-        _exit_now(EXIT_MODEL_UNAVAILABLE)
-    batcher = Batcher(
-        {"similarity": partial(score_pairs, model),
-         **{EXPLAIN_QUEUES[method]: partial(explain_pairs, model, method=method) for method in model.methods},
-         EMBED_QUEUE: partial(embed_pictures, model)},
-        self_check=partial(score_blank_pair, model),
-        max_batch_size=settings.max_batch_size,
-        max_batch_wait_s=settings.max_batch_wait_ms / 1000,
-        queue_capacity=settings.queue_capacity,
-        model_thread=model_thread,
-        # Single images, MAX_BATCH_SIZE per batch: the images a pair batch runs through the backbone at once (one
-        # side, then the other), the size measured best on the CPU; 16 at once took twice as long per image on the
-        # model's thread (bench/RESULTS.md, "One image against many").
-        limits={EMBED_QUEUE: QueueLimits(settings.max_batch_size, settings.embed_queue_capacity)},
-    )
-    images = ImageWork(settings.image_workers, settings.max_decode_pixels_in_flight)
-    worker = asyncio.create_task(batcher.run(), name="inference-worker")
     restart_requested = False
-    try:
-        # Past the grace period, stopping the worker answers the requests still waiting with 503.
-        with drain_on_signals(service.drain, settings.drain_grace_s, on_grace_over=worker.cancel) as stop:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            owner = await stack.enter_async_context(_owner(settings))
+        except ModelLoadError as error:
+            logger.critical(f"cannot start: {error}")
+            # Leave now: through uvicorn, a failed start-up is logged as a traceback plus more lines, and
+            # restarting would fail the same way. One clear line and a non-zero status are what an operator needs.
+            _exit_now(EXIT_MODEL_UNAVAILABLE)
+        images = _image_work(settings)
+        stack.callback(images.close)
+        # Past the grace period, the requests still waiting are answered 503.
+        with drain_on_signals(service.drain, settings.drain_grace_s, on_grace_over=owner.abandon) as stop:
 
-            def on_worker_end(task: asyncio.Task[None]) -> None:
+            def on_owner_stop(reason: BaseException | None) -> None:
                 nonlocal restart_requested
-                if task.cancelled():
-                    return  # shutting down
-                # /readyz is already 503 and requests get 503 (the batcher has stopped); leave, to be restarted.
+                # /readyz is already 503 and requests get 503; leave, to be restarted.
                 logger.critical("the inference worker stopped: this replica answers 503 and exits with status "
-                                f"{EXIT_MODEL_UNAVAILABLE} to be restarted", exc_info=task.exception())
+                                f"{EXIT_MODEL_UNAVAILABLE} to be restarted", exc_info=reason)
                 restart_requested = stop()
 
-            worker.add_done_callback(on_worker_end)
-            service.batcher = batcher
+            owner.on_stop(on_owner_stop)
+            service.inference = owner
             service.images = images
-            service.model = model
+            service.model = owner.view
             logger.info("ready", extra={
-                "model": model.manifest.name, "version": model.manifest.version, "device": str(model.device),
-                "backbone": model.backbone,
+                "model": owner.view.manifest.name, "version": owner.view.manifest.version,
+                "device": owner.view.device, "backbone": owner.view.backbone,
             })
             yield
-    finally:
-        worker.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):  # a failed worker has been reported
-            await worker
-        images.close()
     if restart_requested:
         _exit_now(EXIT_MODEL_UNAVAILABLE)  # not the status of the SIGTERM uvicorn would re-raise: we failed

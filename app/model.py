@@ -3,38 +3,22 @@ batches of pairs through it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
+from app.model_view import ModelLoadError, ModelView, ScoringConstants
 from contract.compiled import CompiledBackbone
 from contract.explainers import Method, PairMaps, contributions, decide, gradcam
-from contract.explainers.contributions import PairContributions, ThresholdUnreachable
+from contract.explainers.contributions import ThresholdUnreachable
+from contract.explanation import PairExplanation
 from contract.manifest import MODEL_FILE, Manifest, ManifestError, read_manifest
 from contract.preprocess import Preprocessing
 from contract.torchscript import TorchScriptError, load_torchscript, optimized_for_inference, sha256_of
-
-# The batcher's queue for each explanation method: the methods' batches never mix.
-EXPLAIN_QUEUES: dict[Method, str] = {"gradcam": "explain", "contributions": "contributions"}
-# The batcher's queue of single images, embedded for /embed and /rank.
-EMBED_QUEUE = "embed"
-
-
-class ModelLoadError(RuntimeError):
-    """The model cannot be served; the message says which file is wrong and what to do."""
-
-
-@dataclass(frozen=True)
-class PairExplanation:
-    """One pair's result of a batch of /explain work, on the CPU."""
-
-    score: float
-    similar: bool  # the decision: the factual maps explain "similar" where True, "dissimilar" elsewhere
-    maps: PairMaps  # each [H, W] at the model's input size
-    contributions: PairContributions | None  # with method=contributions
-
 
 @dataclass(frozen=True)
 class ServedModel:
@@ -68,6 +52,11 @@ class ServedModel:
         large as that needs, through the contract function training evaluates with; `score_pairs` and
         `explain_pairs` take these and normalize them a batch at a time."""
         return self.preprocessing.picture(source, name, max_pixels)
+
+    def view(self) -> ModelView:
+        """What the HTTP side needs to know of this model (app/model_view.py)."""
+        return ModelView(manifest=self.manifest, methods=self.methods, contributions_refusal=self.contributions_refusal,
+                         device=str(self.device), backbone=self.backbone, embedding_scoring=embedding_scoring(self))
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """An upright RGB picture as the normalized float tensor [3, H, W] the model expects (on the CPU)."""
@@ -126,11 +115,16 @@ def _contributions_support(model_path: Path, module: torch.jit.ScriptModule, man
                       "method=gradcam")
 
 
-def _model_batch(model: ServedModel, pictures: list[torch.Tensor]) -> torch.Tensor:
+# A picture: uint8 [3, H, W], a numpy array from a front process (app/jobs.py) or a tensor from ServedModel.picture.
+Picture = np.ndarray | torch.Tensor
+
+
+def _model_batch(model: ServedModel, pictures: Sequence[Picture]) -> torch.Tensor:
     """uint8 pictures [3, H, W] as the model's float input batch on its device: moved as bytes, normalized there
     in one pass (the same arithmetic per element as one picture at a time, so the scores do not change)."""
-    assert all(picture.dtype == torch.uint8 for picture in pictures), "pass ServedModel.picture's uint8 pictures"
-    return model.preprocessing.normalize(torch.stack(pictures).to(model.device, non_blocking=True))
+    stacked = torch.from_numpy(np.stack([np.asarray(picture) for picture in pictures]))
+    assert stacked.dtype == torch.uint8, "pass ServedModel.picture's uint8 pictures"
+    return model.preprocessing.normalize(stacked.to(model.device, non_blocking=True))
 
 
 def score_batch(module: torch.jit.ScriptModule | CompiledBackbone, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -139,17 +133,17 @@ def score_batch(module: torch.jit.ScriptModule | CompiledBackbone, x1: torch.Ten
         return module(x1, x2)
 
 
-def score_pairs(model: ServedModel, pictures1: list[torch.Tensor], pictures2: list[torch.Tensor]) -> list[float]:
+def score_pairs(model: ServedModel, pictures1: Sequence[Picture], pictures2: Sequence[Picture]) -> list[float]:
     """One batch of /similarity work: the score of each pair of uint8 pictures."""
     scores = score_batch(model.module, _model_batch(model, pictures1), _model_batch(model, pictures2))
     return scores.cpu().tolist()
 
 
 def explain_pairs(
-    model: ServedModel, pictures1: list[torch.Tensor], pictures2: list[torch.Tensor], method: Method
+    model: ServedModel, pictures1: Sequence[Picture], pictures2: Sequence[Picture], method: Method
 ) -> list[PairExplanation]:
     """One batch of /explain work with one method on pairs of uint8 pictures: each pair's score, decision, four
-    heatmaps and (with contributions) its exact decomposition, on the CPU."""
+    heatmaps and (with contributions) its exact decomposition, as numpy arrays (app/jobs.py)."""
     decided = decide(model.module, _model_batch(model, pictures1), _model_batch(model, pictures2), model.threshold)
     found: contributions.Contributions | None = None
     if method == "contributions":
@@ -160,7 +154,7 @@ def explain_pairs(
     else:
         maps = gradcam.explain(model.module, decided.feature_maps1, decided.feature_maps2, decided.similar,
                                model.input_size)
-    maps = PairMaps(*(batch.cpu() for batch in maps))
+    maps = PairMaps(*(batch.cpu().numpy() for batch in maps))
     scores, similar = decided.scores.cpu().tolist(), decided.similar.cpu().tolist()
     return [
         PairExplanation(scores[index], similar[index], PairMaps(*(batch[index] for batch in maps)),
@@ -203,33 +197,20 @@ def score_blank_pair(model: ServedModel) -> list[float]:
 # /embed and /rank: images one at a time through the backbone and the head, then scored as embeddings.
 
 
-@dataclass(frozen=True)
-class ScoringConstants:
-    """What a client needs to score two embeddings itself, exactly as the model does (format version 2):
-    ``score = sigmoid(squash(pair_weight * <e1, e2> + offset))`` with
-    ``squash(r) = r / sqrt(1 + (r / max_logit)^2)``."""
-
-    pair_weight: float
-    offset: float
-    max_logit: float
-    threshold: float
-    threshold_dot_product: float | None  # <e1, e2> at which the score equals the threshold (None: unreachable)
-
-
-def embed_pictures(model: ServedModel, pictures: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One batch of /embed work: each uint8 picture's embedding [D] (float32, on the CPU), the one `forward`
-    scores pairs with."""
+def embed_pictures(model: ServedModel, pictures: Sequence[Picture]) -> list[np.ndarray]:
+    """One batch of /embed work: each uint8 picture's embedding [D] (float32), the one `forward` scores pairs
+    with."""
     with torch.inference_mode():
         embeddings = model.module.embed(model.module.features(_model_batch(model, pictures)))
-    return list(embeddings.cpu().unbind(0))
+    return list(embeddings.cpu().numpy())
 
 
-def score_embeddings(model: ServedModel, query: torch.Tensor, candidates: list[torch.Tensor]) -> list[float]:
+def score_embeddings(model: ServedModel, query: np.ndarray, candidates: Sequence[np.ndarray]) -> list[float]:
     """The score of the query's embedding with each candidate's, by the model's own `similarity`: a few hundred
     multiply-adds per candidate, cheap enough for any thread."""
     with torch.inference_mode():
-        stacked = torch.stack(candidates)
-        return model.module.similarity(query.expand_as(stacked), stacked).tolist()
+        stacked = torch.from_numpy(np.stack(candidates))
+        return model.module.similarity(torch.from_numpy(query).expand_as(stacked), stacked).tolist()
 
 
 def embedding_scoring(model: ServedModel) -> ScoringConstants | None:

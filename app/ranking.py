@@ -13,15 +13,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 from fastapi import Request, UploadFile
 
-from app.batcher import Outcome
 from app.inference import (
     ExplainOptions, Upload, admit_and_decode, backgrounds_after, explain_in_time, queue_full, read_uploads,
     require_count, require_method, require_ready, run_jobs, timings_ms, upload_label,
 )
-from app.model import EMBED_QUEUE, EXPLAIN_QUEUES, score_embeddings
+from app.jobs import EMBED_QUEUE, EXPLAIN_QUEUES, Outcome
 from app.schemas import (
     EmbeddingModelRef, EmbedResponse, ExplainedPair, ImageEmbedding, ModelRef, RankedCandidate, RankResponse,
 )
@@ -34,13 +33,13 @@ MAX_EXPLAIN_TOP = 5
 
 async def embed(request: Request, files: Sequence[UploadFile], service: Service, arrived: float) -> EmbedResponse:
     """Each uploaded image's embedding, in the upload order."""
-    model, batcher, images = require_ready(service)
+    model, inference, images = require_ready(service)
     settings = service.settings
     require_count("images", len(files), settings.max_embed_images, "MAX_EMBED_IMAGES")
     named = [(upload_label("images", index, file.filename), file) for index, file in enumerate(files)]
-    uploads = await read_uploads(named, batcher, EMBED_QUEUE, len(named), settings)
+    uploads = await read_uploads(named, inference, EMBED_QUEUE, len(named), settings)
     pictures, _ = await admit_and_decode(uploads, model, images, settings)
-    outcomes = await run_jobs(request, batcher, EMBED_QUEUE, [(picture,) for picture in pictures], arrived, settings)
+    outcomes = await run_jobs(request, inference, EMBED_QUEUE, [(picture,) for picture in pictures], arrived, settings)
     manifest = model.manifest
     return EmbedResponse(
         model=EmbeddingModelRef(name=manifest.name, version=manifest.version, sha256=manifest.sha256),
@@ -55,26 +54,26 @@ async def rank(request: Request, query: UploadFile, candidates: Sequence[UploadF
                options: ExplainOptions, service: Service, arrived: float) -> RankResponse:
     """Every candidate with its score against the query, most similar first; the `explain_top` first ones with
     the explanations /explain gives for (query, candidate)."""
-    model, batcher, images = require_ready(service)
+    model, inference, images = require_ready(service)
     settings = service.settings
     require_count("candidates", len(candidates), settings.max_rank_candidates, "MAX_RANK_CANDIDATES")
     explained_count = min(explain_top, len(candidates))
     explain_queue = EXPLAIN_QUEUES[options.method]
     if explained_count:
         require_method(model, options.method)
-        if not batcher.has_room(explain_queue, explained_count):
+        if not inference.has_room(explain_queue, explained_count):
             raise queue_full(settings)
     named = [("query", query), *((upload_label("candidates", index, file.filename), file)
                                  for index, file in enumerate(candidates))]
-    uploads = await read_uploads(named, batcher, EMBED_QUEUE, len(named), settings)
+    uploads = await read_uploads(named, inference, EMBED_QUEUE, len(named), settings)
     # With explanations, the pixels stay charged until the overlay backgrounds are decoded: those are some of
     # the same images, decoded on the same threads, so the charge covers them.
     pictures, pixels = await admit_and_decode(uploads, model, images, settings, keep_charged=explained_count > 0)
     try:
-        embedded = await run_jobs(request, batcher, EMBED_QUEUE, [(picture,) for picture in pictures], arrived,
+        embedded = await run_jobs(request, inference, EMBED_QUEUE, [(picture,) for picture in pictures], arrived,
                                   settings)
         embeddings = [outcome.value for outcome in embedded]
-        scores = score_embeddings(model, embeddings[0], embeddings[1:])
+        scores = await inference.score_embeddings(embeddings[0], embeddings[1:])
     except BaseException:
         images.discharge(pixels)
         raise
@@ -92,21 +91,21 @@ async def rank(request: Request, query: UploadFile, candidates: Sequence[UploadF
     )
 
 
-async def _explain_best(request: Request, best: list[int], uploads: list[Upload], pictures: list[torch.Tensor],
+async def _explain_best(request: Request, best: list[int], uploads: list[Upload], pictures: list[np.ndarray],
                         pixels: int, options: ExplainOptions, service: Service, arrived: float
                         ) -> tuple[dict[int, ExplainedPair], list[Outcome]]:
     """The explanations of (query, candidate) for the `best` candidates' indices, by candidate index; `pixels`
     (still charged) go back once their backgrounds are decoded, or at once if there are none."""
     if not best:
         return {}, []
-    _, batcher, images = require_ready(service)
+    _, inference, images = require_ready(service)
     settings: Settings = service.settings
     batch_ran = asyncio.Event()
     # The query's background first, then each best candidate's (uploads[0] is the query's).
     backgrounds = backgrounds_after(batch_ran, [uploads[0], *(uploads[1 + index] for index in best)], images,
                                     pixels, settings, options.overlays.max_side)
     try:
-        outcomes = await run_jobs(request, batcher, EXPLAIN_QUEUES[options.method],
+        outcomes = await run_jobs(request, inference, EXPLAIN_QUEUES[options.method],
                                   [(pictures[0], pictures[1 + index]) for index in best], arrived, settings)
     except BaseException:
         backgrounds.cancel()  # never decoded: their pixels go back to the budget

@@ -9,16 +9,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from app import ranking
+from app import metrics, ranking
 from app.errors import Problem
 from app.headers import REPORT_CONTENT_SECURITY_POLICY
 from app.inference import (
     ExplainOptions, OverlayOptions, explain_in_time, read_pair, reject_repeated_fields, require_method,
     require_ready, run_in_batch, timings_ms,
 )
-from app.model import EXPLAIN_QUEUES, embedding_scoring
+from app.jobs import EXPLAIN_QUEUES, SIMILARITY_QUEUE
 from app.overlays import DEFAULT_FORMAT, DEFAULT_QUALITY, ColormapName, OverlayFormat
 from app.schemas import (
     IMAGE_PAIR_ENCODING, INFERENCE_ERRORS, MAX_TOP_MATCHES, MODEL_INFO_ERRORS, MODEL_REPORT_ERRORS,
@@ -27,7 +27,7 @@ from app.schemas import (
 )
 from app.service import Service
 from app.settings import Settings
-from contract.explainers import Method
+from contract.explanation import Method
 from contract.manifest import REPORT_FILE
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -56,9 +56,9 @@ async def similarity(
 ) -> SimilarityResponse:
     """How similar two images are: a score in [0, 1] and the decision against the model's threshold."""
     arrived = time.monotonic()
-    model, batcher, images = require_ready(service)
-    pair = await read_pair(image1, image2, model, batcher, "similarity", images, service.settings)
-    outcome = await run_in_batch(request, batcher, "similarity", pair, arrived, service.settings)
+    model, inference, images = require_ready(service)
+    pair = await read_pair(image1, image2, model, inference, SIMILARITY_QUEUE, images, service.settings)
+    outcome = await run_in_batch(request, inference, SIMILARITY_QUEUE, pair, arrived, service.settings)
     score = float(outcome.value)
     return SimilarityResponse(score=score, similar=score >= model.threshold, threshold=model.threshold,
                               model=_model_ref(service), timings_ms=timings_ms(outcome, arrived))
@@ -101,12 +101,12 @@ async def explain(
     logit's exact contributions with the regions of the two images that match."""
     arrived = time.monotonic()
     settings: Settings = service.settings
-    model, batcher, images = require_ready(service)
+    model, inference, images = require_ready(service)
     require_method(model, options.method)
     kind = EXPLAIN_QUEUES[options.method]
-    pair = await read_pair(image1, image2, model, batcher, kind, images, settings,
+    pair = await read_pair(image1, image2, model, inference, kind, images, settings,
                            overlay_max_side=options.overlays.max_side)
-    outcome = await run_in_batch(request, batcher, kind, pair, arrived, settings)
+    outcome = await run_in_batch(request, inference, kind, pair, arrived, settings)
     result = outcome.value
     assert pair.backgrounds is not None
     explained = await explain_in_time(images, pair.backgrounds, result, options, arrived, settings)
@@ -144,7 +144,7 @@ async def model_info(service: ServiceDep) -> ModelInfo:
     """The served model, from its manifest."""
     model, _, _ = require_ready(service)
     report = MODEL_REPORT_PATH if (service.settings.model_dir / REPORT_FILE).is_file() else None
-    constants = embedding_scoring(model)
+    constants = model.embedding_scoring
     scoring = None if constants is None else EmbeddingScoring.model_validate(constants, from_attributes=True)
     return ModelInfo.model_validate({**model.manifest.model_dump(), "explain_methods": list(model.methods),
                                      "embedding_scoring": scoring, "report": report})
@@ -187,7 +187,7 @@ async def readyz(service: ServiceDep) -> Response:
 @router.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
 async def prometheus_metrics() -> Response:
     """Prometheus metrics (text format)."""
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/", include_in_schema=False)

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from contract.explainers import Method
+from contract.explanation import Method
 
 Target = Literal["similar", "dissimilar"]
 Evidence = Literal["concentrated", "spread", "not_similar"]

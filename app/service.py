@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from app.admission import ImageWork
-from app.batcher import Batcher
-from app.model import ServedModel
+from app.jobs import Inference
+from app.model_view import ModelView
 from app.settings import Settings
 from app.shutdown import Drain
 
@@ -16,16 +16,16 @@ from app.shutdown import Drain
 class Service:
     settings: Settings
     drain: Drain = field(default_factory=Drain)
-    model: ServedModel | None = None  # set once loaded and warmed up
-    batcher: Batcher | None = None
+    model: ModelView | None = None  # set once loaded and warmed up
+    inference: Inference | None = None  # the model's owner: in this process, or the container's main process
     images: ImageWork | None = None  # the threads and pixel budget of decoding and rendering
 
     @property
     def readiness(self) -> Literal["ready", "loading", "draining", "failed"]:
-        if self.batcher is not None and self.batcher.stopped:
+        if self.inference is not None and self.inference.stopped:
             return "failed"  # the inference worker has stopped: the process is on its way out
         if self.drain.draining:
             return "draining"
-        if self.model is None or self.batcher is None:
+        if self.model is None or self.inference is None:
             return "loading"
         return "ready"

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from contract.compiled import default_cache_dir
+from contract.cache import default_cache_dir
 
 REPO_MODEL_STORE = Path(__file__).resolve().parents[1] / "model_store"
 # The stores RATE_LIMIT_STORAGE may name (app/ratelimit.py): one process's memory, or Redis in its forms.
@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     compile_cache_dir: Path = Field(
         default_factory=default_cache_dir, description="folder of compiled backbones (`python -m training compile`)"
     )
+    http_workers: int = Field(
+        0, ge=0, le=64, description="front processes that serve HTTP beside one model-owning process "
+        "(`python -m app`, docs/how-a-request-runs.md); 0: one process does everything"
+    )
+    # Set by app/processes.py for each front process it starts: where the model owner listens. Not a user setting.
+    owner_socket: Path | None = Field(None, description="internal: the model owner's socket, in a front process")
     # 8: on a 2-core CPU the default model served 45.5 pairs/s at 32 clients with batches of up to 8 and 26.0
     # with up to 16 (`python -m bench.service_bench`, bench/RESULTS.md, "Peers"); on a GPU larger batches pay.
     max_batch_size: int = Field(8, ge=1, le=256, description="most pairs run together in one batch")

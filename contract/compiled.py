@@ -18,7 +18,6 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from contract.cache import default_cache_dir, writable
 from contract.manifest import Manifest
 from contract.torchscript import compute_convolutions_in_fp32, sha256_of
 
@@ -99,20 +99,6 @@ def package_path(cache_dir: Path, program_sha256: str, device: torch.device) -> 
     return cache_dir / f"backbone-{program_sha256[:16]}-{machine_tag(device)}-torch{version}.pt2"
 
 
-def default_cache_dir() -> Path:
-    """`$XDG_CACHE_HOME/siamcam/compiled` (`~/.cache` by default), or the temporary folder's when the home folder
-    is not writable (a container's system user)."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    if not _writable(base):
-        base = Path(tempfile.gettempdir())
-    return base / "siamcam" / "compiled"
-
-
-def _writable(folder: Path) -> bool:
-    existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), None)
-    return existing is not None and os.access(existing, os.W_OK)
-
-
 def program_path(model_dir: Path, manifest: Manifest) -> Path:
     """The model folder's backbone program, checked against its manifest; CompileError says why there is none."""
     if manifest.backbone_program is None:
@@ -148,7 +134,7 @@ def cpp_compiler() -> str | None:
 def compile_backbone(program: Path, package: Path, device: torch.device) -> float:
     """Compile the program at `program` with AOTInductor for `device` into the package `package` (written under
     another name first, then renamed: replicas compiling at once never read half a package); the seconds taken."""
-    if not _writable(package.parent):
+    if not writable(package.parent):
         raise CompileError(f"cannot write the compiled backbone to {package.parent}: set COMPILE_CACHE_DIR (or "
                            "--cache) to a writable folder")
     if cpp_compiler() is None:

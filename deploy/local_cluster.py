@@ -80,7 +80,7 @@ def free_port() -> int:
 
 @dataclass
 class Replica:
-    """One `uvicorn app.main:app` process on loopback, its output in `log_path`."""
+    """One replica (`python -m app`, as the container starts it) on loopback, its output in `log_path`."""
 
     port: int
     process: subprocess.Popen
@@ -88,11 +88,11 @@ class Replica:
 
     @classmethod
     def start(cls, env: Mapping[str, str], log_path: Path) -> Replica:
-        """Start the service as a user would (`uvicorn app.main:app`), with `env` added to this environment."""
+        """Start the service as the container does (`python -m app`), with `env` added to this environment."""
         port = free_port()
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "app.main:app", "--host", LOOPBACK, "--port", str(port)],
+                [sys.executable, "-m", "app", "--host", LOOPBACK, "--port", str(port)],
                 cwd=REPO_ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
                 # Its own session: a Ctrl-C on the proof reaches the proof, which then stops the replicas itself.
                 start_new_session=True,

@@ -12,15 +12,15 @@ class, the counterfactual maps the other one. Both methods end in the same displ
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from contract.compiled import CompiledBackbone
+from contract.explanation import Box, Method, PairMaps, cell_box
 
-Method = Literal["gradcam", "contributions"]
-Box = tuple[int, int, int, int]  # [x0, y0, x1, y1] in pixels, x1 and y1 exclusive
+__all__ = ["Box", "Decided", "Method", "PairMaps", "cell_box", "decide", "heatmaps"]
 
 
 class Decided(NamedTuple):
@@ -30,16 +30,6 @@ class Decided(NamedTuple):
     feature_maps2: torch.Tensor
     scores: torch.Tensor
     similar: torch.Tensor
-
-
-class PairMaps(NamedTuple):
-    """The four maps [N, H, W] of a batch at the model's input size, each in [0, 1]: divided by its maximum, or
-    all zeros where no region supports its target (never NaN)."""
-
-    factual1: torch.Tensor
-    factual2: torch.Tensor
-    counterfactual1: torch.Tensor
-    counterfactual2: torch.Tensor
 
 
 def decide(model: torch.jit.ScriptModule | CompiledBackbone, x1: torch.Tensor, x2: torch.Tensor,
@@ -58,7 +48,7 @@ def decide(model: torch.jit.ScriptModule | CompiledBackbone, x1: torch.Tensor, x
 
 
 def heatmaps(evidence1: torch.Tensor, evidence2: torch.Tensor, similar: torch.Tensor,
-             size: torch.Size | tuple[int, int]) -> PairMaps:
+             size: torch.Size | tuple[int, int]) -> PairMaps[torch.Tensor]:
     """The four display maps from each image's per-cell evidence [N, h, w] for "similar" (positive: pushes the
     score up): the factual map is the evidence for the decided class, the counterfactual map the evidence for
     the other one. ReLU, bilinear upsampling to `size`, each map divided by its maximum."""
@@ -71,11 +61,3 @@ def heatmaps(evidence1: torch.Tensor, evidence2: torch.Tensor, similar: torch.Te
     # A map with no positive evidence has peak 0: divide by 1 instead, leaving it all zeros (never NaN).
     maps = upsampled / torch.where(peaks > 0, peaks, torch.ones_like(peaks))
     return PairMaps(maps[0], maps[1], maps[2], maps[3])
-
-
-def cell_box(row: int, col: int, grid: tuple[int, int], size: tuple[int, int]) -> Box:
-    """The pixels of an image of `size` (width, height) that feature-map cell (row, col) of a `grid` (h, w)
-    covers under the stretch resize policy: the grid spans the whole image, so the boxes of all cells tile it."""
-    (rows, cols), (width, height) = grid, size
-    return (round(col * width / cols), round(row * height / rows),
-            round((col + 1) * width / cols), round((row + 1) * height / rows))

@@ -17,69 +17,17 @@ pushing toward the decision, the counterfactual map the part pushing against it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from contract.explainers import PairMaps, heatmaps
-
-Cell = tuple[int, int]  # (row, col) in the feature-map grid
-
-
-class Match(NamedTuple):
-    """A pair of cells, one per image, and what they contribute together to the raw logit."""
-
-    cell1: Cell
-    cell2: Cell
-    contribution: float  # M[i, j], in logit units
-    share: float  # of the positive total of M (0 when no pair of cells contributes positively)
-
-
-class ImageTotals(NamedTuple):
-    """An image's threshold-relative contributions summed, in logit units: positive + negative == raw - t."""
-
-    positive: float
-    negative: float  # <= 0
-
-
-@dataclass(frozen=True)
-class PairContributions:
-    """One pair's decomposition, on the CPU."""
-
-    raw_logit: float
-    offset: float
-    threshold_raw_logit: float
-    correspondence: torch.Tensor  # M [h*w, h*w]: rows are image 1's cells, columns image 2's, row-major
-    relative1: torch.Tensor  # [h, w]: image 1's threshold-relative contributions, summing to raw - t
-    relative2: torch.Tensor  # [h, w]: image 2's
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return (self.relative1.shape[0], self.relative1.shape[1])
-
-    def totals(self, image: int) -> ImageTotals:
-        """The sums of the positive and of the negative threshold-relative contributions of image 1 or 2."""
-        relative = self.relative1 if image == 1 else self.relative2
-        return ImageTotals(float(relative.clamp(min=0).sum()), float(relative.clamp(max=0).sum()))
-
-    def top_matches(self, count: int) -> list[Match]:
-        """The `count` pairs of cells with the largest M[i, j], largest first."""
-        values, indices = self.correspondence.flatten().topk(min(count, self.correspondence.numel()))
-        positive_total = float(self.correspondence.clamp(min=0).sum())
-        columns = self.grid[1]
-        cells = self.correspondence.shape[1]
-        return [
-            Match(divmod(index // cells, columns), divmod(index % cells, columns), value,
-                  value / positive_total if positive_total > 0 else 0.0)
-            for value, index in zip(values.tolist(), indices.tolist(), strict=True)
-        ]
-
+from contract.explanation import PairContributions
 
 class Contributions(NamedTuple):
     """A batch's exact decomposition and the maps drawn from it."""
 
-    maps: PairMaps
+    maps: PairMaps[torch.Tensor]
     correspondence: torch.Tensor  # [N, h*w, h*w]
     raw_logits: torch.Tensor  # [N]: the model's own raw logits, whose score_of_raw are the scores
     relative1: torch.Tensor  # [N, h, w]
@@ -90,7 +38,8 @@ class Contributions(NamedTuple):
     def pair(self, index: int) -> PairContributions:
         return PairContributions(
             float(self.raw_logits[index]), self.offset, self.threshold_raw_logit,
-            self.correspondence[index].cpu(), self.relative1[index].cpu(), self.relative2[index].cpu(),
+            self.correspondence[index].cpu().numpy(), self.relative1[index].cpu().numpy(),
+            self.relative2[index].cpu().numpy(),
         )
 
 

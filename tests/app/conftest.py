@@ -14,6 +14,8 @@ from tests.app.failing_model import export_failing_model
 from tests.support.service import serve_in_thread
 
 TEST_MODEL_NAME = "tiny"  # the model that tests/conftest.py's `model_store` fixture exports
+# The process layouts of `python -m app` (app/processes.py), as the environment that picks each.
+LAYOUTS = {"one process": {"HTTP_WORKERS": "0"}, "two fronts": {"HTTP_WORKERS": "2"}}
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +36,12 @@ def serve(test_settings: Callable[..., Settings]) -> Callable[..., AbstractConte
         return serve_in_thread(test_settings(**{key.lower(): value for key, value in overrides.items()}))
 
     return start
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def layout(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The environment of one process layout, then of the other: a test taking it runs in both."""
+    return LAYOUTS[request.param]
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.model import EMBED_QUEUE
+from app.jobs import EMBED_QUEUE
 from app.settings import Settings
 from tests.app.busy_model import model_kept_busy
 from tests.app.failing_model import FAILING_MODEL_NAME, YELLOW

@@ -113,11 +113,14 @@ def test_a_model_without_a_contract_method_stops_start_up_with_one_clear_line(mo
                                "similarity", tmp_path / "uvicorn.log")
 
 
-def test_a_model_failing_its_warm_up_stops_start_up_with_one_clear_line(model_store: Path, tmp_path: Path) -> None:
+def test_a_model_failing_its_warm_up_stops_start_up_with_one_clear_line(model_store: Path, tmp_path: Path,
+                                                                        layout: dict[str, str]) -> None:
+    """With fronts, they wait for a model that will never come: the main process must end them, and say why
+    once."""
     # these modules have format version 1\'s four methods only
     with_module(model_store / TEST_MODEL_NAME, tmp_path / "failing", _FailsOnEveryBatch(), format_version=1)
     _start_fails_with_one_line(tmp_path, "failing", f"{tmp_path / 'failing' / 'model.pt'} failed its warm-up batch",
-                               tmp_path / "uvicorn.log")
+                               tmp_path / "uvicorn.log", **layout)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device: DEVICE=cuda would start")
@@ -140,10 +143,12 @@ def _wait_until(condition: Callable[[], bool], timeout_s: float, replica: Replic
         time.sleep(0.1)
 
 
-def test_sigterm_drains_then_exits(failing_model_store: Path, tmp_path: Path) -> None:
+def test_sigterm_drains_then_exits(failing_model_store: Path, tmp_path: Path, layout: dict[str, str]) -> None:
+    """With fronts, SIGTERM reaches the main process, which must drain every front before the model leaves."""
     in_flight = 4
     grace_s = 30
-    env = {"MODEL_STORE": str(failing_model_store), "MODEL_NAME": FAILING_MODEL_NAME, "DRAIN_GRACE_S": str(grace_s)}
+    env = {"MODEL_STORE": str(failing_model_store), "MODEL_NAME": FAILING_MODEL_NAME, "DRAIN_GRACE_S": str(grace_s),
+           **layout}
     with running_service(env, tmp_path / "uvicorn.log") as replica, \
             httpx.Client(base_url=replica.url, timeout=60, trust_env=False) as client, \
             ThreadPoolExecutor(in_flight) as pool:
@@ -167,10 +172,11 @@ def test_sigterm_drains_then_exits(failing_model_store: Path, tmp_path: Path) ->
 
 
 def test_a_broken_model_makes_the_replica_unready_then_exit_with_status_1(failing_model_store: Path,
-                                                                          tmp_path: Path) -> None:
+                                                                          tmp_path: Path, layout: dict[str, str]) -> None:
     """Once the inference worker stops (the model fails even on the warm-up pair), the process leaves with
-    status 1, so that the orchestrator restarts it; the request that broke it is answered first."""
-    env = {"MODEL_STORE": str(failing_model_store), "MODEL_NAME": FAILING_MODEL_NAME}
+    status 1, so that the orchestrator restarts it; the request that broke it is answered first (with fronts: the
+    main process too, after its fronts have answered)."""
+    env = {"MODEL_STORE": str(failing_model_store), "MODEL_NAME": FAILING_MODEL_NAME, **layout}
     with running_service(env, tmp_path / "uvicorn.log") as replica, \
             httpx.Client(base_url=replica.url, timeout=60, trust_env=False) as client:
         breaking = client.post("/similarity", files=pair_files(encode(drawn_image(33), "PNG"), BLUE))

@@ -1,0 +1,178 @@
+"""`python -m app [uvicorn options]`: the service as the container runs it.
+
+HTTP_WORKERS=0: one uvicorn process does everything (`uvicorn app.main:app`, which this becomes). Otherwise: this
+process owns the model (app/model_owner.py) and serves it (app/owner_server.py) to HTTP_WORKERS front processes,
+each `uvicorn app.main:app` on the one listening socket bound here, which do every request's own work: keys,
+rate limits, admission, parsing, decoding, rendering. Their batches form here, from all of them at once.
+
+One service to operate: metrics of every process are summed (app/metrics.py); a front that dies is started again,
+unless it dies before it ever reached the owner (a start-up error: the container exits with its status); if the
+model cannot be run, everything stops with status 1; SIGTERM (or SIGINT) drains the fronts first, then the
+model's owner leaves, with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+from app.logs import configure_logging
+from app.settings import MEMORY_SCHEMES, Settings
+
+logger = logging.getLogger("app.processes")
+EXIT_MODEL_UNAVAILABLE = 1
+# After SIGTERM, the fronts drain within DRAIN_GRACE_S; beyond this much more, they are killed.
+FRONT_EXIT_MARGIN_S = 10.0
+
+
+def main(argv: Sequence[str]) -> int:
+    settings = Settings()
+    if settings.http_workers == 0:
+        os.execv(sys.executable, [sys.executable, "-m", "uvicorn", "app.main:app", *argv])
+    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    address, uvicorn_options = parser.parse_known_args(argv)
+    # Before prometheus_client is imported (by the modules below): every process then writes its metrics there.
+    metrics_dir = Path(tempfile.mkdtemp(prefix="siamcam-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    configure_logging(settings.log_level)
+    try:
+        return asyncio.run(_serve(settings, address.host, address.port, uvicorn_options))
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+class Fronts:
+    """The front processes: started, watched, started again when one dies after it has reached the owner."""
+
+    def __init__(self, settings: Settings, listener: socket.socket, owner_socket: Path,
+                 uvicorn_options: Sequence[str], stop: asyncio.Future[int]) -> None:
+        self._command = [sys.executable, "-m", "uvicorn", "app.main:app", "--fd", str(listener.fileno()),
+                         *uvicorn_options]
+        self._pass_fds = (listener.fileno(),)
+        self._environment = {**os.environ, "OWNER_SOCKET": str(owner_socket)}
+        self._count = settings.http_workers
+        self._stop = stop
+        self.greeted: set[int] = set()  # the fronts that have reached the owner
+        self.processes: dict[int, asyncio.subprocess.Process] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+        self.stopping = False
+
+    async def start_all(self) -> None:
+        for _ in range(self._count):
+            await self._start()
+
+    async def _start(self) -> None:
+        process = await asyncio.create_subprocess_exec(*self._command, pass_fds=self._pass_fds,
+                                                       env=self._environment)
+        self.processes[process.pid] = process
+        watcher = asyncio.create_task(self._watch(process))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, process: asyncio.subprocess.Process) -> None:
+        status = await process.wait()
+        del self.processes[process.pid]
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(process.pid)  # its live gauges no longer count
+        if self.stopping or self._stop.done():
+            return
+        if process.pid not in self.greeted:
+            logger.critical(f"a front process exited with status {status} before it reached the model owner: "
+                            "the container stops (its own log lines above say why)")
+            self._stop.set_result(status or EXIT_MODEL_UNAVAILABLE)
+            return
+        logger.warning(f"front process {process.pid} exited with status {status}; starting another")
+        await self._start()
+
+    def signal_all(self, signum: int) -> None:
+        for process in self.processes.values():
+            process.send_signal(signum)
+
+    async def wait_all(self, timeout_s: float) -> None:
+        """Until every front has exited; past `timeout_s`, they are killed."""
+        processes = list(self.processes.values())
+        try:
+            async with asyncio.timeout(timeout_s):
+                for process in processes:
+                    await process.wait()
+        except TimeoutError:
+            logger.error("front processes still running after their grace period: killed")
+            self.signal_all(signal.SIGKILL)
+
+
+def _worker_stopped(stop: asyncio.Future[int], reason: BaseException | None) -> None:
+    logger.critical("the inference worker stopped: this replica answers 503 and exits with status "
+                    f"{EXIT_MODEL_UNAVAILABLE} to be restarted", exc_info=reason)
+    if not stop.done():
+        stop.set_result(EXIT_MODEL_UNAVAILABLE)
+
+
+async def _serve(settings: Settings, host: str, port: int, uvicorn_options: Sequence[str]) -> int:
+    from app.model_owner import running_model_owner  # torch: here, after the metrics' folder is set
+    from app.model_view import ModelLoadError
+    from app.owner_server import OwnerServer
+    from app.ratelimit import RateLimiter
+
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[int] = loop.create_future()  # the exit status, once the container is to stop
+    owner_ready: asyncio.Future[object] = loop.create_future()
+    listener = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                    backlog=2048)
+    listener.set_inheritable(True)
+    runtime_dir = Path(tempfile.mkdtemp(prefix="siamcam-"))
+    shared_limits = (RateLimiter(settings.rate_limit_bucket_size, settings.rate_limit_window_s,
+                                 settings.rate_limit_storage)
+                     if settings.rate_limit_per_s is not None
+                     and settings.rate_limit_storage.split(":", 1)[0] in MEMORY_SCHEMES else None)
+    fronts = Fronts(settings, listener, runtime_dir / "owner.sock", uvicorn_options, stop)
+    server = await OwnerServer(owner_ready, shared_limits, fronts.greeted.add).start(runtime_dir / "owner.sock")
+    draining = False
+
+    def on_signal(signum: int) -> None:
+        nonlocal draining
+        fronts.stopping = True
+        fronts.signal_all(signum)  # a second signal ends their grace period at once
+        if not draining:
+            draining = True
+            logger.info(f"draining {len(fronts.processes)} front processes, then stopping")
+            waited = asyncio.ensure_future(fronts.wait_all(settings.drain_grace_s + FRONT_EXIT_MARGIN_S))
+            waited.add_done_callback(lambda _: stop.done() or stop.set_result(0))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await fronts.start_all()  # they start while the model loads
+        try:
+            async with running_model_owner(settings) as owner:
+                owner_ready.set_result(owner)
+                owner.on_stop(partial(_worker_stopped, stop))
+                logger.info("model owner ready", extra={"fronts": settings.http_workers, "device": owner.view.device,
+                                                        "backbone": owner.view.backbone})
+                status = await stop
+        except ModelLoadError as error:
+            logger.critical(f"cannot start: {error}")
+            status = EXIT_MODEL_UNAVAILABLE
+        if status != 0 and not draining:
+            fronts.stopping = True
+            # Fronts that were served drain (their waiting requests get 503); the others wait for a model that
+            # will not come.
+            fronts.signal_all(signal.SIGTERM if owner_ready.done() else signal.SIGKILL)
+        await fronts.wait_all(settings.drain_grace_s + FRONT_EXIT_MARGIN_S)
+        return status
+    finally:
+        server.close()
+        listener.close()
+        shutil.rmtree(runtime_dir, ignore_errors=True)
