@@ -16,7 +16,8 @@ from app.headers import SecurityHeadersMiddleware, cors_options
 from app.lifespan import lifespan
 from app.logs import configure_logging
 from app.middleware import AdmissionMiddleware, RequestContextMiddleware
-from app.ratelimit import RateLimiter, RateLimitMiddleware
+from app.owner_client import OwnerRateLimits
+from app.ratelimit import Limits, RateLimiter, RateLimitMiddleware
 from app.routes import STATIC_DIR, router
 from app.security import (
     PROTECTED_PATHS, AccessControlMiddleware, KeyConfigError, KeyRing, document_api_keys, load_keys,
@@ -54,9 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         retry_after_s=settings.retry_after_s,
     )
     if settings.rate_limit_per_s is not None:
-        limiter = RateLimiter(settings.rate_limit_bucket_size, settings.rate_limit_window_s,
-                              settings.rate_limit_storage)
-        app.add_middleware(RateLimitMiddleware, limiter=limiter, paths=PROTECTED_PATHS)
+        app.add_middleware(RateLimitMiddleware, limiter=rate_limits(settings, app.state.service),
+                           paths=PROTECTED_PATHS)
     api_keys = KeyRing(load_keys(settings))
     if api_keys.enabled:
         document_api_keys(app)
@@ -66,6 +66,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)  # sees every answer: logs and counts it
     app.add_middleware(SecurityHeadersMiddleware)  # outermost: on every answer, the request log's own included
     return app
+
+
+def rate_limits(settings: Settings, service: Service) -> Limits:
+    """The limiter of this process: its own store's, or, in a front process whose limits count in memory, the
+    model owner's, which counts for every front of the container."""
+    if settings.owner_socket is not None and settings.rate_limit_counts_in_memory:
+        return OwnerRateLimits(settings.rate_limit_bucket_size, settings.rate_limit_window_s,
+                               lambda: service.inference)
+    return RateLimiter(settings.rate_limit_bucket_size, settings.rate_limit_window_s, settings.rate_limit_storage)
 
 
 def keep_uploads_in_memory(max_upload_bytes: int) -> None:

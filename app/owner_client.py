@@ -15,7 +15,7 @@ import numpy as np
 
 from app.ipc import PictureSlots, decode_value, encode, receive
 from app.jobs import Job, Outcome, QueueFull, WorkerStopped
-from app.model_view import ModelView
+from app.model_view import ModelLoadError, ModelView
 from app.ratelimit import Decision
 
 
@@ -164,24 +164,17 @@ class OwnerClient:
             job.future.set_result(result)
 
 
-async def _connect(path: Path, wait_s: float) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """The connection to the owner, whose socket may not exist yet for a moment while it starts."""
-    deadline = asyncio.get_running_loop().time() + wait_s
-    while True:
-        try:
-            return await asyncio.open_unix_connection(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.05)
-
-
 @contextlib.asynccontextmanager
 async def connected_owner(path: Path, picture_slots: Callable[[ModelView], int]) -> AsyncIterator[OwnerClient]:
     """The owner at `path`, once its model is ready, with `picture_slots(view)` slots of shared pictures."""
-    reader, writer = await _connect(path, wait_s=10.0)
-    writer.write(encode({"op": "hello", "pid": os.getpid()}))
-    welcome, _ = await receive(reader)  # sent once the model is loaded and warmed up
+    try:
+        # The owner listens before it starts its fronts: a socket that refuses means that it has gone.
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        writer.write(encode({"op": "hello", "pid": os.getpid()}))
+        welcome, _ = await receive(reader)  # sent once the model is loaded and warmed up
+    except (OSError, asyncio.IncompleteReadError) as error:
+        raise ModelLoadError(f"the model owner process at {path} has gone before its model was ready ({error!r}); "
+                             "its own log lines say why") from error
     view = ModelView.from_message(welcome["model"])
     slots = PictureSlots(picture_slots(view), (3, *view.input_size))
     writer.write(encode({"op": "pictures", "fd": slots.fd, "count": slots.count, "shape": list(slots.shape)}))
@@ -195,3 +188,23 @@ async def connected_owner(path: Path, picture_slots: Callable[[ModelView], int])
 def slots_per_front(total_pictures: int, fronts: int, largest_request: int) -> int:
     """A front's share of the pictures the owner's queues hold, plus one request of the most pictures."""
     return math.ceil(total_pictures / fronts) + largest_request
+
+
+class OwnerRateLimits:
+    """A front's rate limits when they count in memory (RATE_LIMIT_STORAGE=memory://): counted once for the whole
+    container, by the model owner, so that N fronts do not allow N times the configured rate. Until the front has
+    reached the owner, and once it has gone, requests go unlimited (they are refused with 503 anyway)."""
+
+    def __init__(self, burst: int, window_s: int, owner: Callable[[], object]) -> None:
+        self.burst = burst
+        self.window_s = window_s
+        self._owner = owner
+
+    async def take(self, caller: str) -> Decision | None:
+        client = self._owner()
+        if not isinstance(client, OwnerClient) or client.stopped:
+            return None
+        try:
+            return await client.take_rate(caller)
+        except WorkerStopped:
+            return None

@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 
 from app.logs import configure_logging
-from app.settings import MEMORY_SCHEMES, Settings
+from app.settings import Settings
 
 logger = logging.getLogger("app.processes")
 EXIT_MODEL_UNAVAILABLE = 1
@@ -133,10 +133,10 @@ async def _serve(settings: Settings, host: str, port: int, uvicorn_options: Sequ
                                     backlog=2048)
     listener.set_inheritable(True)
     runtime_dir = Path(tempfile.mkdtemp(prefix="siamcam-"))
+    # Limits counted in memory are counted here, once for every front (app/owner_client.py, OwnerRateLimits).
     shared_limits = (RateLimiter(settings.rate_limit_bucket_size, settings.rate_limit_window_s,
                                  settings.rate_limit_storage)
-                     if settings.rate_limit_per_s is not None
-                     and settings.rate_limit_storage.split(":", 1)[0] in MEMORY_SCHEMES else None)
+                     if settings.rate_limit_per_s is not None and settings.rate_limit_counts_in_memory else None)
     fronts = Fronts(settings, listener, runtime_dir / "owner.sock", uvicorn_options, stop)
     server = await OwnerServer(owner_ready, shared_limits, fronts.greeted.add).start(runtime_dir / "owner.sock")
     draining = False

@@ -22,6 +22,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from limits import RateLimitItemPerSecond
@@ -56,6 +57,17 @@ class Decision:
     allowed: bool
     remaining: int  # requests the caller may still make in the current window
     reset_s: int  # seconds until the oldest request counted leaves the window, i.e. one more is allowed
+
+
+class Limits(Protocol):
+    """What RateLimitMiddleware asks of a rate limiter: this module's, or app/owner_client.py's for the front
+    processes of a container that counts in memory."""
+
+    burst: int
+    window_s: int
+
+    async def take(self, caller: str) -> Decision | None:
+        """Count one request of `caller`; None when it goes unlimited (the store failed)."""
 
 
 class RateLimiter:
@@ -124,7 +136,7 @@ def _safe(uri: str) -> str:
 class RateLimitMiddleware:
     """Limits the requests to `paths` per caller; 429 problem+json when a caller is over its limit."""
 
-    def __init__(self, app: ASGIApp, limiter: RateLimiter, paths: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, limiter: Limits, paths: tuple[str, ...]) -> None:
         self.app = app
         self.limiter = limiter
         self.paths = paths

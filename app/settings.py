@@ -137,6 +137,11 @@ class Settings(BaseSettings):
         return max(1, round(self.rate_limit_bucket_size / (self.rate_limit_per_s or 1)))
 
     @property
+    def rate_limit_counts_in_memory(self) -> bool:
+        """Whether RATE_LIMIT_STORAGE is one process's memory (memory://), not a store every process shares."""
+        return urlsplit(self.rate_limit_storage).scheme in MEMORY_SCHEMES
+
+    @property
     def max_body_bytes(self) -> int:
         """Two images plus room for the form fields and multipart framing."""
         return self.max_body_bytes_for(2)
