@@ -1,4 +1,4 @@
-# siamcam API image: one uvicorn process serving one model, on CPU or on an NVIDIA GPU.
+# siamcam API image: one model served on CPU or on an NVIDIA GPU by `python -m app` (app/processes.py).
 #
 #   docker build -t siamcam .                                        # PyPI's torch: the CUDA build (also runs on CPU)
 #   docker build -t siamcam:cpu \
@@ -6,8 +6,9 @@
 #   docker run -p 8000:8000 siamcam                                  # serves the bundled model_store/flowers
 #   docker run --gpus all -p 8000:8000 siamcam                       # same image; CUDA is picked at start-up
 #
-# Scale with more containers (replicas), not with uvicorn workers: each worker would load its own copy of the
-# model and they would fight over the GPU, while one process already batches concurrent requests.
+# One container holds one copy of the model, in one process that forms every batch; HTTP_WORKERS front processes
+# beside it (0: none, one process does everything) do the per-request work on the other cores. Scale a
+# container's CPUs with HTTP_WORKERS, and the deployment with replicas (docs/deployment.md).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -86,8 +87,9 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4)"]
 
-# Exec form: uvicorn is PID 1 and receives SIGTERM itself, which starts the app's graceful drain.
+# Exec form: `python -m app` is PID 1 and receives SIGTERM itself, which starts the graceful drain (of every front
+# process first, with HTTP_WORKERS > 0). Its options are uvicorn's.
 # --proxy-headers: the client's address comes from X-Forwarded-For (logs, rate limits per address), but only
 # from the addresses in FORWARDED_ALLOW_IPS (uvicorn reads it from the environment): set it to the balancer's
 # address (compose) or network (Kubernetes); anyone else's X-Forwarded-For is ignored.
-CMD ["uvicorn", "app.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+CMD ["python", "-m", "app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]

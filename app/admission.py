@@ -11,10 +11,16 @@ times out.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import contextlib
+import fcntl
+import mmap
+import os
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TypeVar
+
+import numpy as np
 
 from app import metrics
 from contract.memory import give_back_free_memory
@@ -35,12 +41,13 @@ class PixelBudget:
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._in_use = 0
+        self._in_use = 0  # this process's
         self._freed = asyncio.Event()  # set, then replaced, at each release: wakes every waiter to look again
         metrics.DECODE_PIXELS_IN_FLIGHT.set(0)
 
     @property
     def in_use(self) -> int:
+        """The pixels this process holds."""
         return self._in_use
 
     async def acquire(self, pixels: int, wait_s: float) -> None:
@@ -50,11 +57,10 @@ class PixelBudget:
             raise OverBudget
         try:
             async with asyncio.timeout(wait_s):
-                while self._in_use + pixels > self.capacity:
-                    await self._freed.wait()
+                while not self._take(pixels):
+                    await self._some_released()
         except TimeoutError:
             raise BudgetExhausted from None
-        self._add(pixels)
         metrics.DECODE_PIXELS_ADMITTED.inc(pixels)
 
     def release(self, pixels: int) -> None:
@@ -62,9 +68,74 @@ class PixelBudget:
         self._freed.set()
         self._freed = asyncio.Event()
 
+    def _take(self, pixels: int) -> bool:
+        if self._in_use + pixels > self.capacity:
+            return False
+        self._add(pixels)
+        return True
+
+    async def _some_released(self) -> None:
+        await self._freed.wait()
+
     def _add(self, pixels: int) -> None:
         self._in_use += pixels
         metrics.DECODE_PIXELS_IN_FLIGHT.set(self._in_use)
+
+
+class SharedPixelBudget(PixelBudget):
+    """The budget of all the front processes of a container together (app/container.py), as one process has it:
+    each front's pixels are one counter of a block of shared memory that the main process made (`pixel_counters`),
+    and a front takes pixels when the sum of every counter leaves room, holding a lock on the block (flock) while
+    it looks and adds. Another front's release is seen within POLL_S."""
+
+    POLL_S = 0.01
+
+    def __init__(self, capacity: int, counters_fd: int, index: int) -> None:
+        super().__init__(capacity)
+        self._fd = counters_fd
+        self._counters = np.frombuffer(mmap.mmap(counters_fd, 0), dtype=np.int64)
+        self._index = index
+
+    def _take(self, pixels: int) -> bool:
+        with _locked(self._fd):
+            if int(self._counters.sum()) + pixels > self.capacity:
+                return False
+            self._counters[self._index] += pixels
+        self._add(pixels)
+        return True
+
+    def release(self, pixels: int) -> None:
+        with _locked(self._fd):
+            self._counters[self._index] -= pixels
+        super().release(pixels)
+
+    async def _some_released(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.POLL_S):
+                await super()._some_released()
+
+
+def pixel_counters(fronts: int) -> int:
+    """A block of one pixel counter per front (SharedPixelBudget), for the main process to pass to its fronts:
+    its file descriptor."""
+    fd = os.memfd_create("siamcam-pixel-budget")  # inherited only where passed (pass_fds)
+    os.ftruncate(fd, 8 * fronts)
+    return fd
+
+
+def forget_front_pixels(counters_fd: int, index: int) -> None:
+    """Give back what the front at `index` held when it died: its replacement starts from zero."""
+    with _locked(counters_fd), mmap.mmap(counters_fd, 0) as block:
+        np.frombuffer(block, dtype=np.int64)[index] = 0
+
+
+@contextlib.contextmanager
+def _locked(fd: int) -> Iterator[None]:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 # How long no image may have been decoded before the freed memory is given back. Trimming between two requests
@@ -79,14 +150,14 @@ class ImageWork:
     default one, which other libraries share), so that image work queues there and never delays the model's
     thread; and the budget of pixels those threads may be decoding at once."""
 
-    def __init__(self, workers: int, max_pixels_in_flight: int, idle_before_trim_s: float = IDLE_BEFORE_TRIM_S,
+    def __init__(self, workers: int, budget: PixelBudget, idle_before_trim_s: float = IDLE_BEFORE_TRIM_S,
                  give_back: Callable[[], None] = give_back_free_memory,
                  on_thread_start: Callable[[], None] | None = None) -> None:
         """`on_thread_start` prepares each image thread (where the model runs in this process too, it keeps
         torch single-threaded there: app/torch_threads.py)."""
         self.workers = workers
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="images", initializer=on_thread_start)
-        self.budget = PixelBudget(max_pixels_in_flight)
+        self.budget = budget
         self.idle_before_trim_s = idle_before_trim_s
         self._give_back = give_back
         self._trim: asyncio.TimerHandle | None = None

@@ -13,7 +13,7 @@ from typing import Protocol
 
 from fastapi import FastAPI
 
-from app.admission import ImageWork
+from app.admission import ImageWork, PixelBudget, SharedPixelBudget
 from app.jobs import Inference
 from app.model_view import ModelLoadError, ModelView
 from app.service import Service
@@ -56,16 +56,17 @@ def _owner(settings: Settings) -> contextlib.AbstractAsyncContextManager[Owner]:
 
 
 def _image_work(settings: Settings) -> ImageWork:
-    """This process's image threads and pixel budget: with several front processes, each has its share of the
-    CPUs and of MAX_DECODE_PIXELS_IN_FLIGHT, but always room for a pair of the largest images."""
+    """This process's image threads and its budget of pixels: with several front processes, each has its share of
+    IMAGE_WORKERS, and MAX_DECODE_PIXELS_IN_FLIGHT is the container's, shared by all of them."""
     if settings.owner_socket is None:
         from app.torch_threads import run_torch_here_only
 
-        return ImageWork(settings.image_workers, settings.max_decode_pixels_in_flight,
+        return ImageWork(settings.image_workers, PixelBudget(settings.max_decode_pixels_in_flight),
                          on_thread_start=run_torch_here_only)
-    fronts = settings.http_workers
-    return ImageWork(math.ceil(settings.image_workers / fronts),
-                     max(settings.max_decode_pixels_in_flight // fronts, 2 * settings.max_image_pixels))
+    assert settings.pixel_counters_fd is not None, "app/container.py passes the counters to every front"
+    return ImageWork(math.ceil(settings.image_workers / settings.http_workers),
+                     SharedPixelBudget(settings.max_decode_pixels_in_flight, settings.pixel_counters_fd,
+                                       settings.front_index))
 
 
 @contextlib.asynccontextmanager

@@ -1,4 +1,5 @@
-"""The ASGI application: `uvicorn app.main:app`. Settings come from the environment (see settings.py)."""
+"""The ASGI application: `uvicorn app.main:app`, or each front process of `python -m app` (app/container.py).
+Settings come from the environment (see settings.py)."""
 
 from __future__ import annotations
 

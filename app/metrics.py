@@ -1,6 +1,6 @@
 """Prometheus metrics, all prefixed `siamcam_`, served at GET /metrics.
 
-With several processes (HTTP_WORKERS > 1, app/processes.py), each writes its values into files in
+With several processes (HTTP_WORKERS > 0, app/container.py), each writes its values into files in
 PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode) and /metrics sums every process's: the container
 is one target. Gauges then add up the live processes' values."""
 

@@ -1,7 +1,7 @@
 """The model's owner: the one place that loads the model, warms it up and runs it, behind the batcher.
 
 With HTTP_WORKERS=1 it lives in the one uvicorn process, beside the HTTP side; with more, in the container's
-main process (app/processes.py), which serves it to the front processes (app/owner_server.py). Either way the
+main process (app/container.py), which serves it to the front processes (app/owner_server.py). Either way the
 HTTP side sees it through `Inference` (app/jobs.py)."""
 
 from __future__ import annotations

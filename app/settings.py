@@ -42,8 +42,12 @@ class Settings(BaseSettings):
         0, ge=0, le=64, description="front processes that serve HTTP beside one model-owning process "
         "(`python -m app`, docs/how-a-request-runs.md); 0: one process does everything"
     )
-    # Set by app/processes.py for each front process it starts: where the model owner listens. Not a user setting.
+    # Set by app/container.py for each front process it starts: not user settings.
     owner_socket: Path | None = Field(None, description="internal: the model owner's socket, in a front process")
+    front_index: int = Field(0, ge=0, description="internal: which front process this is, from 0")
+    pixel_counters_fd: int | None = Field(
+        None, description="internal: the fronts' shared MAX_DECODE_PIXELS_IN_FLIGHT counters (app/admission.py)"
+    )
     # 8: on a 2-core CPU the default model served 45.5 pairs/s at 32 clients with batches of up to 8 and 26.0
     # with up to 16 (`python -m bench.service_bench`, bench/RESULTS.md, "Peers"); on a GPU larger batches pay.
     max_batch_size: int = Field(8, ge=1, le=256, description="most pairs run together in one batch")

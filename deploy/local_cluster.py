@@ -185,7 +185,7 @@ class RedisServer:
 
 @dataclass
 class LocalCluster:
-    """N replicas of `uvicorn app.main:app` and one nginx in front, rendered from the compose configuration."""
+    """N replicas (`python -m app`) and one nginx in front, rendered from the compose configuration."""
 
     nginx_binary: str | None  # from ensure_nginx(); None: the replicas only, no nginx (e.g. bench/)
     model_store: Path

@@ -14,7 +14,7 @@ from tests.app.failing_model import export_failing_model
 from tests.support.service import serve_in_thread
 
 TEST_MODEL_NAME = "tiny"  # the model that tests/conftest.py's `model_store` fixture exports
-# The process layouts of `python -m app` (app/processes.py), as the environment that picks each.
+# The process layouts of `python -m app` (app/container.py), as the environment that picks each.
 LAYOUTS = {"one process": {"HTTP_WORKERS": "0"}, "two fronts": {"HTTP_WORKERS": "2"}}
 
 

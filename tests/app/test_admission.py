@@ -5,6 +5,9 @@ decoding, and every admitted pixel is given back, /explain's backgrounds include
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,9 +15,12 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
-from app.admission import ImageWork
+from app.admission import (
+    BudgetExhausted, ImageWork, PixelBudget, SharedPixelBudget, forget_front_pixels, pixel_counters,
+)
 from tests.app.busy_model import model_kept_busy
 from tests.app.failing_model import FAILING_MODEL_NAME
 from tests.support.images import drawn_image, encode, pair_files
@@ -111,7 +117,7 @@ def test_memory_is_given_back_after_a_pause_not_between_the_requests_of_a_stream
     given_back: list[str] = []
 
     async def stream_then_pause() -> tuple[int, int]:
-        work = ImageWork(1, 10_000, idle_before_trim_s=0.3,
+        work = ImageWork(1, PixelBudget(10_000), idle_before_trim_s=0.3,
                          give_back=lambda: given_back.append(threading.current_thread().name))
         try:
             for _ in range(8):  # a request every 0.05 s: the decoder is never idle for 0.3 s
@@ -128,3 +134,44 @@ def test_memory_is_given_back_after_a_pause_not_between_the_requests_of_a_stream
     assert during_stream == 0
     assert after_pause == 1
     assert given_back[0].startswith("images")  # on an image thread, never on the event loop
+
+
+# A front process of a container holding pixels of the shared budget until told to let go (stdin closes).
+_OTHER_FRONT = """
+import asyncio, sys
+from app.admission import SharedPixelBudget
+async def hold():
+    budget = SharedPixelBudget(int(sys.argv[1]), int(sys.argv[2]), index=1)
+    await budget.acquire(int(sys.argv[3]), wait_s=0)
+    print("held", flush=True)
+    sys.stdin.read()
+asyncio.run(hold())
+"""
+
+
+def test_front_processes_share_one_budget_and_a_dead_fronts_pixels_come_back() -> None:
+    """Catches fronts that each admit MAX_DECODE_PIXELS_IN_FLIGHT (N fronts would decode N times the pixels the
+    setting bounds), and a budget that a killed front leaves charged for good."""
+    capacity, held = 1_000, 700
+    counters = pixel_counters(fronts=2)
+    other = subprocess.Popen([sys.executable, "-c", _OTHER_FRONT, str(capacity), str(counters), str(held)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(counters,), text=True)
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "held"
+
+        async def check() -> None:
+            budget = SharedPixelBudget(capacity, counters, index=0)
+            with pytest.raises(BudgetExhausted):
+                await budget.acquire(capacity - held + 1, wait_s=0.05)
+            await budget.acquire(capacity - held, wait_s=0)
+            budget.release(capacity - held)
+            other.kill()
+            other.wait()
+            forget_front_pixels(counters, index=1)  # what the main process does when a front dies
+            await budget.acquire(capacity, wait_s=0)
+            assert budget.in_use == capacity
+
+        asyncio.run(check())
+    finally:
+        other.kill()
+        os.close(counters)

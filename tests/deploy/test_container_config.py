@@ -38,15 +38,16 @@ def compose(name: str = "docker-compose.yml") -> dict:
     return yaml.safe_load((REPO / name).read_text())
 
 
-def test_dockerfile_is_multi_stage_and_runs_one_uvicorn_as_non_root() -> None:
+def test_dockerfile_is_multi_stage_and_runs_the_service_as_non_root() -> None:
     instructions = dockerfile_instructions()
     stages = [args for op, args in instructions if op == "FROM"]
     assert len(stages) >= 2
     users = [args for op, args in instructions if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     (cmd,) = [args for op, args in instructions if op == "CMD"]
-    command = yaml.safe_load(cmd)  # exec form: a JSON list, so that uvicorn is PID 1 and gets SIGTERM
-    assert command[:2] == ["uvicorn", "app.main:app"]
+    command = yaml.safe_load(cmd)  # exec form: a JSON list, so that the service is PID 1 and gets SIGTERM
+    assert command[:3] == ["python", "-m", "app"]  # app/container.py: fronts and one model owner
+    # uvicorn's own workers would each load a copy of the model; --reload is for development
     assert "--workers" not in command and "--reload" not in command
     (healthcheck,) = [args for op, args in instructions if op == "HEALTHCHECK"]
     assert "/healthz" in healthcheck and "curl" not in healthcheck

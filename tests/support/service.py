@@ -44,7 +44,7 @@ def serve_in_thread(settings: Settings) -> Iterator[str]:
 
 @contextmanager
 def running_service(env: Mapping[str, str], log_path: Path, wait_ready: bool = True) -> Iterator[Replica]:
-    """`uvicorn app.main:app` as a user starts it, with `env` (MODEL_STORE, MODEL_NAME, settings) added to this
+    """`python -m app` as the container starts it, with `env` (MODEL_STORE, MODEL_NAME, settings) added to this
     environment; ready unless `wait_ready` is False; stopped (drained, then killed if need be) on exit."""
     replica = Replica.start(env, log_path)
     try:

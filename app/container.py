@@ -1,19 +1,17 @@
-"""`python -m app [uvicorn options]`: the service as the container runs it.
+"""The container's processes with HTTP_WORKERS > 0 (`python -m app`, app/__main__.py): this, the main process,
+owns the model (app/model_owner.py) and serves it (app/owner_server.py) to HTTP_WORKERS front processes, each
+`uvicorn app.main:app` on the one listening socket bound here, which do every request's own work: keys, rate
+limits, admission, parsing, decoding, rendering. Their batches form here, from all of them at once.
 
-HTTP_WORKERS=0: one uvicorn process does everything (`uvicorn app.main:app`, which this becomes). Otherwise: this
-process owns the model (app/model_owner.py) and serves it (app/owner_server.py) to HTTP_WORKERS front processes,
-each `uvicorn app.main:app` on the one listening socket bound here, which do every request's own work: keys,
-rate limits, admission, parsing, decoding, rendering. Their batches form here, from all of them at once.
-
-One service to operate: metrics of every process are summed (app/metrics.py); a front that dies is started again,
-unless it dies before it ever reached the owner (a start-up error: the container exits with its status); if the
-model cannot be run, everything stops with status 1; SIGTERM (or SIGINT) drains the fronts first, then the
-model's owner leaves, with status 0.
+One service to operate: metrics of every process are summed (app/metrics.py), and so are the rate limits counted
+in memory and the budget of pixels being decoded (app/admission.py); a front that dies is started again, unless
+it dies before it ever reached the owner (a start-up error: the container exits with its status); if the model
+cannot be run, everything stops with status 1; SIGTERM (or SIGINT) drains the fronts first, then the model's
+owner leaves, with status 0.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -26,31 +24,19 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from app.logs import configure_logging
+from prometheus_client import multiprocess
+
+from app.admission import forget_front_pixels, pixel_counters
+from app.model_owner import running_model_owner
+from app.model_view import ModelLoadError
+from app.owner_server import OwnerServer
+from app.ratelimit import RateLimiter
 from app.settings import Settings
 
-logger = logging.getLogger("app.processes")
+logger = logging.getLogger(__name__)
 EXIT_MODEL_UNAVAILABLE = 1
 # After SIGTERM, the fronts drain within DRAIN_GRACE_S; beyond this much more, they are killed.
 FRONT_EXIT_MARGIN_S = 10.0
-
-
-def main(argv: Sequence[str]) -> int:
-    settings = Settings()
-    if settings.http_workers == 0:
-        os.execv(sys.executable, [sys.executable, "-m", "uvicorn", "app.main:app", *argv])
-    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    address, uvicorn_options = parser.parse_known_args(argv)
-    # Before prometheus_client is imported (by the modules below): every process then writes its metrics there.
-    metrics_dir = Path(tempfile.mkdtemp(prefix="siamcam-metrics-"))
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
-    configure_logging(settings.log_level)
-    try:
-        return asyncio.run(_serve(settings, address.host, address.port, uvicorn_options))
-    finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 class Fronts:
@@ -60,8 +46,10 @@ class Fronts:
                  uvicorn_options: Sequence[str], stop: asyncio.Future[int]) -> None:
         self._command = [sys.executable, "-m", "uvicorn", "app.main:app", "--fd", str(listener.fileno()),
                          *uvicorn_options]
-        self._pass_fds = (listener.fileno(),)
-        self._environment = {**os.environ, "OWNER_SOCKET": str(owner_socket)}
+        self._pixel_counters = pixel_counters(settings.http_workers)
+        self._pass_fds = (listener.fileno(), self._pixel_counters)
+        self._environment = {**os.environ, "OWNER_SOCKET": str(owner_socket),
+                             "PIXEL_COUNTERS_FD": str(self._pixel_counters)}
         self._count = settings.http_workers
         self._stop = stop
         self.greeted: set[int] = set()  # the fronts that have reached the owner
@@ -70,23 +58,22 @@ class Fronts:
         self.stopping = False
 
     async def start_all(self) -> None:
-        for _ in range(self._count):
-            await self._start()
+        for index in range(self._count):
+            await self._start(index)
 
-    async def _start(self) -> None:
+    async def _start(self, index: int) -> None:
         process = await asyncio.create_subprocess_exec(*self._command, pass_fds=self._pass_fds,
-                                                       env=self._environment)
+                                                       env={**self._environment, "FRONT_INDEX": str(index)})
         self.processes[process.pid] = process
-        watcher = asyncio.create_task(self._watch(process))
+        watcher = asyncio.create_task(self._watch(process, index))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
 
-    async def _watch(self, process: asyncio.subprocess.Process) -> None:
+    async def _watch(self, process: asyncio.subprocess.Process, index: int) -> None:
         status = await process.wait()
         del self.processes[process.pid]
-        from prometheus_client import multiprocess
-
         multiprocess.mark_process_dead(process.pid)  # its live gauges no longer count
+        forget_front_pixels(self._pixel_counters, index)
         if self.stopping or self._stop.done():
             return
         if process.pid not in self.greeted:
@@ -95,7 +82,7 @@ class Fronts:
             self._stop.set_result(status or EXIT_MODEL_UNAVAILABLE)
             return
         logger.warning(f"front process {process.pid} exited with status {status}; starting another")
-        await self._start()
+        await self._start(index)
 
     def signal_all(self, signum: int) -> None:
         for process in self.processes.values():
@@ -120,12 +107,7 @@ def _worker_stopped(stop: asyncio.Future[int], reason: BaseException | None) -> 
         stop.set_result(EXIT_MODEL_UNAVAILABLE)
 
 
-async def _serve(settings: Settings, host: str, port: int, uvicorn_options: Sequence[str]) -> int:
-    from app.model_owner import running_model_owner  # torch: here, after the metrics' folder is set
-    from app.model_view import ModelLoadError
-    from app.owner_server import OwnerServer
-    from app.ratelimit import RateLimiter
-
+async def serve(settings: Settings, host: str, port: int, uvicorn_options: Sequence[str]) -> int:
     loop = asyncio.get_running_loop()
     stop: asyncio.Future[int] = loop.create_future()  # the exit status, once the container is to stop
     owner_ready: asyncio.Future[object] = loop.create_future()

@@ -1,4 +1,4 @@
-"""Front processes beside one model owner (`python -m app` with HTTP_WORKERS > 0, app/processes.py), started as
+"""Front processes beside one model owner (`python -m app` with HTTP_WORKERS > 0, app/container.py), started as
 the container starts them: the same answers as one process, batches formed from every front's requests, one
 service to operate (metrics, rate limits, a dead front, a dead owner, a front that cannot start)."""
 
