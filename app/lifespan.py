@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from app.admission import ImageWork, PixelBudget, SharedPixelBudget
 from app.jobs import Inference
 from app.model_view import ModelLoadError, ModelView
+from app.owner_client import OwnerClient
 from app.service import Service
 from app.settings import Settings
 from app.shutdown import drain_on_signals
@@ -89,9 +90,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
             def on_owner_stop(reason: BaseException | None) -> None:
                 nonlocal restart_requested
-                # /readyz is already 503 and requests get 503; leave, to be restarted.
                 logger.critical("the inference worker stopped: this replica answers 503 and exits with status "
                                 f"{EXIT_MODEL_UNAVAILABLE} to be restarted", exc_info=reason)
+                if isinstance(owner, OwnerClient):
+                    # The container's main process has gone, and with it every job in flight: nothing to drain.
+                    _exit_now(EXIT_MODEL_UNAVAILABLE)
+                # /readyz is already 503 and requests get 503; leave, to be restarted.
                 restart_requested = stop()
 
             owner.on_stop(on_owner_stop)

@@ -86,19 +86,20 @@ async def running_model_owner(settings: Settings) -> AsyncIterator[ModelOwner]:
     model_thread = model_thread_executor()
     # Loaded and warmed up on the thread that will run it: no other thread may run torch in parallel.
     model = await asyncio.get_running_loop().run_in_executor(model_thread, _load_and_warm_up, settings)
+    batch_size = settings.batch_size_on(model.device.type)
     batcher = Batcher(
         {SIMILARITY_QUEUE: partial(score_pairs, model),
          **{EXPLAIN_QUEUES[method]: partial(explain_pairs, model, method=method) for method in model.methods},
          EMBED_QUEUE: partial(embed_pictures, model)},
         self_check=partial(score_blank_pair, model),
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=batch_size,
         max_batch_wait_s=settings.max_batch_wait_ms / 1000,
         queue_capacity=settings.queue_capacity,
         model_thread=model_thread,
         # Single images, MAX_BATCH_SIZE per batch: the images a pair batch runs through the backbone at once (one
         # side, then the other), the size measured best on the CPU; 16 at once took twice as long per image on the
         # model's thread (bench/RESULTS.md, "One image against many").
-        limits={EMBED_QUEUE: QueueLimits(settings.max_batch_size, settings.embed_queue_capacity)},
+        limits={EMBED_QUEUE: QueueLimits(batch_size, settings.embed_queue_capacity)},
     )
     worker = asyncio.create_task(batcher.run(), name="inference-worker")
     try:

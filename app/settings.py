@@ -48,9 +48,12 @@ class Settings(BaseSettings):
     pixel_counters_fd: int | None = Field(
         None, description="internal: the fronts' shared MAX_DECODE_PIXELS_IN_FLIGHT counters (app/admission.py)"
     )
-    # 8: on a 2-core CPU the default model served 45.5 pairs/s at 32 clients with batches of up to 8 and 26.0
-    # with up to 16 (`python -m bench.service_bench`, bench/RESULTS.md, "Peers"); on a GPU larger batches pay.
-    max_batch_size: int = Field(8, ge=1, le=256, description="most pairs run together in one batch")
+    # 8 on a CPU: on a 2-core CPU the default model served 45.5 pairs/s at 32 clients with batches of up to 8 and
+    # 26.0 with up to 16 (`python -m bench.service_bench`, bench/RESULTS.md, "Peers"). 32 on a GPU: on an H200 the
+    # model scored 242 pairs/s at batch 8 and 300 at batch 32 (bench/RESULTS.md, "On a GPU").
+    max_batch_size: int | None = Field(
+        None, ge=1, le=256, description="most pairs run together in one batch; default 8 on a CPU, 32 on a GPU"
+    )
     max_batch_wait_ms: float = Field(
         5.0, ge=0, description="how long a partial batch may be passed over for full batches of the other queue"
     )
@@ -139,6 +142,10 @@ class Settings(BaseSettings):
         """The window in which a key may make RATE_LIMIT_BURST requests: the burst's worth of RATE_LIMIT_PER_S,
         in whole seconds (the store counts in seconds), at least one."""
         return max(1, round(self.rate_limit_bucket_size / (self.rate_limit_per_s or 1)))
+
+    def batch_size_on(self, device_type: str) -> int:
+        """MAX_BATCH_SIZE, or its default for the device the model runs on ("cpu", "cuda")."""
+        return self.max_batch_size or (32 if device_type == "cuda" else 8)
 
     @property
     def rate_limit_counts_in_memory(self) -> bool:

@@ -69,6 +69,7 @@ class ProofSettings:
     sigkill_at: float = 0.5
     model_store: Path = DEFAULT_MODEL_STORE
     model_name: str = DEFAULT_MODEL_NAME
+    http_workers: int = 0  # HTTP_WORKERS of each replica: its front processes (app/container.py)
     # The replicas run with API keys and rate limits on, as deployed; the limits are generous (per key and
     # replica) so that they shape nothing here: the proof is about replicas dying, not about one client's rate.
     rate_limit_per_s: float = 500.0
@@ -321,6 +322,7 @@ def run_proof(settings: ProofSettings) -> ProofReport:
     api_key = secrets.token_urlsafe(32)
     headers = {"Authorization": f"Bearer {api_key}"}
     app_env = {
+        "HTTP_WORKERS": str(settings.http_workers),
         "DRAIN_GRACE_S": str(settings.drain_grace_s),
         "API_KEYS": api_key,
         "RATE_LIMIT_PER_S": str(settings.rate_limit_per_s),
@@ -353,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help="requests in flight at once")
     parser.add_argument("--threads", type=int, default=defaults.threads_per_replica, help="torch threads per replica")
     parser.add_argument("--drain-grace", type=float, default=defaults.drain_grace_s, help="DRAIN_GRACE_S, seconds")
+    parser.add_argument("--http-workers", type=int, default=defaults.http_workers,
+                        help="HTTP_WORKERS: front processes per replica (0: one process)")
     parser.add_argument("--model-store", type=Path, default=defaults.model_store)
     parser.add_argument("--model-name", default=defaults.model_name)
     rate_defaults = RateProofSettings()
@@ -371,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                 RateProofSettings(rate_per_s=args.rate, phase_s=args.phase, storage=args.storage, **model))
         else:
             report = run_proof(ProofSettings(similarity=args.similarity, explain=args.explain,
-                                             concurrency=args.concurrency, drain_grace_s=args.drain_grace, **model))
+                                             concurrency=args.concurrency, drain_grace_s=args.drain_grace,
+                                             http_workers=args.http_workers, **model))
     except (FileNotFoundError, SystemToolUnavailable) as error:
         print(f"cannot run the proof: {error}", file=sys.stderr)
         return 2

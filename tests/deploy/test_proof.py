@@ -31,8 +31,10 @@ def proof_model(request: pytest.FixtureRequest) -> tuple[Path, str]:
 
 
 def test_every_request_is_answered_while_replicas_die(proof_model: tuple[Path, str]) -> None:
+    """With two front processes a replica: SIGTERM must drain every front before the model's process leaves,
+    and a SIGKILLed replica's fronts must not keep answering (app/container.py)."""
     store, name = proof_model
-    settings = ProofSettings(model_store=store, model_name=name)
+    settings = ProofSettings(model_store=store, model_name=name, http_workers=2)
     try:
         report = run_proof(settings)
     except NginxUnavailable as reason:
