@@ -31,7 +31,7 @@ EXIT_MODEL_UNAVAILABLE = 1
 
 def _load_and_warm_up(settings: Settings) -> ServedModel:
     keep_freed_memory_for_reuse()
-    model = load_model(settings.model_dir, settings.device)
+    model = load_model(settings.model_dir, settings.device, settings.precision)
     if settings.compile == "auto":
         model = with_compiled_backbone(model, settings.compile_cache_dir)
     warm_up(model)
@@ -96,7 +96,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             service.model = model
             logger.info("ready", extra={
                 "model": model.manifest.name, "version": model.manifest.version, "device": str(model.device),
-                "backbone": model.backbone,
+                "backbone": model.backbone, "precision": model.precision,
             })
             yield
     finally:

@@ -17,7 +17,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from contract.compiled import CompiledBackbone
+from contract.backbone import ServedModule, SplitBackbone
 
 Method = Literal["gradcam", "contributions"]
 Box = tuple[int, int, int, int]  # [x0, y0, x1, y1] in pixels, x1 and y1 exclusive
@@ -42,14 +42,13 @@ class PairMaps(NamedTuple):
     counterfactual2: torch.Tensor
 
 
-def decide(model: torch.jit.ScriptModule | CompiledBackbone, x1: torch.Tensor, x2: torch.Tensor,
-           threshold: float) -> Decided:
+def decide(model: ServedModule, x1: torch.Tensor, x2: torch.Tensor, threshold: float) -> Decided:
     """The feature maps and scores of the pairs (x1[i], x2[i]), and each pair's decision: similar when
     score >= threshold."""
     with torch.no_grad():
         # The backbone passes the model's forward (what /similarity runs) makes: explaining a batch then costs
         # what scoring it costs, plus the explainer's own work, and scores the same.
-        if isinstance(model, CompiledBackbone):
+        if isinstance(model, SplitBackbone):
             maps1, maps2 = model.pair_features(x1, x2)
         else:
             maps1, maps2 = model.features(x1), model.features(x2)
