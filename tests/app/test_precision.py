@@ -26,13 +26,13 @@ from training.data import decode_images
 from training.evaluate import evaluation_set
 
 REDUCED: tuple[Precision, ...] = ("bf16", "fp16")
-# The largest |score - fp32 score| accepted on the suite's small model, whose scores are steep in its features
-# (70 logit units per unit of dot product).
-TINY_TOLERANCE: dict[Precision, float] = {"fp32": 1e-6, "bf16": 0.02, "fp16": 0.005}
-# On the default model's test pairs (`python -m bench.precision_bench`, bench/RESULTS.md, "Reduced precision"):
-# the largest difference measured over the whole test split was bf16 TODO, fp16 TODO; these leave room for the
-# kernels of another CPU.
-FLOWERS_TOLERANCE: dict[Precision, float] = {"bf16": 0.03, "fp16": 0.01}
+# The largest |score - fp32 score| accepted on the suite's small model (its drawn pairs differed by up to 1.2e-3 in
+# bf16 and 9e-5 in fp16 on this CPU); fp32 is exact, whatever the batch.
+TINY_TOLERANCE: dict[Precision, float] = {"fp32": 1e-6, "bf16": 0.01, "fp16": 0.001}
+# On the default model's pairs of photos, the largest and the mean |score - fp32 score| accepted: over its whole test
+# split (1,096 pairs) this CPU measured bf16 0.060 and 0.0041, fp16 0.0075 and 0.00047 (`python -m
+# bench.precision_bench`, bench/RESULTS.md, "Reduced precision"); these leave room for another CPU's kernels.
+FLOWERS_TOLERANCE: dict[Precision, tuple[float, float]] = {"bf16": (0.1, 0.01), "fp16": (0.02, 0.002)}
 # A pair this far from the threshold in fp32 keeps its decision in every precision.
 CLEARLY_DECIDED = 0.1
 SEEDS = (0, 1, 2)
@@ -170,7 +170,9 @@ def test_reduced_precision_scores_real_photos_close_to_fp32(precision: Precision
     pictures1, pictures2 = list(pictures[:FLOWER_PAIRS]), list(pictures[FLOWER_PAIRS:])
     expected = torch.tensor(score_pairs(exact, pictures1, pictures2))
     measured = torch.tensor(score_pairs(reduced, pictures1, pictures2))
-    assert float((measured - expected).abs().max()) <= FLOWERS_TOLERANCE[precision], (measured - expected)
+    largest, mean = FLOWERS_TOLERANCE[precision]
+    difference = (measured - expected).abs()
+    assert float(difference.max()) <= largest and float(difference.mean()) <= mean, difference
     assert not torch.equal(measured, expected), f"{precision} scored exactly as fp32"
     threshold = exact.threshold
     clear = (expected - threshold).abs() > CLEARLY_DECIDED
