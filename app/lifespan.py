@@ -104,7 +104,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             service.model = owner.view
             logger.info("ready", extra={
                 "model": owner.view.manifest.name, "version": owner.view.manifest.version,
-                "device": owner.view.device, "backbone": owner.view.backbone,
+                "device": owner.view.device, "backbone": owner.view.backbone, "precision": owner.view.precision,
             })
             yield
     if restart_requested:

@@ -12,20 +12,23 @@ import torch
 from PIL import Image
 
 from app.model_view import ModelLoadError, ModelView, ScoringConstants
+from contract.backbone import AutocastBackbone, ServedModule, unsupported_reason
 from contract.compiled import CompiledBackbone
 from contract.explainers import Method, PairMaps, contributions, decide, gradcam
 from contract.explainers.contributions import ThresholdUnreachable
 from contract.explanation import PairExplanation
 from contract.manifest import MODEL_FILE, Manifest, ManifestError, read_manifest
+from contract.precision import Precision
 from contract.preprocess import Preprocessing
 from contract.torchscript import TorchScriptError, load_torchscript, optimized_for_inference, sha256_of
 
 @dataclass(frozen=True)
 class ServedModel:
     path: Path  # the model.pt it was loaded from
-    module: torch.jit.ScriptModule | CompiledBackbone  # the latter: features compiled, the rest model.pt's
+    module: ServedModule  # model.pt's, or with its features compiled (fp32) or under autocast (bf16, fp16)
     manifest: Manifest
     device: torch.device
+    precision: Precision  # what the backbone computes in (contract/precision.py)
     preprocessing: Preprocessing
     threshold_raw_logit: float | None  # the raw logit at the threshold; None when contributions are refused
     contributions_refusal: str | None  # why method=contributions cannot be served by this model (None: it can)
@@ -56,7 +59,8 @@ class ServedModel:
     def view(self) -> ModelView:
         """What the HTTP side needs to know of this model (app/model_view.py)."""
         return ModelView(manifest=self.manifest, methods=self.methods, contributions_refusal=self.contributions_refusal,
-                         device=str(self.device), backbone=self.backbone, embedding_scoring=embedding_scoring(self))
+                         device=str(self.device), backbone=self.backbone, precision=self.precision,
+                         embedding_scoring=embedding_scoring(self))
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """An upright RGB picture as the normalized float tensor [3, H, W] the model expects (on the CPU)."""
@@ -74,8 +78,9 @@ def pick_device(requested: str) -> torch.device:
     return device
 
 
-def load_model(model_dir: Path, device: str) -> ServedModel:
-    """The model in `model_dir` on the chosen device, after checking the file against its manifest."""
+def load_model(model_dir: Path, device: str, precision: Precision = "fp32") -> ServedModel:
+    """The model in `model_dir` on the chosen device, its backbone computing in `precision`, after checking the
+    file against its manifest."""
     try:
         manifest = read_manifest(model_dir)
     except ManifestError as error:
@@ -90,15 +95,18 @@ def load_model(model_dir: Path, device: str) -> ServedModel:
             f"{manifest.sha256[:12]}...): the file is corrupt or was replaced; re-export the model"
         )
     chosen = pick_device(device)
+    if reason := unsupported_reason(precision, chosen):
+        raise ModelLoadError(reason)
+    reduced = precision != "fp32"
     try:
         module = optimized_for_inference(load_torchscript(model_path, manifest.format_version, chosen),
-                                         manifest.format_version, chosen)
+                                         manifest.format_version, chosen, under_autocast=reduced)
     except TorchScriptError as error:
         raise ModelLoadError(str(error)) from error
     threshold_raw_logit, refusal = _contributions_support(model_path, module, manifest)
-    return ServedModel(path=model_path, module=module, manifest=manifest, device=chosen,
-                       preprocessing=Preprocessing.of(manifest), threshold_raw_logit=threshold_raw_logit,
-                       contributions_refusal=refusal)
+    return ServedModel(path=model_path, module=AutocastBackbone(module, precision, chosen) if reduced else module,
+                       manifest=manifest, device=chosen, precision=precision, preprocessing=Preprocessing.of(manifest),
+                       threshold_raw_logit=threshold_raw_logit, contributions_refusal=refusal)
 
 
 def _contributions_support(model_path: Path, module: torch.jit.ScriptModule, manifest: Manifest
@@ -119,15 +127,32 @@ def _contributions_support(model_path: Path, module: torch.jit.ScriptModule, man
 Picture = np.ndarray | torch.Tensor
 
 
+def host_batch(pictures: Sequence[Picture], device: torch.device) -> torch.Tensor:
+    """The uint8 pictures [3, H, W] stacked into one batch on the CPU, ready to move to `device`: for a CUDA device
+    in pinned (page-locked) memory, which the GPU copies from by DMA while the CPU goes on (from ordinary memory a
+    copy to the GPU is staged through a buffer of CUDA's and waits for it); for the CPU, the plain stack."""
+    tensors = [torch.as_tensor(picture) for picture in pictures]
+    if device.type != "cuda":
+        return torch.stack(tensors)
+    pinned = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.uint8, pin_memory=True)
+    return torch.stack(tensors, out=pinned)
+
+
 def _model_batch(model: ServedModel, pictures: Sequence[Picture]) -> torch.Tensor:
     """uint8 pictures [3, H, W] as the model's float input batch on its device: moved as bytes, normalized there
-    in one pass (the same arithmetic per element as one picture at a time, so the scores do not change)."""
-    stacked = torch.from_numpy(np.stack([np.asarray(picture) for picture in pictures]))
-    assert stacked.dtype == torch.uint8, "pass ServedModel.picture's uint8 pictures"
-    return model.preprocessing.normalize(stacked.to(model.device, non_blocking=True))
+    in one pass (the same arithmetic per element as one picture at a time, so the scores do not change).
+
+    On a GPU the copy is queued without waiting (`non_blocking` from pinned memory): the normalisation and the
+    model run after it on the same stream, torch's pinned-memory cache reuses the batch's buffer only once the
+    copy's recorded event has passed, and every result comes back through `.cpu()` or `.tolist()`, copies to
+    ordinary memory that wait for the stream: nothing reads a result, or rewrites the buffer, before the GPU is
+    done with it."""
+    batch = host_batch(pictures, model.device)
+    assert batch.dtype == torch.uint8, "pass ServedModel.picture's uint8 pictures"
+    return model.preprocessing.normalize(batch.to(model.device, non_blocking=True))
 
 
-def score_batch(module: torch.jit.ScriptModule | CompiledBackbone, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+def score_batch(module: ServedModule, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     """Scores [N] of the pairs (x1[i], x2[i])."""
     with torch.inference_mode():
         return module(x1, x2)
@@ -182,9 +207,10 @@ def warm_up(model: ServedModel) -> None:
                 explain_pairs(model, blank, blank, method)
     except Exception as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        fallback = "" if model.precision == "fp32" else f", or serve it with PRECISION=fp32 ({model.precision} failed)"
         raise ModelLoadError(
             f"{model.path} failed its warm-up batch on {model.device} ({reason}); check that it was exported by "
-            f"`python -m training train` for input_size {list(model.input_size)}, or re-export it"
+            f"`python -m training train` for input_size {list(model.input_size)}, or re-export it{fallback}"
         ) from error
 
 

@@ -70,7 +70,7 @@ class ModelOwner:
 
 def _load_and_warm_up(settings: Settings) -> ServedModel:
     keep_freed_memory_for_reuse()
-    model = load_model(settings.model_dir, settings.device)
+    model = load_model(settings.model_dir, settings.device, settings.precision)
     if settings.compile == "auto":
         model = with_compiled_backbone(model, settings.compile_cache_dir)
     warm_up(model)

@@ -10,6 +10,7 @@ import numpy as np
 
 from contract.explanation import Method
 from contract.manifest import Manifest
+from contract.precision import Precision
 
 
 class ModelLoadError(RuntimeError):
@@ -36,6 +37,7 @@ class ModelView:
     contributions_refusal: str | None  # why method=contributions cannot be served by this model (None: it can)
     device: str  # where the model runs: "cpu", "cuda:0"
     backbone: str  # what computes the feature maps: "compiled" or "torchscript"
+    precision: Precision  # what the backbone computes in
     embedding_scoring: ScoringConstants | None  # None for a format-version-1 model
 
     @property
@@ -62,5 +64,5 @@ class ModelView:
         scoring = message["embedding_scoring"]
         return cls(manifest=Manifest.model_validate(message["manifest"]), methods=tuple(message["methods"]),
                    contributions_refusal=message["contributions_refusal"], device=message["device"],
-                   backbone=message["backbone"],
+                   backbone=message["backbone"], precision=message["precision"],
                    embedding_scoring=None if scoring is None else ScoringConstants(**scoring))

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contract.cache import default_cache_dir
+from contract.precision import Precision
 
 REPO_MODEL_STORE = Path(__file__).resolve().parents[1] / "model_store"
 # The stores RATE_LIMIT_STORAGE may name (app/ratelimit.py): one process's memory, or Redis in its forms.
@@ -34,6 +35,10 @@ class Settings(BaseSettings):
     compile: Literal["auto", "off"] = Field(
         "auto", description="auto: the backbone compiled for this machine (compiled at start-up when COMPILE_CACHE_DIR "
         "lacks it) where it scores as model.pt does, else TorchScript; off: TorchScript only"
+    )
+    precision: Precision = Field(
+        "fp32", description="what the backbone computes in: fp32 (exact, batch-invariant scores), or bf16 or fp16 "
+        "(autocast; the head, explanations and contributions stay fp32)"
     )
     compile_cache_dir: Path = Field(
         default_factory=default_cache_dir, description="folder of compiled backbones (`python -m training compile`)"

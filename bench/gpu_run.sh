@@ -9,6 +9,8 @@
 #   peers    bench.peers (siamcam against LitServe on the same model)
 #   compiled issue 23: bench.compiled_bench on the GPU (the default model's backbone compiled for this GPU's
 #            architecture into a temporary cache, then its model work against TorchScript's)
+#   precision issue 22: bench.precision_bench on the GPU (the default model's test split scored in fp32, bf16 and
+#            fp16: each one's score differences from fp32, flipped decisions and pairs/s at batches of 64)
 #   lite2    issue 9's GPU run: EfficientNet-Lite2 fine-tuned at 260 px on flowers with the default model's
 #            recipe, exported to a temporary folder (its manifest copied to OUT_DIR/lite2_manifest.json)
 #   lite1    the same recipe with EfficientNet-Lite1 at 240 px (the largest step a 2-core CPU could afford)
@@ -45,6 +47,7 @@ print("torchvision", torchvision.__version__, "pillow", PIL.__version__, "opencv
         service) "$python" -m bench.service_bench ;;
         peers) "$python" -m bench.peers ;;
         compiled) XDG_CACHE_HOME="$work/cache" "$python" -m bench.compiled_bench --device cuda --skip-service ;;
+        precision) "$python" -m bench.precision_bench --device cuda --data "$flowers" ;;
         lite2) train lite2 efficientnet_lite2 260 ;;
         lite1) train lite1 efficientnet_lite1 240 ;;
         *) echo "unknown step $step"; false ;;

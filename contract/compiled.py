@@ -7,9 +7,9 @@ TorchScript (`model.pt`) stays the contract; this is an accelerator that must ne
 - An AOTInductor package (a shared library compiled from the program for one device kind, CPU instruction set
   or GPU architecture, and torch version) is made by `python -m training compile`, or by the service at
   start-up, into a cache folder; it is never committed, since it only runs where it was compiled for.
-- The service runs `CompiledBackbone`: the package computes `features`, the TorchScript module everything else
-  (embed, similarity, the contribution methods), so the explainers differentiate the same head as before. They
-  already take the feature maps as computed without autograd (`contract.explainers.decide`).
+- The service runs `CompiledBackbone` (a `contract.backbone.SplitBackbone`): the package computes `features`, the
+  TorchScript module everything else (embed, similarity, the contribution methods), so the explainers
+  differentiate the same head as before.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from contract.backbone import SplitBackbone
 from contract.cache import default_cache_dir, writable
 from contract.manifest import Manifest
 from contract.torchscript import compute_convolutions_in_fp32, sha256_of
@@ -166,12 +167,11 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-class CompiledBackbone:
-    """A TorchScript model whose `features` runs a compiled package: every other method is the TorchScript
-    module's own (the head the explainers differentiate), and calling it scores pairs as `forward` does."""
+class CompiledBackbone(SplitBackbone):
+    """A TorchScript model whose `features` runs a compiled package (fp32, as the program was exported)."""
 
     def __init__(self, module: torch.jit.ScriptModule, package: Path, device: torch.device) -> None:
-        self.module = module
+        super().__init__(module)
         self.package = package
         from torch._inductor import aoti_load_package
 
@@ -185,19 +185,6 @@ class CompiledBackbone:
         # The package records no autograd graph: its maps are inputs to the head, never differentiated through.
         with torch.no_grad():
             return self._features(x.contiguous())
-
-    def pair_features(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both sides' feature maps from one call: one pair is a batch of two images, which keeps both cores of a
-        small CPU busy (TorchScript's forward makes two passes)."""
-        maps1, maps2 = self.features(torch.cat([x1, x2])).chunk(2)
-        return maps1, maps2
-
-    def __call__(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        maps1, maps2 = self.pair_features(x1, x2)
-        return self.module.similarity(self.module.embed(maps1), self.module.embed(maps2))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.module, name)
 
 
 def _device_index(device: torch.device) -> int:

@@ -70,18 +70,20 @@ def compute_convolutions_in_fp32() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def optimized_for_inference(module: torch.jit.ScriptModule, format_version: int,
-                            device: torch.device) -> torch.jit.ScriptModule:
+def optimized_for_inference(module: torch.jit.ScriptModule, format_version: int, device: torch.device,
+                            under_autocast: bool = False) -> torch.jit.ScriptModule:
     """`module` (as loaded) frozen for serving: its weights become constants, so TorchScript folds each BatchNorm
     into the convolution before it and skips the attribute lookups of every call; on the CPU the convolutions are
-    also rewritten for oneDNN. The contract methods stay, and so do their gradients with respect to their inputs
+    also rewritten for oneDNN, unless the module will run `under_autocast` (PRECISION bf16 or fp16): oneDNN's
+    prepacked convolutions take fp32 whatever autocast says (bf16 autocast left every feature bit-identical to
+    fp32's on the default model). The contract methods stay, and so do their gradients with respect to their inputs
     (the explainers differentiate `embed` and `similarity` by the feature maps). Scores match the file's within
     about 1e-6 (the folding rounds differently); a batch of 8 pairs took 0.62x and 0.77x the time in two runs on a 2-core
     CPU (bench/RESULTS.md, "Model runtime")."""
     preserved = [name for name in CONTRACT_METHODS[format_version] if name != "forward"]
     with quiet_torchscript():
         frozen = torch.jit.freeze(module.eval(), preserved_attrs=preserved)
-        if device.type == "cpu":
+        if device.type == "cpu" and not under_autocast:
             frozen = torch.jit.optimize_for_inference(frozen, other_methods=["features"])
     return frozen
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,24 +64,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         )
     preprocessing = Preprocessing.of(manifest)
     seed = manifest.training["seed"] if args.seed is None else args.seed
-    folder = scan_image_folder(args.data)
-    if args.split == "all":
-        indices = list(range(len(folder.paths)))
-        generator = np.random.default_rng(seed)
-    else:
-        recorded = manifest.dataset["split"]
-        split = split_by_image(folder.labels, recorded["validation_fraction"], recorded["test_fraction"],
-                               recorded["seed"])
-        if split.fingerprint(folder) != recorded["sha256"]:
-            raise DatasetError(
-                f"{args.data} does not reproduce the split this model was trained with (sha256 differs); "
-                "pass the same dataset, or --split all to evaluate on every image"
-            )
-        indices = split.indices[args.split]
-        generator = fixed_pairs_generator(seed, args.split)
-    labels = [folder.labels[i] for i in indices]
-    pairs = make_pairs(labels, generator)
-    images = decode_images([folder.paths[i] for i in indices], preprocessing.input_size)
+    chosen = evaluation_set(manifest, args.data, args.split, seed)
+    labels, pairs = chosen.labels, chosen.pairs
+    images = decode_images(chosen.paths, preprocessing.input_size)
     with torch.no_grad():
         embeddings = torch.cat([
             module.embed(module.features(preprocessing.normalize(images[start:start + args.batch_size])))
@@ -88,7 +74,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         ])
     scores = score_pairs(module, embeddings, pairs)
     metrics = {args.split: pair_metrics(pairs[2], scores, manifest.threshold)}
-    print(f"{manifest.name} {manifest.version} on {args.data} ({len(indices)} images, "
+    print(f"{manifest.name} {manifest.version} on {args.data} ({len(chosen.paths)} images, "
           f"threshold {manifest.threshold:.4f})")
     print(format_table(metrics))
     if args.faithfulness:
@@ -102,6 +88,38 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                             "python -m training " + shlex.join(args.argv))
         print(f"wrote {path}")
     return metrics
+
+
+@dataclass(frozen=True)
+class EvaluationSet:
+    """The images of a dataset that an evaluation scores, and the paper's pairs of them (positions in `paths`)."""
+
+    paths: list[Path]
+    labels: list[int]
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # (first, second, target)
+
+
+def evaluation_set(manifest: Manifest, data: Path, split: str, seed: int) -> EvaluationSet:
+    """Every image of the image-folder dataset `data` (split "all", pairs drawn with `seed`), or one split of the
+    model's own training split, re-made from the manifest's seed and fractions and checked against its sha256,
+    with the pairs training drew for it (given the training seed)."""
+    folder = scan_image_folder(data)
+    if split == "all":
+        indices = list(range(len(folder.paths)))
+        generator = np.random.default_rng(seed)
+    else:
+        recorded = manifest.dataset["split"]
+        made = split_by_image(folder.labels, recorded["validation_fraction"], recorded["test_fraction"],
+                              recorded["seed"])
+        if made.fingerprint(folder) != recorded["sha256"]:
+            raise DatasetError(
+                f"{data} does not reproduce the split this model was trained with (sha256 differs); "
+                "pass the same dataset, or --split all to evaluate on every image"
+            )
+        indices = made.indices[split]
+        generator = fixed_pairs_generator(seed, split)
+    labels = [folder.labels[i] for i in indices]
+    return EvaluationSet([folder.paths[i] for i in indices], labels, make_pairs(labels, generator))
 
 
 def _faithfulness(args: argparse.Namespace, module: torch.jit.ScriptModule, manifest: Manifest,

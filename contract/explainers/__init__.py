@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from contract.compiled import CompiledBackbone
+from contract.backbone import ServedModule, SplitBackbone
 from contract.explanation import Box, Method, PairMaps, cell_box
 
 __all__ = ["Box", "Decided", "Method", "PairMaps", "cell_box", "decide", "heatmaps"]
@@ -32,14 +32,13 @@ class Decided(NamedTuple):
     similar: torch.Tensor
 
 
-def decide(model: torch.jit.ScriptModule | CompiledBackbone, x1: torch.Tensor, x2: torch.Tensor,
-           threshold: float) -> Decided:
+def decide(model: ServedModule, x1: torch.Tensor, x2: torch.Tensor, threshold: float) -> Decided:
     """The feature maps and scores of the pairs (x1[i], x2[i]), and each pair's decision: similar when
     score >= threshold."""
     with torch.no_grad():
         # The backbone passes the model's forward (what /similarity runs) makes: explaining a batch then costs
         # what scoring it costs, plus the explainer's own work, and scores the same.
-        if isinstance(model, CompiledBackbone):
+        if isinstance(model, SplitBackbone):
             maps1, maps2 = model.pair_features(x1, x2)
         else:
             maps1, maps2 = model.features(x1), model.features(x2)

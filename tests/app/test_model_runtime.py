@@ -1,5 +1,5 @@
-"""How the service runs its model: frozen for serving (same scores as the file), and on the one thread that
-runs torch with several threads (app/torch_threads.py)."""
+"""How the service runs its model: frozen for serving (same scores as the file), on the one thread that runs torch
+with several threads (app/torch_threads.py), and fed from pinned memory on a GPU."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from app.model import load_model
+from app.model import host_batch, load_model, score_pairs
 from contract.torchscript import load_torchscript
 from tests.app.conftest import TEST_MODEL_NAME
 
@@ -79,3 +80,35 @@ def test_only_the_model_thread_runs_torch_on_several_threads() -> None:
     assert found["model"] == {"torch_threads": [2], "openmp_threads_added": 1}, found  # a team of 2: itself + 1
     assert found["images"] == {"torch_threads": [1], "openmp_threads_added": 0}, found
     assert found["plain"]["openmp_threads_added"] > 0, found  # the measurement can see a team being made
+
+
+def _distinct_pictures(count: int, size: tuple[int, int]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return list(torch.randint(0, 256, (count, 3, *size), dtype=torch.uint8, generator=generator))
+
+
+def test_a_batch_for_the_cpu_is_the_plain_stack_in_ordinary_memory() -> None:
+    """On the CPU nothing is pinned (pinning needs a CUDA driver, and a CPU model gains nothing from it)."""
+    pictures = _distinct_pictures(3, (8, 8))
+    batch = host_batch(pictures, torch.device("cpu"))
+    assert torch.equal(batch, torch.stack(pictures)) and batch.dtype == torch.uint8
+    assert batch.device.type == "cpu" and not batch.is_pinned()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: pinned memory serves copies to a GPU")
+def test_a_batch_for_a_gpu_is_pinned_and_batches_copied_back_to_back_score_their_own_pictures(
+    model_store: Path,
+) -> None:
+    """A pinned buffer reused, or a result read, before its copy had finished would score another batch's pictures:
+    many small batches in a row must each score as their pairs do one at a time, after a full synchronisation."""
+    served = load_model(model_store / TEST_MODEL_NAME, "cuda")
+    pictures = _distinct_pictures(64, served.input_size)
+    batch = host_batch(pictures[:4], served.device)
+    assert batch.is_pinned() and torch.equal(batch, torch.stack(pictures[:4]))
+    back_to_back = [score for start in range(0, 32, 4)
+                    for score in score_pairs(served, pictures[start:start + 4], pictures[32 + start:36 + start])]
+    one_at_a_time = []
+    for index in range(32):
+        torch.cuda.synchronize()
+        one_at_a_time += score_pairs(served, [pictures[index]], [pictures[32 + index]])
+    torch.testing.assert_close(torch.tensor(back_to_back), torch.tensor(one_at_a_time), rtol=0, atol=1e-5)
