@@ -44,6 +44,7 @@ SHARED_FIXTURE_GROUPS = {
 }
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's, unknown to pytest without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     """`make test` runs the tests not marked `quiet_cpu` on two pytest-xdist workers (`-n 2 --dist loadfile
     --no-loadscope-reorder`): each file runs whole on one worker, so that its module-scoped services start once,
