@@ -18,12 +18,8 @@ install: $(VENV)/.installed
 serve: install
 	$(BIN)/uvicorn app.main:app --host $(HOST) --port $(PORT)
 
-# The tests that measure waits, timeouts or rates (marked quiet_cpu) run alone, after the others have run on two
-# workers (pytest-xdist; most tests wait on services starting or answering, not on the CPU); both parts always run.
 test: install system-deps
-	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not quiet_cpu"; parallel=$$?; \
-	$(BIN)/python -m pytest -m quiet_cpu; quiet=$$?; \
-	exit $$(( parallel || quiet ))
+	$(BIN)/python -m pytest
 
 # Browser tests need Debian's Chromium, the load-balancer proof needs nginx, the shared rate-limit store's
 # tests redis-server, the compiled backbone's tests g++; all are installed when missing and we are root (as in

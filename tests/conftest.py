@@ -31,43 +31,6 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 DECISIONS = ("similar", "dissimilar")
 
 
-# Files that train models or drive a browser take tens of seconds each: on two workers they go first, so that the
-# many short files that follow even out the workers' ends.
-SLOW_FILES_FIRST = ("tests/training/", "tests/web/")
-# Files that share an expensive session fixture run on one worker, so that it is made once.
-SHARED_FIXTURE_GROUPS = {
-    **dict.fromkeys(["tests/app/test_compiled_backbone.py", "tests/app/test_gradcam.py",
-                     "tests/contract/test_contributions.py"], "compiled_backbone_cache"),
-    **dict.fromkeys(["tests/training/test_end_to_end.py", "tests/training/test_resume.py",
-                     "tests/training/test_report.py"], "trained"),
-    **dict.fromkeys(["tests/web/test_web_page.py", "tests/web/test_matches_view.py"], "web service_url"),
-}
-
-
-@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's, unknown to pytest without it
-def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
-    """`make test` runs the tests not marked `quiet_cpu` on two pytest-xdist workers (`-n 2 --dist loadfile
-    --no-loadscope-reorder`): each file runs whole on one worker, so that its module-scoped services start once,
-    files that share a session fixture (SHARED_FIXTURE_GROUPS) on the same one, and in the order that
-    `pytest_collection_modifyitems` gives them. (xdist's own `loadgroup` cannot group them: its marks no longer
-    reach the test ids under pytest 9.)"""
-    if config.getvalue("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
-    class FileGroupScheduling(LoadFileScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return SHARED_FIXTURE_GROUPS.get(path, path)
-
-    return FileGroupScheduling(config, log)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if hasattr(config, "workerinput"):  # an xdist worker; a run without workers keeps the files' order
-        items.sort(key=lambda item: not item.nodeid.startswith(SLOW_FILES_FIRST))
-
-
 @pytest.fixture(scope="session")
 def model_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model store holding the suite's small model, ``tiny`` (tests/support/colour_model.py): exported with

@@ -12,7 +12,6 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
-import pytest
 from PIL import Image
 
 from app.admission import ImageWork
@@ -21,9 +20,6 @@ from tests.app.failing_model import FAILING_MODEL_NAME
 from tests.support.images import drawn_image, encode, pair_files
 from tests.support.metrics import metric_value
 from tests.support.waiting import wait_for
-
-# How many requests of a flood are admitted, and waits: they run alone (`quiet_cpu`).
-pytestmark = pytest.mark.quiet_cpu
 
 LARGE_SIDE = 3000  # 9 Mpx per image
 # Blocks of flat colour: 9 Mpx in a file far below MAX_UPLOAD_BYTES.

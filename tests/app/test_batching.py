@@ -22,9 +22,6 @@ from tests.support.images import drawn_image, encode, pair_files
 from tests.support.metrics import metric_value
 from tests.support.waiting import wait_for
 
-# Waits and their order are what these tests measure: they run alone (`quiet_cpu`).
-pytestmark = pytest.mark.quiet_cpu
-
 CONCURRENT = 32
 LONG_WAIT_MS = 10_000  # a batch window no test waits out: pairs must run without waiting for it
 IMAGES = [encode(drawn_image(100 + seed, (48, 48)), "PNG") for seed in range(CONCURRENT + 1)]

@@ -212,7 +212,6 @@ def drawn_image_pixels(data: bytes) -> int:
         return image.width * image.height
 
 
-@pytest.mark.quiet_cpu
 def test_a_full_queue_answers_503_before_any_decoding(
     serve: Callable[..., AbstractContextManager[str]], failing_model_store: Path
 ) -> None:
@@ -233,7 +232,6 @@ def test_a_full_queue_answers_503_before_any_decoding(
         assert _rank(client, CANDIDATES[:3]).status_code == 200
 
 
-@pytest.mark.quiet_cpu
 def test_a_request_not_answered_in_time_gets_504_and_its_images_leave_the_queue(
     serve: Callable[..., AbstractContextManager[str]], failing_model_store: Path
 ) -> None:

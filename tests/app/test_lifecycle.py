@@ -140,7 +140,6 @@ def _wait_until(condition: Callable[[], bool], timeout_s: float, replica: Replic
         time.sleep(0.1)
 
 
-@pytest.mark.quiet_cpu
 def test_sigterm_drains_then_exits(failing_model_store: Path, tmp_path: Path) -> None:
     in_flight = 4
     grace_s = 30

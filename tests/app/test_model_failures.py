@@ -20,9 +20,6 @@ from tests.support.images import drawn_image, encode, pair_files
 from tests.support.metrics import metric_value
 from tests.support.waiting import wait_for
 
-# Pairs queued behind a busy batch of about half a second: they run alone (`quiet_cpu`).
-pytestmark = pytest.mark.quiet_cpu
-
 GOOD1, GOOD2 = encode(drawn_image(41), "PNG"), encode(drawn_image(42), "JPEG")
 Serve = Callable[..., AbstractContextManager[str]]
 

@@ -28,9 +28,6 @@ from tests.support.metrics import metric_value
 from tests.support.service import running_service, serve_in_thread
 from tests.support.waiting import wait_for
 
-# Drain graces, timeouts and waits are measured: they run alone (`quiet_cpu`).
-pytestmark = pytest.mark.quiet_cpu
-
 RETRY_AFTER_S = 7  # not the default 1: a 503 must carry the setting
 
 

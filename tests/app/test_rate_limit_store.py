@@ -18,9 +18,6 @@ import pytest
 from deploy.local_cluster import RedisServer, free_port
 from tests.support.metrics import metric_value
 
-# Rate-limit windows and sleeps: they run alone (`quiet_cpu`).
-pytestmark = pytest.mark.quiet_cpu
-
 Serve = Callable[..., AbstractContextManager[str]]
 KEY = "k3y-for-store-tests-0123456789"
 OTHER_KEY = "another-k3y-for-store-tests-987"

@@ -171,7 +171,6 @@ def _rate_fields(response: httpx.Response) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-@pytest.mark.quiet_cpu
 def test_a_burst_is_answered_partly_429_then_served_again_after_waiting(serve: Serve) -> None:
     burst = 3
     with serve(rate_limit_per_s=1, rate_limit_burst=burst) as url, _http(url) as http:
@@ -201,7 +200,6 @@ def test_a_burst_is_answered_partly_429_then_served_again_after_waiting(serve: S
         assert http.get("/healthz").status_code == 200 and "ratelimit" not in http.get("/healthz").headers
 
 
-@pytest.mark.quiet_cpu
 def test_each_key_has_its_own_limit(serve: Serve) -> None:
     with serve(api_keys=f"{KEY},{OTHER_KEY}", rate_limit_per_s=0.2, rate_limit_burst=2) as url, _http(url) as http:
         statuses = [http.get("/model", headers=_bearer(KEY)).status_code for _ in range(3)]
@@ -211,7 +209,6 @@ def test_each_key_has_its_own_limit(serve: Serve) -> None:
         assert http.get("/model").status_code == 401
 
 
-@pytest.mark.quiet_cpu
 def test_without_keys_each_client_address_has_its_own_limit(serve: Serve) -> None:
     # uvicorn trusts X-Forwarded-For from 127.0.0.1 by default (its FORWARDED_ALLOW_IPS), as a replica trusts
     # the balancer's: the limiter counts the address uvicorn resolved, not the balancer's.
@@ -296,7 +293,6 @@ def _assert_security_headers(response: httpx.Response, with_csp: bool = True) ->
     assert (response.headers.get("content-security-policy") == CONTENT_SECURITY_POLICY) == with_csp, response.url
 
 
-@pytest.mark.quiet_cpu
 def test_security_headers_are_on_every_answer(serve: Serve) -> None:
     with serve(api_keys=KEY, rate_limit_per_s=0.1, rate_limit_burst=1) as url, _http(url) as http:
         answers = [

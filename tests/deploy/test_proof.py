@@ -3,7 +3,7 @@ SIGTERMed and one SIGKILLed under load, and every client request still gets a co
 deploy/rate_proof.py (one key's rate limit, counted in Redis, holds while a replica dies).
 
 Both are shorter here than `python -m deploy.proof` runs them by default (the figures in bench/RESULTS.md), with
-the same checks; each choice is explained where it is made. They need a quiet CPU: `quiet_cpu`."""
+the same checks; each choice is explained where it is made."""
 
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ from deploy.proof import (
 )
 from deploy.rate_proof import TOLERANCE, RateProofSettings, run_rate_proof
 from tests.support.system_tools import missing_system_tool
-
-pytestmark = pytest.mark.quiet_cpu
 
 # 40 % of the CLI's 1500 + 150 requests: the SIGTERM still comes after 198 answers, the SIGKILL after 330, with
 # 330 more to answer after it (the CLI with these counts held and took 29 s in all, the test with 1650 57 s).

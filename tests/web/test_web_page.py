@@ -205,7 +205,6 @@ def queue_kept_full(url: str) -> Iterator[None]:
     assert set(statuses) <= {200, 503} and 200 in statuses, f"the other clients got {statuses}"
 
 
-@pytest.mark.quiet_cpu
 def test_a_busy_service_asks_to_retry_and_retry_works(
     browser: Browser, busy_service_url: str, two_images: tuple[Path, Path]
 ) -> None:
