@@ -14,8 +14,8 @@ integer weights and sums, so every CPU gets the same pixels), per axis of `n_in`
 - their weights are the triangle max(0, 1 - |x - center + 0.5| / max(scale, 1)) at each sample x, normalised to sum
   1 in double precision, then made integers: w * 2^p rounded half up, p the most bits that keep the largest weight
   of the axis below 2^15 (int16);
-- output = clamp((2^(p-1) + sum of w_int * sample) >> p, 0, 255): first along the width, rounded to uint8, then
-  along the height.
+- output = clamp((2^(p-1) + sum of w_int * sample) >> p, 0, 255) (the clamp never acts on these weights): first
+  along the width, rounded to uint8, then along the height.
 
 Here each axis is a band matrix of w_int / 2^p, applied with BLAS in blocks of output samples (a block multiplies
 only the input samples its outputs reach). Every product and partial sum is a multiple of 2^-p below 256, so the
@@ -70,7 +70,6 @@ class _AxisPass:
     """One axis's resize as band blocks, in the float type that computes it exactly."""
 
     dtype: type[np.floating]
-    may_exceed_255: bool  # weights summing above 1 can round a 255 up to 256, which torch clamps
     blocks: tuple[_Block, ...]
 
     def apply(self, samples: np.ndarray, final: bool) -> np.ndarray:
@@ -81,8 +80,6 @@ class _AxisPass:
         for block in self.blocks:
             np.matmul(block.weights, samples[block.inputs], out=sums[block.outputs])
         np.add(sums, 0.5, out=sums)
-        if self.may_exceed_255:
-            np.minimum(sums, 255.0, out=sums)
         if not final:
             np.floor(sums, out=sums)
         return sums
@@ -137,6 +134,10 @@ def _transposed(pixels: np.ndarray) -> np.ndarray:
 def _axis_pass(n_in: int, n_out: int, columns: int) -> _AxisPass:
     """The blocks for resizing `n_in` samples to `n_out`, over `columns` columns at a time (what sizes them)."""
     axis = _axis_weights(n_in, n_out)
+    # torch clamps to 255, which these weights never need: the rounded weights sum to at most taps / 2 above 2^p,
+    # and rounding a 255 up to 256 takes 2^p / 510 above it, more than the taps (2 x scale + 1) for any reduction
+    # below about 8,000 times
+    assert axis.largest_sum >> axis.precision <= 255, (n_in, n_out)
     exact_in_float32 = axis.largest_sum < _FLOAT32_INTEGERS
     dtype = np.float32 if exact_in_float32 else np.float64
     block = _block_size(axis, columns, 1.0 if exact_in_float32 else 2.0)
@@ -153,8 +154,7 @@ def _axis_pass(n_in: int, n_out: int, columns: int) -> _AxisPass:
         rows, taken = np.nonzero(taps < axis.count[start:stop, None])
         weights[rows, axis.first[start + rows] - inputs.start + taken] = scaled[start + rows, taken]
         blocks.append(_Block(slice(start, stop), inputs, weights))
-    may_exceed_255 = axis.largest_sum >> axis.precision > 255
-    return _AxisPass(dtype, may_exceed_255, tuple(blocks))
+    return _AxisPass(dtype, tuple(blocks))
 
 
 def _block_size(axis: _AxisWeights, columns: int, multiply_factor: float) -> int:
