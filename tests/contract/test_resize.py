@@ -81,6 +81,15 @@ def test_the_resize_is_torchs_to_the_bit_for_any_sizes_contents_and_channels() -
                                      f"{int(np.abs(resized.astype(int) - expected).max())}")
 
 
+def test_views_of_an_array_resize_like_their_copies() -> None:
+    """A crop, flipped channels, a stride and a transposition: not contiguous, which OpenCV's transpose and the
+    matrix products must read right."""
+    pixels = np.random.default_rng(5).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    for view in (pixels[10:250, 7:390], pixels[:, :, ::-1], pixels[::2, ::3], pixels.transpose(1, 0, 2)):
+        for size in ((100, 120), (view.shape[0], 50), (50, view.shape[1])):
+            assert np.array_equal(antialiased_resize(view, size), _torch_resize(np.ascontiguousarray(view), size))
+
+
 def test_huge_reductions_keep_torchs_weights_at_their_most_precise() -> None:
     """Reductions beyond 256 times reach the most bits torch gives a weight (22): with 21 or 23, a few of these
     samples round the other way."""
