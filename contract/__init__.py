@@ -8,7 +8,10 @@ that what training evaluates is exactly what the service serves:
 - `compiled`: the backbone as a `torch.export` program beside it, compiled ahead of time for the serving machine
   (an accelerator that never changes a score);
 - `images`: decoding any supported upload or file into an upright RGB picture, with domain errors;
-- `preprocess`: the manifest's resize policy and normalisation, from a picture to the model's input tensor.
+- `resize`: torchvision's antialiased bilinear resize of uint8 pictures, to the bit, in numpy;
+- `picture`: a file to the model's uint8 picture (decoding, the manifest's resize policy), without torch, for
+  processes that must not load it;
+- `preprocess`: those pictures as tensors, and the normalisation to the model's input tensor;
 - `explainers`: the explanation methods, one module each (`gradcam`, `contributions`), batched and hook-free,
   so that training can measure what the service shows;
 - `memory`: glibc's malloc told to keep freed memory for reuse (both sides run the model) and to give it back.

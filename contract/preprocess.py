@@ -1,5 +1,5 @@
 """From an image file to the model's input, as the manifest prescribes: decode (only as large as the input
-needs), resize policy, then normalisation.
+needs), resize policy (both in `contract.picture`, without torch), then normalisation.
 
 Training caches resized uint8 pictures and normalises batches of them, and so does the service (its queue holds
 uint8 pictures, a quarter of the floats' size, normalized a batch at a time on the model's device). Both go
@@ -11,26 +11,30 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as F
 
-from contract.images import decode_upright_rgb
 from contract.manifest import Manifest, Normalization
+from contract.picture import model_picture, stretched
+
+
+def picture_tensor(picture: np.ndarray) -> torch.Tensor:
+    """A uint8 picture array [H, W, C] as the tensor [C, H, W] that shares its memory (channels-last strides, as
+    torchvision's resize returned them)."""
+    return torch.from_numpy(picture).permute(2, 0, 1)
 
 
 def resize_to(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
-    """The `stretch` resize policy: the whole picture to `size` ([height, width]), no crop, antialiased; uint8
-    [3, H, W]. Nothing is cut off, so every heatmap cell maps back onto the whole original."""
-    return F.resize(F.pil_to_tensor(image), list(size), antialias=True)
+    """`contract.picture.stretched` (the `stretch` resize policy) as a uint8 tensor [3, H, W]."""
+    return picture_tensor(stretched(image, size))
 
 
 def decode_for_model(source: bytes | Path, name: str, max_pixels: int | None,
                      input_size: tuple[int, int]) -> torch.Tensor:
-    """The file in `source` as the model's uint8 picture [3, H, W] for `input_size` ([height, width]): decoded
-    upright at the smallest size that still covers the input (see `decode_upright_rgb`), then `resize_to`."""
-    height, width = input_size
-    return resize_to(decode_upright_rgb(source, name, max_pixels, at_least=(width, height)), input_size)
+    """`contract.picture.model_picture` (the file in `source` decoded and resized for `input_size`, [height,
+    width]) as the model's uint8 picture tensor [3, H, W]."""
+    return picture_tensor(model_picture(source, name, max_pixels, input_size))
 
 
 def normalize(images: torch.Tensor, normalization: Normalization) -> torch.Tensor:
