@@ -10,6 +10,7 @@ import numpy as np
 
 from contract.explanation import Method
 from contract.manifest import Manifest
+from contract.picture import model_picture
 from contract.precision import Precision
 
 
@@ -50,10 +51,9 @@ class ModelView:
 
     def picture(self, source: bytes, name: str, max_pixels: int | None) -> np.ndarray:
         """An image file as the uint8 picture [3, H, W] at the model's input size, decoded only as large as that
-        needs, through the contract function training evaluates with; the owner normalizes a batch at a time."""
-        from contract.preprocess import decode_for_model  # torch: until the resize needs none
-
-        return decode_for_model(source, name, max_pixels, self.input_size).numpy()
+        needs, through the contract function training evaluates with (without torch); the owner normalizes a batch
+        at a time."""
+        return model_picture(source, name, max_pixels, self.input_size).transpose(2, 0, 1)
 
     def to_message(self) -> dict[str, Any]:
         """The view as JSON, sent by the model owner to each front process."""
