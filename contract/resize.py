@@ -7,13 +7,15 @@ this is the one resize both use (through `contract.picture`).
 
 What torch computes (aten/src/ATen/native/cpu/UpSampleKernel.cpp: `_compute_indices_min_size_weights_aa`,
 `_compute_index_ranges_int16_weights`, `basic_loop_aa_horizontal<uint8_t>`; its AVX2 and NEON kernels use the same
-integer weights and sums, so every CPU gets the same pixels), per axis of `n_in` samples resized to `n_out`:
+integer weights and sums: its AVX2, AVX-512 and generic builds give the same pixels, checked against this module),
+per axis of `n_in` samples resized to `n_out`:
 
-- scale = n_in / n_out; support = scale when shrinking, else 1; output i covers the input samples
-  xmin = max(trunc(center - support + 0.5), 0) up to min(trunc(center + support + 0.5), n_in), center = scale (i + 0.5);
+- scale = n_in / n_out; support = scale when shrinking, else 1; center = scale (i + 0.5); output i covers the
+  input samples from xmin = max(trunc(center - support + 0.5), 0) to min(trunc(center + support + 0.5), n_in),
+  at most 2 ceil(support) + 1 of them;
 - their weights are the triangle max(0, 1 - |x - center + 0.5| / max(scale, 1)) at each sample x, normalised to sum
-  1 in double precision, then made integers: w * 2^p rounded half up, p the most bits that keep the largest weight
-  of the axis below 2^15 (int16);
+  1 in double precision, then made integers: w * 2^p rounded half up, p the most bits (at most 22) for which
+  twice the largest weight of the axis, times 2^p, still rounds below 2^15 (int16);
 - output = clamp((2^(p-1) + sum of w_int * sample) >> p, 0, 255) (the clamp never acts on these weights): first
   along the width, rounded to uint8, then along the height.
 

@@ -126,6 +126,18 @@ def test_metrics_count_every_process(fronts: Replica, tmp_path: Path) -> None:
             assert metric_value(remote, "siamcam_queue_depth", queue="similarity") == 0
 
 
+def test_front_processes_never_load_torch(fronts: Replica, tmp_path: Path) -> None:
+    """Catches a front that imports torch (about 630 MB of memory each, N times over) through a module of the
+    request path, even one imported only when the first request needs it."""
+    pair = drawn_pair("similar", tmp_path)
+    for path, data in (("/similarity", {}), ("/explain", {"method": "contributions"})):
+        for _ in range(2 * FRONTS):
+            assert fresh_connection_post(fronts.url, path, files=pair.files, data=data).status_code == 200
+    for pid in fronts_of(fronts):
+        loaded = Path(f"/proc/{pid}/maps").read_text()
+        assert "libtorch" not in loaded and "libc10" not in loaded, f"front {pid} has loaded torch"
+
+
 def test_the_rate_limit_is_the_containers_not_each_fronts(model_store: Path, tmp_path: Path) -> None:
     """With limits counted in memory, each front counting for itself would let a caller through FRONTS times the
     configured rate."""
