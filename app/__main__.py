@@ -19,6 +19,9 @@ from app.settings import Settings
 
 def main(argv: Sequence[str]) -> int:
     settings = Settings()
+    # numpy's BLAS resizes each picture (contract/resize.py) on an image thread: one picture is too small to share
+    # among cores, and a team of BLAS threads per process would only take cores from the model's threads.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     if settings.http_workers == 0:
         os.execv(sys.executable, [sys.executable, "-m", "uvicorn", "app.main:app", *argv])
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__.split(".")[0])

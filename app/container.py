@@ -5,7 +5,7 @@ limits, admission, parsing, decoding, rendering. Their batches form here, from a
 
 One service to operate: metrics of every process are summed (app/metrics.py), and so are the rate limits counted
 in memory and the budget of pixels being decoded (app/admission.py); a front that dies is started again, unless
-it dies before it ever reached the owner (a start-up error: the container exits with its status); if the model
+it exits by itself before it ever reached the owner (a start-up error: the container exits with its status); if the model
 cannot be run, everything stops with status 1; SIGTERM (or SIGINT) drains the fronts first, then the model's
 owner leaves, with status 0.
 """
@@ -76,10 +76,10 @@ class Fronts:
         forget_front_pixels(self._pixel_counters, index)
         if self.stopping or self._stop.done():
             return
-        if process.pid not in self.greeted:
+        if process.pid not in self.greeted and status > 0:  # not killed by a signal: it could not start
             logger.critical(f"a front process exited with status {status} before it reached the model owner: "
                             "the container stops (its own log lines above say why)")
-            self._stop.set_result(status or EXIT_MODEL_UNAVAILABLE)
+            self._stop.set_result(status)
             return
         logger.warning(f"front process {process.pid} exited with status {status}; starting another")
         await self._start(index)

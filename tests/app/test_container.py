@@ -153,6 +153,7 @@ def test_a_killed_front_is_replaced_and_the_service_keeps_answering(model_store:
     env = {"MODEL_STORE": str(model_store), "MODEL_NAME": TEST_MODEL_NAME, "HTTP_WORKERS": str(FRONTS)}
     pair = drawn_pair("dissimilar", tmp_path)
     with running_service(env, tmp_path / "service.log") as replica:
+        wait_for(lambda: replica.log_path.read_text().count("Application startup complete") == FRONTS)
         first = fronts_of(replica)
         assert len(first) == FRONTS
         victim = min(first)
