@@ -22,6 +22,25 @@ MEMORY_SCHEMES = ("memory",)
 REDIS_SCHEMES = ("redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may use: those it may run on, fewer where its cgroup's CPU quota (a container's
+    `--cpus`, a pod's CPU limit) allows less time than that."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cpus  # no cgroup v2 CPU controller here: no quota
+    return cpus if quota == "max" else max(1, min(cpus, math.ceil(int(quota) / int(period))))
+
+
+def default_http_workers(cpus: int) -> int:
+    """HTTP_WORKERS's default for `cpus` CPUs. Up to 2, none: on the 2-core machine front processes served the
+    default model no faster than one process (bench/RESULTS.md, "Front processes"), and cost each its memory.
+    Beyond, one front per CPU but the one the model's process needs, and at most 8, enough to keep one model busy
+    on a GPU (the GPU overlays set 8)."""
+    return 0 if cpus <= 2 else min(cpus - 1, 8)
+
+
 class Settings(BaseSettings):
     """Every knob of the service; docs/settings.md lists them with their defaults."""
 
@@ -44,8 +63,10 @@ class Settings(BaseSettings):
         default_factory=default_cache_dir, description="folder of compiled backbones (`python -m training compile`)"
     )
     http_workers: int = Field(
-        0, ge=0, le=64, description="front processes that serve HTTP beside one model-owning process "
-        "(`python -m app`, docs/how-a-request-runs.md); 0: one process does everything"
+        default_factory=lambda: default_http_workers(usable_cpus()), ge=0, le=64,
+        description="front processes that serve HTTP beside one model-owning process (`python -m app`, "
+        "docs/how-a-request-runs.md); 0: one process does everything. Default: 0 on up to 2 CPUs, else one per CPU "
+        "but the model's, at most 8",
     )
     # Set by app/container.py for each front process it starts: not user settings.
     owner_socket: Path | None = Field(None, description="internal: the model owner's socket, in a front process")
@@ -74,7 +95,7 @@ class Settings(BaseSettings):
         1.0, ge=0, description="how long a request may wait for MAX_DECODE_PIXELS_IN_FLIGHT before its 503"
     )
     image_workers: int = Field(
-        default_factory=lambda: len(os.sched_getaffinity(0)), ge=1,
+        default_factory=usable_cpus, ge=1,
         description="threads that decode uploads and render overlays (default: the CPUs this process may use)",
     )
     max_overlay_side: int = Field(2048, ge=16, description="cap on the `max_side` option of /explain and /rank")

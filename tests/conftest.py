@@ -25,6 +25,9 @@ SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 # compiling a backbone takes tens of seconds, so the tests of the compiled backbone share one package, compiled once
 # a session (`compiled_backbone_cache`).
 os.environ["COMPILE"] = "off"
+# And in one process (HTTP_WORKERS=0), whatever the CPUs of the machine running the suite: the front-process layout
+# is tested where a test asks for it (tests/app/test_container.py, the `layout` fixture, the deployment proof).
+os.environ["HTTP_WORKERS"] = "0"
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
