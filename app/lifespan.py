@@ -23,14 +23,12 @@ from app.service import Service
 from app.settings import Settings
 from app.shutdown import drain_on_signals
 from app.torch_threads import model_thread_executor, run_torch_here_only
-from contract.memory import keep_freed_memory_for_reuse
 
 logger = logging.getLogger(__name__)
 EXIT_MODEL_UNAVAILABLE = 1
 
 
 def _load_and_warm_up(settings: Settings) -> ServedModel:
-    keep_freed_memory_for_reuse()
     model = load_model(settings.model_dir, settings.device)
     if settings.compile == "auto":
         model = with_compiled_backbone(model, settings.compile_cache_dir)
@@ -51,7 +49,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
     settings = service.settings
     run_torch_here_only()  # the event loop's thread
-    model_thread = model_thread_executor()
+    model_thread = model_thread_executor()  # sets the memory policy first: before any other thread of ours
     try:
         # Loaded and warmed up on the thread that will run it: no other thread may run torch in parallel.
         model = await asyncio.get_running_loop().run_in_executor(model_thread, _load_and_warm_up, settings)
