@@ -22,8 +22,15 @@ def main(argv: Sequence[str]) -> int:
     # numpy's BLAS resizes each picture (contract/resize.py) on an image thread: one picture is too small to share
     # among cores, and a team of BLAS threads per process would only take cores from the model's threads.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # One malloc arena for the process, read by glibc when the process starts: on an arena of its own the model
+    # thread maps and unmaps every block over 64 MB at each batch (docs/memory.md); app/torch_threads.py sets the
+    # same for a process started otherwise, as far as threads already started allow.
+    arena_unset = "MALLOC_ARENA_MAX" not in os.environ
+    os.environ.setdefault("MALLOC_ARENA_MAX", "1")
     if settings.http_workers == 0:
         os.execv(sys.executable, [sys.executable, "-m", "uvicorn", "app.main:app", *argv])
+    if arena_unset:
+        os.execv(sys.executable, [sys.executable, "-m", "app", *argv])
     parser = argparse.ArgumentParser(prog="python -m app", description=__doc__.split(".")[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)

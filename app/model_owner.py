@@ -23,7 +23,6 @@ from app.model import (
 from app.model_view import ModelView
 from app.settings import Settings
 from app.torch_threads import model_thread_executor, run_torch_here_only
-from contract.memory import keep_freed_memory_for_reuse
 
 
 class ModelOwner:
@@ -69,7 +68,6 @@ class ModelOwner:
 
 
 def _load_and_warm_up(settings: Settings) -> ServedModel:
-    keep_freed_memory_for_reuse()
     model = load_model(settings.model_dir, settings.device, settings.precision)
     if settings.compile == "auto":
         model = with_compiled_backbone(model, settings.compile_cache_dir)
@@ -83,7 +81,7 @@ async def running_model_owner(settings: Settings) -> AsyncIterator[ModelOwner]:
     """The model loaded, warmed up and served by a running inference worker, until the block ends. Raises
     ModelLoadError (app/model.py) when the model cannot be served."""
     run_torch_here_only()  # the event loop's thread
-    model_thread = model_thread_executor()
+    model_thread = model_thread_executor()  # sets the memory policy first (contract/memory.py)
     # Loaded and warmed up on the thread that will run it: no other thread may run torch in parallel.
     model = await asyncio.get_running_loop().run_in_executor(model_thread, _load_and_warm_up, settings)
     batch_size = settings.batch_size_on(model.device.type)

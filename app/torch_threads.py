@@ -8,6 +8,10 @@ workers through the kernel. Measured on the 2-core machine with the default mode
 (`python -m bench.model_runtime`, bench/RESULTS.md, "Model runtime"). So the model is loaded, warmed up and run on one thread, with torch's threads, and every other thread
 of ours that touches tensors (decoding and rendering on the image threads, the event loop) runs its operators
 by itself.
+
+The model thread is started after the process's memory policy is set (contract/memory.py): a thread takes its
+malloc arena at its first allocation, and on an arena of its own a block over 64 MB (the compiled backbone's
+largest activation at 8 pairs) was mapped and faulted in again at every batch.
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from contract.memory import keep_freed_memory_for_reuse
+
 # torch's own choice for this machine (its physical cores), read before any thread of ours changes it
 MODEL_TORCH_THREADS = torch.get_num_threads()
 
 
 def model_thread_executor() -> ThreadPoolExecutor:
-    """The one thread for every model call, with torch's threads."""
+    """The one thread for every model call, with torch's threads, on the arena that keeps freed memory: call it
+    before starting any other thread that allocates."""
+    keep_freed_memory_for_reuse()
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=torch.set_num_threads,
                               initargs=(MODEL_TORCH_THREADS,))
 

@@ -60,6 +60,7 @@ class LoadRun:
     wall_s: float
     latencies_s: list[float]
     mean_batch: float  # pairs per batch the service formed during the timed requests
+    model_ms_per_pair: float  # the model thread's time (siamcam_inference_seconds) per pair during them
 
     @property
     def pairs_per_s(self) -> float:
@@ -128,10 +129,12 @@ async def _no_progress(done: int) -> None:
     """run_load reports each answer; the benchmark only needs the outcomes."""
 
 
-def _batch_totals(base_url: str, queue: str) -> tuple[float, float]:
+def _batch_totals(base_url: str, queue: str) -> tuple[float, float, float]:
+    """Jobs, batches and model seconds the queue's batches have run so far."""
     with httpx.Client(base_url=base_url, trust_env=False, timeout=10.0) as client:
         return (metric_value(client, "siamcam_batch_size_sum", queue=queue),
-                metric_value(client, "siamcam_batch_size_count", queue=queue))
+                metric_value(client, "siamcam_batch_size_count", queue=queue),
+                metric_value(client, "siamcam_inference_seconds_sum", queue=queue))
 
 
 def drive(base_url: str, endpoint: str, clients: int, requests: int, pairs: list[Pair], expected: list[float]
@@ -142,7 +145,7 @@ def drive(base_url: str, endpoint: str, clients: int, requests: int, pairs: list
     asyncio.run(run_load(base_url, make_jobs(min(similarity, warmup), min(explain, warmup), len(pairs)), pairs,
                          expected, clients, _no_progress))
     queue = endpoint.strip("/")
-    sum_before, count_before = _batch_totals(base_url, queue)
+    before = _batch_totals(base_url, queue)
     started = time.perf_counter()
     outcomes = asyncio.run(run_load(base_url, make_jobs(similarity, explain, len(pairs)), pairs, expected, clients,
                                     _no_progress))
@@ -150,9 +153,9 @@ def drive(base_url: str, endpoint: str, clients: int, requests: int, pairs: list
     problems = [outcome.problem for outcome in outcomes if outcome.problem]
     if problems:
         raise RuntimeError(f"{len(problems)} of {len(outcomes)} {endpoint} answers were wrong, e.g. {problems[0]}")
-    sum_after, count_after = _batch_totals(base_url, queue)
-    return LoadRun(len(outcomes), wall_s, [outcome.latency_s for outcome in outcomes],
-                   (sum_after - sum_before) / (count_after - count_before))
+    jobs, batches, model_s = (after - start for after, start in zip(_batch_totals(base_url, queue), before))
+    return LoadRun(len(outcomes), wall_s, [outcome.latency_s for outcome in outcomes], jobs / batches,
+                   1000 * model_s / jobs)
 
 
 def start_service(model_dir: Path, app_env: dict[str, str]) -> LocalCluster:

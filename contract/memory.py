@@ -11,9 +11,17 @@ pairs took 2.3-2.4x as long as with the memory kept (bench/RESULTS.md, "Model ru
 of Lite0 (64 images at 224 px, forward, backward, AdamW) 1.9x (`python -m bench.training_step`).
 `keep_freed_memory_for_reuse` turns both off at start-up, before the model is loaded.
 
-Kept memory is given back once the service is idle: glibc keeps what a thread frees in that thread's arena,
-so after a burst of large images the decoding threads' arenas would hold freed pages; `malloc_trim(0)`
-returns every free page of every arena, and app/admission.py calls it once no image has been decoded for a
+It also keeps every thread on one arena, the main one. glibc gives each new thread that allocates an arena of
+its own, made of heaps of at most 64 MB, where those settings do not hold for a larger block: it is mapped
+afresh and unmapped when freed, whatever mallopt says. The service runs its model on a thread of its own, and
+a batch of 8 pairs through the compiled backbone (16 images in one pass) frees a 77 MB activation: on that
+thread every batch faulted it in again (18,985 page faults, 144 ms a batch against 89 ms on the main arena),
+which took the compiled backbone's whole gain under load (bench/RESULTS.md, "Compiled backbone"). A thread keeps
+the arena it took at its first allocation, so this must run before the threads that run the model start
+(`app.torch_threads.model_thread_executor` calls it).
+
+Kept memory is given back once the service is idle: after a burst of large images the heap holds freed pages;
+`malloc_trim(0)` returns every free page, and app/admission.py calls it once no image has been decoded for a
 moment (bench/RESULTS.md, "Real photos", measures the memory given back). Pillow's own block cache is off by
 default (`PIL.Image.core.get_blocks_max()` is 0), so it keeps nothing; PyTorch's CPU allocator hands its
 blocks to malloc.
@@ -29,7 +37,7 @@ _LIBC_NAME = ctypes.util.find_library("c")
 
 
 # mallopt's parameters (glibc's malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
 _KEPT_FREE_BYTES = 1 << 30  # free heap top kept before glibc trims it on its own: malloc_trim does it when idle
 _TOP_PAD_BYTES = 64 << 20  # grow a heap by at least this much: fewer, larger extensions
 
@@ -47,9 +55,11 @@ _MALLOPT = _glibc_function("mallopt")
 
 
 def keep_freed_memory_for_reuse() -> None:
-    """Serve large blocks from the heaps and keep freed memory there for the next request (a no-op without
-    glibc). Only later allocations are affected: call it before loading the model."""
+    """Serve large blocks from the heap and keep freed memory there for the next request, on one arena for every
+    thread (a no-op without glibc). Only later allocations, and threads that have not allocated yet, are
+    affected: call it before loading the model and before starting the thread that runs it."""
     if _MALLOPT is not None:
+        _MALLOPT(_M_ARENA_MAX, 1)
         _MALLOPT(_M_MMAP_MAX, 0)
         _MALLOPT(_M_TRIM_THRESHOLD, _KEPT_FREE_BYTES)
         _MALLOPT(_M_TOP_PAD, _TOP_PAD_BYTES)
