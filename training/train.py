@@ -442,6 +442,10 @@ def train(args: argparse.Namespace) -> Manifest | None:
         if runtime.is_main:
             print(f"\ninterrupted: every finished epoch is saved in {args.checkpoint_dir}; run the same command "
                   "with --resume to continue from the last one", file=sys.stderr, flush=True)
+        # Ctrl-C may land inside a constructor (tqdm's, as the next epoch's bar starts): the half-built object's
+        # destructor then fails as the process exits, printing a traceback under the one line above. Nothing is
+        # left to report once the run has stopped.
+        sys.unraisablehook = lambda _: None
         raise SystemExit(130) from None
     finally:
         distributed.stop(runtime)
