@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ WRK = os.environ.get("WRK") or shutil.which("wrk") or "/usr/bin/wrk"
 WARMUP_S = 3
 DURATION_S = 10
 RSS_PERIOD_S = 0.25
+CONNECTIONS_AFTER_S = 2.0
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 PICTURE_SIZE = (640, 480)
 SCORE_AGREEMENT = 1e-5  # siamcam's and LitServe's score of the pair, when both serve the light model
@@ -170,19 +172,35 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-class RssSampler:
-    """The largest VmRSS of every process of the tree, sampled in a thread while the context runs."""
+def connections_by_process(port: int) -> dict[int, int]:
+    """The established TCP connections to `port`, counted by the process holding each (from `ss`)."""
+    listing = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"], capture_output=True,
+                             text=True).stdout
+    counts: dict[int, int] = {}
+    for pid in re.findall(r"pid=(\d+)", listing):
+        counts[int(pid)] = counts.get(int(pid), 0) + 1
+    return counts
 
-    def __init__(self, root: int) -> None:
+
+class RssSampler:
+    """The largest VmRSS of every process of the tree, sampled in a thread while the context runs; and how wrk's
+    connections were spread over the processes, once, CONNECTIONS_AFTER_S into the run."""
+
+    def __init__(self, root: int, port: int) -> None:
         self.root = root
+        self.port = port
         self.largest: dict[int, float] = {}
+        self.connections: dict[int, int] = {}
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
+        started = time.monotonic()
         while not self._done.wait(RSS_PERIOD_S):
             for pid in process_tree(self.root):
                 self.largest[pid] = max(self.largest.get(pid, 0.0), rss_mb(pid))
+            if not self.connections and time.monotonic() - started > CONNECTIONS_AFTER_S:
+                self.connections = connections_by_process(self.port)
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -358,7 +376,7 @@ def measure(server: Server, request: Request, connections: int, duration_s: floa
     batches_before = _batch_totals(server.replica.url, queue) if server.name.startswith("siamcam") else None
     load_before = load_average()
     before = process_tree(server.pid)
-    with RssSampler(server.pid) as rss:
+    with RssSampler(server.pid, server.replica.port) as rss:
         requests, wall_s, p50, p99 = wrk(command)
     cpu_s = cpu_seconds(before, process_tree(server.pid))
     mean_batch = None
@@ -370,6 +388,8 @@ def measure(server: Server, request: Request, connections: int, duration_s: floa
     run = Run(label or server.name, requests, wall_s, p50, p99, cpu_s, sorted(rss.fronts(), reverse=True),
               rss.largest.get(server.pid, 0.0), mean_batch)
     print(run.line())
+    if len(rss.connections) > 1:
+        print(f"    wrk's connections by process: {sorted(rss.connections.values(), reverse=True)}")
     print(f"    server: {server.describe()}\n    load:   {' '.join(command)}\n    {load_before} before, "
           f"{load_average()} after", flush=True)
     return run
