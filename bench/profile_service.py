@@ -10,7 +10,9 @@ package is already in the cache. The load is bench/fronts_bench.py's: one fixed 
 answer a 2xx. py-spy samples every thread that is running (not waiting) RATE_HZ times a second, in every process
 of the tree (`--subprocesses`). A sample's category: the first of WHOLE_STACK_CATEGORIES with a marker anywhere in
 its stack (their own insides, e.g. the JSON encoder a log line runs, count as theirs), else the category of its
-innermost frame with a marker in INNERMOST_CATEGORIES. The raw stacks are written to PROFILE_FILE for a closer look.
+innermost frame with a marker in INNERMOST_CATEGORIES. The raw stacks are written to --raw (PROFILE_FILE) for a
+closer look. py-spy counts a thread that is runnable but waiting for a core as running: on a busy machine the
+milliseconds below exceed the CPU time /proc gives (bench/fronts_bench.py prints that); read the shares.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ WHOLE_STACK_CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("model (TorchScript forward)", ("score_batch", "torch/jit", "app/model.py")),
     ("logging", ("logging/", "app/logs.py", "pythonjsonlogger")),
     ("metrics (prometheus_client)", ("prometheus_client", "app/metrics.py")),
-    ("decoding and resizing (Pillow, OpenCV, torchvision)", ("contract/images.py", "contract/preprocess.py",
-                                                             "PIL/", "cv2", "torchvision")),
+    ("resizing to the model's input (contract resize_to: torchvision, torch)", ("resize_to", "torchvision")),
+    ("decoding (Pillow's draft decode, OpenCV)", ("contract/images.py", "contract/preprocess.py", "PIL/", "cv2")),
     ("multipart parsing", ("multipart", "formparsers.py")),
     ("IPC with the model owner (app/ipc.py, owner client and server)", ("app/ipc.py", "app/owner_client.py",
                                                                         "app/owner_server.py", "shared_memory")),
@@ -99,6 +101,7 @@ def main() -> None:
                         "model.pt); `python -m bench.light_model` makes one that costs almost nothing")
     parser.add_argument("--http-workers", type=int, default=0, help="HTTP_WORKERS of the service profiled")
     parser.add_argument("--seconds", type=float, default=LOAD_S, help="seconds of sampled load")
+    parser.add_argument("--raw", type=Path, default=PROFILE_FILE, help="where py-spy's raw stacks are written")
     args = parser.parse_args()
     model_dir = args.model.resolve()
     env = siamcam_env(model_dir, args.http_workers, {"COMPILE": compile_setting(model_dir)})
@@ -111,7 +114,7 @@ def main() -> None:
             wrk(wrk_command(url, request, CONNECTIONS, WARMUP_S))
             print(f"{load_average()} before the load; server: {server.describe()}")
             spy = subprocess.Popen([str(PY_SPY), "record", "--pid", str(server.pid), "--subprocesses", "--rate",
-                                    str(RATE_HZ), "--format", "raw", "--output", str(PROFILE_FILE), "--nonblocking"],
+                                    str(RATE_HZ), "--format", "raw", "--output", str(args.raw), "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(2)  # py-spy attaches to every process
             command = wrk_command(url, request, CONNECTIONS, args.seconds)
@@ -120,7 +123,7 @@ def main() -> None:
             spy.wait(timeout=60)
             print(f"{load_average()} after the load; load: {' '.join(command)}")
             main_pid = server.pid
-    samples = read_samples(PROFILE_FILE, main_pid)
+    samples = read_samples(args.raw, main_pid)
     total = sum(samples.values())
     print(f"{requests} requests at {CONNECTIONS} connections: {requests / wall_s:.1f} pairs/s, p50 {p50_ms:.1f} ms; "
           f"{total} samples at {RATE_HZ} Hz of running Python threads (py-spy sees no OpenMP worker threads) = "
@@ -138,7 +141,7 @@ def main() -> None:
         for name, count in by_category.most_common():
             print(f"  {name:<72} {100 * count / role_total:5.1f} %  ({count / RATE_HZ / requests * 1000:5.2f} ms "
                   "per request)")
-    print(f"raw stacks: {PROFILE_FILE}")
+    print(f"raw stacks: {args.raw}")
 
 
 if __name__ == "__main__":
