@@ -50,7 +50,9 @@ from tests.support.service import STARTUP_TIMEOUT_S
 
 # A wrk carried to a machine without Debian's package: WRK=path (with LD_LIBRARY_PATH to its libluajit).
 WRK = os.environ.get("WRK") or shutil.which("wrk") or "/usr/bin/wrk"
-WARMUP_S = 3
+# Each front imports torch on its first request (contract/preprocess.py's resize, seconds on a busy 2-core machine):
+# the warm-up lasts until every front has long finished that.
+WARMUP_S = 6
 DURATION_S = 10
 RSS_PERIOD_S = 0.25
 CONNECTIONS_AFTER_S = 2.0
