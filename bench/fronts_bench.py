@@ -50,8 +50,8 @@ from tests.support.service import STARTUP_TIMEOUT_S
 
 # A wrk carried to a machine without Debian's package: WRK=path (with LD_LIBRARY_PATH to its libluajit).
 WRK = os.environ.get("WRK") or shutil.which("wrk") or "/usr/bin/wrk"
-# Each front imports torch on its first request (contract/preprocess.py's resize, seconds on a busy 2-core machine):
-# the warm-up lasts until every front has long finished that.
+# A front's first requests were seconds slow on a busy 2-core machine (it imported torch for the resize then, before
+# contract/picture.py): the warm-up lasts until every front has long served its first.
 WARMUP_S = 6
 DURATION_S = 10
 RSS_PERIOD_S = 0.25
