@@ -14,6 +14,15 @@
 #   lite2    issue 9's GPU run: EfficientNet-Lite2 fine-tuned at 260 px on flowers with the default model's
 #            recipe, exported to a temporary folder (its manifest copied to OUT_DIR/lite2_manifest.json)
 #   lite1    the same recipe with EfficientNet-Lite1 at 240 px (the largest step a 2-core CPU could afford)
+#   fronts   issue 22: bench.fronts_bench --scaling --gpu: the nearly free model with 1, 2, 4, 8 front processes,
+#            wrk on two cores of its own and the service on the others (8 fronts >= 4x 1 front); the default model
+#            on CUDA with HTTP_WORKERS=min(CPUs-1, 8), /similarity and /explain at 64 connections beside the raw
+#            model at the batch they formed (>= 1,000 and >= 400 pairs/s); about 4 minutes
+#   fronts-cpu  bench.fronts_bench --light --default on this machine's cores: siamcam's HTTP_WORKERS against
+#            LitServe's layouts (nearly free model), and the default model at 1, 8, 32 connections; about 8 minutes
+# The fronts steps need `wrk` (Debian's package). Where it is not installed, carry it in an ignored folder:
+#   mkdir -p .wrk && cp /usr/bin/wrk /lib/x86_64-linux-gnu/libluajit-5.1.so.2 .wrk/ && echo /.wrk/ >>.git/info/exclude
+# and run with WRK=.wrk/wrk LD_LIBRARY_PATH=.wrk bash bench/gpu_run.sh OUT fronts.
 # Figures measured with it, and how, are in bench/RESULTS.md ("On a GPU") and model_store/README.md.
 set -uo pipefail
 out=$(realpath "$1")
@@ -50,6 +59,8 @@ print("torchvision", torchvision.__version__, "pillow", PIL.__version__, "opencv
         precision) "$python" -m bench.precision_bench --device cuda --data "$flowers" ;;
         lite2) train lite2 efficientnet_lite2 260 ;;
         lite1) train lite1 efficientnet_lite1 240 ;;
+        fronts) "$python" -m bench.fronts_bench --scaling --gpu ;;
+        fronts-cpu) "$python" -m bench.fronts_bench --light --default ;;
         *) echo "unknown step $step"; false ;;
     esac > "$out/$step.log" 2>&1
     code=$?

@@ -6,7 +6,9 @@ scores for the same files.
 the multipart fields image1 and image2 answers {"score": ...}; GET /readyz answers "ok" once the model is loaded.
 LitServe parses requests in its HTTP process and runs decode_request, batch, predict and unbatch in a worker
 process, up to MAX_BATCH_SIZE requests a batch, waiting up to BATCH_TIMEOUT_S for a batch to fill (the settings
-of issue 13's first measurement). Needs the `bench` extra: `pip install -e '.[bench]'`.
+of issue 13's first measurement). Other layouts, for bench/fronts_bench.py's search for LitServe's best one here:
+`--num-api-servers N` HTTP processes, `--fast-queue` (ZeroMQ queues), `--max-batch-size`, `--batch-timeout`.
+Needs the `bench` extra: `pip install -e '.[bench]'`.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 
 
 class SimilarityAPI(litserve.LitAPI):
-    def __init__(self, model_dir: Path) -> None:
-        super().__init__(max_batch_size=MAX_BATCH_SIZE, batch_timeout=BATCH_TIMEOUT_S, api_path="/similarity")
+    def __init__(self, model_dir: Path, max_batch_size: int = MAX_BATCH_SIZE,
+                 batch_timeout_s: float = BATCH_TIMEOUT_S) -> None:
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout_s, api_path="/similarity")
         self.model_dir = model_dir
 
     def setup(self, device: str) -> None:
@@ -67,10 +70,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", type=Path, help="a model folder of model_store (manifest.json, model.pt)")
     parser.add_argument("port", type=int)
+    parser.add_argument("--num-api-servers", type=int, default=None,
+                        help="HTTP processes (LitServe's num_api_servers; by default LitServe's own choice)")
+    parser.add_argument("--fast-queue", action="store_true", help="LitServe's ZeroMQ queues between processes")
+    parser.add_argument("--max-batch-size", type=int, default=MAX_BATCH_SIZE)
+    parser.add_argument("--batch-timeout", type=float, default=BATCH_TIMEOUT_S,
+                        help="seconds LitServe waits for a batch to fill")
     args = parser.parse_args()
-    server = litserve.LitServer(SimilarityAPI(args.model_dir), accelerator="auto", devices=1, timeout=120,
-                                 healthcheck_path="/readyz")
-    server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning")
+    server = litserve.LitServer(SimilarityAPI(args.model_dir, args.max_batch_size, args.batch_timeout),
+                                accelerator="auto", devices=1, timeout=120, healthcheck_path="/readyz",
+                                fast_queue=args.fast_queue)
+    server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning",
+               num_api_servers=args.num_api_servers)
 
 
 if __name__ == "__main__":

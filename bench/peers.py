@@ -16,24 +16,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import litserve
 import torch
 
+from bench.fronts_bench import running
 from bench.service_bench import load_pairs, served_model_option, service_environment
 from deploy.load import FLOWERS_DIR, Pair, make_jobs, percentile, reference_scores, run_load
-from deploy.local_cluster import Replica, free_port
-from deploy.nginx_config import REPO_ROOT
-from tests.support.service import STARTUP_TIMEOUT_S, running_service
+from deploy.local_cluster import free_port
+from tests.support.service import running_service
 
 CLIENT_COUNTS = (1, 8, 32)
 ROUNDS = 2
@@ -66,22 +64,9 @@ class Level:
 def litserve_running(model_dir: Path, log_path: Path) -> Iterator[str]:
     """bench/litserve_peer.py in its own process group, until its /readyz answers; stopped on exit."""
     port = free_port()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "bench.litserve_peer", str(model_dir), str(port)],
-                                   cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Replica(port=port, process=process, log_path=log_path)  # its readiness wait fits any server
-    try:
-        server.wait_ready(STARTUP_TIMEOUT_S)
-        yield server.url
-    finally:
-        # LitServe's worker and HTTP processes outlive a SIGTERM to their parent: end the whole group.
-        with suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    command = [sys.executable, "-m", "bench.litserve_peer", str(model_dir), str(port)]
+    with running("LitServe", command, port, {}, log_path) as server:
+        yield server.replica.url
 
 
 @contextmanager
