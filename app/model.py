@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.model_view import ModelLoadError, ModelView, ScoringConstants
+from app.model_view import ManifestFacts, ModelLoadError, ModelView, ScoringConstants
 from contract.backbone import AutocastBackbone, ServedModule, unsupported_reason
 from contract.compiled import CompiledBackbone
 from contract.explainers import Method, PairMaps, contributions, decide, gradcam
@@ -23,7 +23,7 @@ from contract.preprocess import Preprocessing
 from contract.torchscript import TorchScriptError, load_torchscript, optimized_for_inference, sha256_of
 
 @dataclass(frozen=True)
-class ServedModel:
+class ServedModel(ManifestFacts):
     path: Path  # the model.pt it was loaded from
     module: ServedModule  # model.pt's, or with its features compiled (fp32) or under autocast (bf16, fp16)
     manifest: Manifest
@@ -41,14 +41,6 @@ class ServedModel:
     def backbone(self) -> str:
         """What computes the feature maps: "compiled" (contract/compiled.py) or "torchscript"."""
         return "compiled" if isinstance(self.module, CompiledBackbone) else "torchscript"
-
-    @property
-    def input_size(self) -> tuple[int, int]:
-        return self.manifest.input_size
-
-    @property
-    def threshold(self) -> float:
-        return self.manifest.threshold
 
     def picture(self, source: bytes, name: str, max_pixels: int | None) -> torch.Tensor:
         """An image file as the uint8 picture [3, H, W] at the model's input size (on the CPU), decoded only as

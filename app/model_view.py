@@ -31,15 +31,10 @@ class ScoringConstants:
     threshold_dot_product: float | None  # <e1, e2> at which the score equals the threshold (None: unreachable)
 
 
-@dataclass(frozen=True)
-class ModelView:
+class ManifestFacts:
+    """What a served model's manifest says that both sides ask for (ModelView here, app/model.py's ServedModel)."""
+
     manifest: Manifest
-    methods: tuple[Method, ...]
-    contributions_refusal: str | None  # why method=contributions cannot be served by this model (None: it can)
-    device: str  # where the model runs: "cpu", "cuda:0"
-    backbone: str  # what computes the feature maps: "compiled" or "torchscript"
-    precision: Precision  # what the backbone computes in
-    embedding_scoring: ScoringConstants | None  # None for a format-version-1 model
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -48,6 +43,17 @@ class ModelView:
     @property
     def threshold(self) -> float:
         return self.manifest.threshold
+
+
+@dataclass(frozen=True)
+class ModelView(ManifestFacts):
+    manifest: Manifest
+    methods: tuple[Method, ...]
+    contributions_refusal: str | None  # why method=contributions cannot be served by this model (None: it can)
+    device: str  # where the model runs: "cpu", "cuda:0"
+    backbone: str  # what computes the feature maps: "compiled" or "torchscript"
+    precision: Precision  # what the backbone computes in
+    embedding_scoring: ScoringConstants | None  # None for a format-version-1 model
 
     def picture(self, source: bytes, name: str, max_pixels: int | None) -> np.ndarray:
         """An image file as the uint8 picture [3, H, W] at the model's input size, decoded only as large as that
