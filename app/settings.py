@@ -34,11 +34,12 @@ def usable_cpus() -> int:
 
 
 def default_http_workers(cpus: int) -> int:
-    """HTTP_WORKERS's default for `cpus` CPUs: one front per CPU but the one the model's process needs, at most 8
-    (enough to keep one model busy on a GPU; the GPU overlays set 8), and none on one CPU. On the 2-core machine one
-    front served the default model 1.12x, 1.23x and 1.25x the pairs/s of one process at 1, 8 and 32 connections,
-    two fronts no better than one (bench/RESULTS.md, "Front processes")."""
-    return 0 if cpus <= 1 else min(cpus - 1, 8)
+    """HTTP_WORKERS's default for `cpus` CPUs: none on up to 2, else one front per CPU but the one the model's
+    process needs, at most 8 (enough to keep one model busy on a GPU; the GPU overlays set 8). On the 2-core
+    machine two runs with the default model disagreed: one front served 1.12x-1.25x one process's pairs/s in one,
+    0.72x at one connection and 0.84x at eight in the other, its p50 1.28x (bench/RESULTS.md, "Front processes");
+    one process is the safe choice there until a quiet machine settles it."""
+    return 0 if cpus <= 2 else min(cpus - 1, 8)
 
 
 class Settings(BaseSettings):
@@ -65,8 +66,8 @@ class Settings(BaseSettings):
     http_workers: int = Field(
         default_factory=lambda: default_http_workers(usable_cpus()), ge=0, le=64,
         description="front processes that serve HTTP beside one model-owning process (`python -m app`, "
-        "docs/how-a-request-runs.md); 0: one process does everything. Default: one per CPU but the model's, at "
-        "most 8 (0 on one CPU)",
+        "docs/how-a-request-runs.md); 0: one process does everything. Default: 0 on up to 2 CPUs, else one per CPU "
+        "but the model's, at most 8",
     )
     # Set by app/container.py for each front process it starts: not user settings.
     owner_socket: Path | None = Field(None, description="internal: the model owner's socket, in a front process")
