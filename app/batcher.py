@@ -81,11 +81,6 @@ class Batcher:
         for kind in runners:
             metrics.QUEUE_DEPTH.labels(kind).set(0)
 
-    def submit(self, kind: str, *pictures: np.ndarray) -> Job:
-        """Queue one job (a pair, or one picture); raises QueueFull when its queue is at capacity, WorkerStopped
-        once the worker is."""
-        return self.submit_all(kind, [pictures])[0]
-
     def submit_all(self, kind: str, jobs: Sequence[tuple[np.ndarray, ...]]) -> list[Job]:
         """Queue every job of one request, or none: QueueFull when they do not all fit in their queue."""
         if self.stopped:
@@ -101,10 +96,6 @@ class Batcher:
     def has_room(self, kind: str, jobs: int = 1) -> bool:
         """Whether `submit_all` would take this many jobs of this kind now (checked before decoding them)."""
         return len(self._queues[kind]) + jobs <= self._limits[kind].capacity
-
-    def is_full(self, kind: str) -> bool:
-        """Whether `submit` would refuse a job of this kind now (checked before decoding one)."""
-        return not self.has_room(kind)
 
     def withdraw(self, job: Job) -> bool:
         """Take back a job whose client stopped waiting; False if its batch has already started."""
