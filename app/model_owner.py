@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from functools import partial
 
 import numpy as np
+import torch
 
 from app.backbone import with_compiled_backbone
 from app.batcher import Batcher, QueueLimits
@@ -22,14 +24,17 @@ from app.model import (
 )
 from app.model_view import ModelView
 from app.settings import Settings
-from app.torch_threads import model_thread_executor, run_torch_here_only
+from app.torch_threads import model_thread_executor, model_threads_on, run_torch_here_only
+
+logger = logging.getLogger(__name__)
 
 
 class ModelOwner:
     """The loaded model and the batcher that runs it; `worker` is the inference worker's task."""
 
-    def __init__(self, model: ServedModel, batcher: Batcher, worker: asyncio.Task[None]) -> None:
+    def __init__(self, model: ServedModel, batcher: Batcher, worker: asyncio.Task[None], model_threads: int) -> None:
         self.model = model
+        self.model_threads = model_threads  # torch's threads on the model thread, as read there after warm-up
         self.view: ModelView = model.view()
         self.batcher = batcher
         self.worker = worker
@@ -67,13 +72,15 @@ class ModelOwner:
         self.worker.cancel()
 
 
-def _load_and_warm_up(settings: Settings) -> ServedModel:
+def _load_and_warm_up(settings: Settings) -> tuple[ServedModel, int]:
+    """Run on the model thread: the model loaded and warmed up, and the torch threads it runs on there."""
     model = load_model(settings.model_dir, settings.device, settings.precision)
+    torch.set_num_threads(model_threads_on(model.device.type, settings.model_threads))
     if settings.compile == "auto":
         model = with_compiled_backbone(model, settings.compile_cache_dir)
     warm_up(model)
     warm_up_embeddings(model)
-    return model
+    return model, torch.get_num_threads()
 
 
 @contextlib.asynccontextmanager
@@ -83,8 +90,10 @@ async def running_model_owner(settings: Settings) -> AsyncIterator[ModelOwner]:
     run_torch_here_only()  # the event loop's thread
     model_thread = model_thread_executor()  # sets the memory policy first (contract/memory.py)
     # Loaded and warmed up on the thread that will run it: no other thread may run torch in parallel.
-    model = await asyncio.get_running_loop().run_in_executor(model_thread, _load_and_warm_up, settings)
+    model, model_threads = await asyncio.get_running_loop().run_in_executor(model_thread, _load_and_warm_up, settings)
     batch_size = settings.batch_size_on(model.device.type)
+    logger.info(f"model warmed up on {model.device}, {model_threads} torch thread(s), batches of up to {batch_size}",
+                extra={"device": str(model.device), "model_threads": model_threads, "max_batch_size": batch_size})
     batcher = Batcher(
         {SIMILARITY_QUEUE: partial(score_pairs, model),
          **{EXPLAIN_QUEUES[method]: partial(explain_pairs, model, method=method) for method in model.methods},
@@ -101,7 +110,7 @@ async def running_model_owner(settings: Settings) -> AsyncIterator[ModelOwner]:
     )
     worker = asyncio.create_task(batcher.run(), name="inference-worker")
     try:
-        yield ModelOwner(model, batcher, worker)
+        yield ModelOwner(model, batcher, worker, model_threads)
     finally:
         worker.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):  # a failed worker has been reported

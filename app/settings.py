@@ -95,6 +95,13 @@ class Settings(BaseSettings):
     admission_wait_s: float = Field(
         1.0, ge=0, description="how long a request may wait for MAX_DECODE_PIXELS_IN_FLIGHT before its 503"
     )
+    # 1 on a GPU: with a nearly free model on the CPU (the GPU's case: the work around the model is what costs),
+    # the model thread's OpenMP team of 2 waited for the cores the fronts decoded on; with 1 thread, two fronts
+    # served 1.4x the pairs/s at 0.6x the CPU per request (bench/RESULTS.md, "Front processes").
+    model_threads: int | None = Field(
+        None, ge=1, le=256, description="torch threads the model runs on; default: torch's own choice (the "
+        "physical cores) on a CPU, 1 on a GPU, which does the model's work"
+    )
     image_workers: int = Field(
         default_factory=usable_cpus, ge=1,
         description="threads that decode uploads and render overlays (default: the CPUs this process may use)",

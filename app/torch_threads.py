@@ -34,6 +34,12 @@ def model_thread_executor() -> ThreadPoolExecutor:
                               initargs=(MODEL_TORCH_THREADS,))
 
 
+def model_threads_on(device_type: str, setting: int | None) -> int:
+    """The torch threads of the model thread for a model on `device_type` ("cpu", "cuda"): MODEL_THREADS, else
+    torch's own choice on a CPU and 1 on a GPU (app/settings.py says why)."""
+    return setting or (1 if device_type == "cuda" else MODEL_TORCH_THREADS)
+
+
 def single_threaded_pool(workers: int, name: str) -> ThreadPoolExecutor:
     """A pool whose threads run torch's operators by themselves, never on a team of their own."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=run_torch_here_only)

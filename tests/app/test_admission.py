@@ -136,6 +136,34 @@ def test_memory_is_given_back_after_a_pause_not_between_the_requests_of_a_stream
     assert given_back[0].startswith("images")  # on an image thread, never on the event loop
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_image_work_returns_every_result_in_order_and_raises_only_after_every_call_ended(workers: int) -> None:
+    """Catches results returned in the order of the threads' shares rather than of the calls, a call lost from a
+    share, and an error raised while other calls still decode pixels charged for them (run_all's promise)."""
+    ended: list[int] = []
+
+    def call(index: int, broken: int | None) -> int:
+        if index == broken:
+            raise ValueError(f"image {index} is broken")
+        threading.Event().wait(0.02 if index % 2 else 0.0)  # the shares end in another order than the calls
+        ended.append(index)
+        return index * 10
+
+    async def run(calls: int, broken: int | None = None) -> list[int]:
+        work = ImageWork(workers, PixelBudget(10_000))
+        try:
+            return await work.run_all([lambda index=index: call(index, broken) for index in range(calls)])
+        finally:
+            work.close()
+
+    assert asyncio.run(run(7)) == [0, 10, 20, 30, 40, 50, 60]
+    assert asyncio.run(run(1)) == [0]
+    ended.clear()
+    with pytest.raises(ValueError, match="image 2"):
+        asyncio.run(run(7, broken=2))
+    assert sorted(ended) == [0, 1, 3, 4, 5, 6]
+
+
 # A front process of a container holding pixels of the shared budget until told to let go (stdin closes).
 _OTHER_FRONT = """
 import asyncio, sys

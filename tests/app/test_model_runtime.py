@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from app.model import host_batch, load_model, score_pairs
+from app.torch_threads import model_threads_on
 from contract.torchscript import load_torchscript
 from tests.app.conftest import TEST_MODEL_NAME
 
@@ -165,3 +166,35 @@ def test_the_model_thread_keeps_the_memory_a_batch_frees() -> None:
     pages_per_batch = 96 * 2**20 // 4096
     assert found["early"] >= 2 * pages_per_batch * 0.9, found  # mapped and faulted in again at each batch
     assert found["model"] <= 0.05 * pages_per_batch, found  # kept: reused without a fault
+
+
+# In a process of its own, whose torch is told to use 2 threads first (its own choice on a machine of any size):
+# the count each owner's model thread runs with, read there by the owner after its warm-up.
+_OWNER_THREADS = """
+import asyncio, json, sys
+import torch
+torch.set_num_threads(2)
+from app.model_owner import running_model_owner
+from app.settings import Settings
+
+async def owners():
+    found = {}
+    for threads in (None, 1, 3):
+        settings = Settings(model_store=sys.argv[1], model_name=sys.argv[2], model_threads=threads, compile="off",
+                            device="cpu")
+        async with running_model_owner(settings) as owner:
+            found[str(threads)] = owner.model_threads
+    return found
+
+print(json.dumps(asyncio.run(owners())))
+"""
+
+
+def test_model_threads_sets_the_model_threads_team_and_a_gpu_takes_one(model_store: Path) -> None:
+    """Catches MODEL_THREADS ignored (the model thread keeps torch's own choice, whose OpenMP team waited for the
+    cores the front processes decode on: bench/RESULTS.md, "Front processes"), and a CPU default other than
+    torch's own choice. The count is read on the model thread after the warm-up, not from the setting."""
+    result = subprocess.run([sys.executable, "-c", _OWNER_THREADS, str(model_store), TEST_MODEL_NAME], cwd=REPO,
+                            capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"None": 2, "1": 1, "3": 3}
+    assert model_threads_on("cuda", None) == 1 and model_threads_on("cuda", 4) == 4
