@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pytest
@@ -60,12 +62,25 @@ def train_command(dataset: Path, work: Path, *extra: str) -> list[str]:
             "--checkpoint-dir", str(work / "checkpoints"), *TINY_TRAIN_ARGS, *extra]
 
 
-def run_training(arguments: list[str]) -> None:
-    """`python -m training ARGUMENTS` in a process of its own, as a user runs it. Runs compared with one made in
-    a process of its own must not run in the test process: the services other tests start there change
-    process-wide state (glibc's malloc settings, contract/memory.py), and a tiny model's validation ROC AUC then
-    moved by one tied pair (0.7469 against 0.75)."""
-    subprocess.run([sys.executable, "-m", "training", *arguments], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+def start_training(arguments: list[str], env: Mapping[str, str] | None = None,
+                   stderr: IO[str] | None = None) -> subprocess.Popen[bytes]:
+    """`python -m training ARGUMENTS` started in a process of its own, as a user runs it, with `env` added to
+    this environment. Runs compared with one made in a process of its own must not run in the test process: the
+    services other tests start there change process-wide state (glibc's malloc settings, contract/memory.py),
+    and a tiny model's validation ROC AUC then moved by one tied pair (0.7469 against 0.75)."""
+    return subprocess.Popen([sys.executable, "-m", "training", *arguments], cwd=REPO,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def run_training(arguments: list[str], env: Mapping[str, str] | None = None) -> None:
+    """`python -m training ARGUMENTS` in a process of its own (see start_training), to its end."""
+    finish_training(start_training(arguments, env), arguments)
+
+
+def finish_training(process: subprocess.Popen[bytes], arguments: list[str]) -> None:
+    """Wait for a run from start_training; CalledProcessError if it failed."""
+    if process.wait() != 0:
+        raise subprocess.CalledProcessError(process.returncode, ["python", "-m", "training", *arguments])
 
 
 @pytest.fixture(scope="session")

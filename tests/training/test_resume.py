@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,45 +12,54 @@ from typing import Any
 import pytest
 import torch
 
-from tests.training.conftest import TINY_TRAIN_ARGS, run_training, train_command
+from tests.training.conftest import TINY_TRAIN_ARGS, finish_training, run_training, start_training, train_command
 from training.__main__ import main
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def without_timings(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
 
 
+# Each of the three runs on one torch thread: the uninterrupted run goes on beside the interrupted and the resumed
+# ones, a core each, rather than before them (the runs' results are compared, so all three have the same threads).
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def test_interrupted_run_resumes_to_the_uninterrupted_result(shapes_dataset: Path, tmp_path: Path) -> None:
     # the interrupted run is a process of its own (it gets Ctrl-C), so all three runs are
-    run_training(train_command(shapes_dataset, tmp_path / "uninterrupted"))
-    uninterrupted = json.loads((tmp_path / "uninterrupted" / "shapes" / "manifest.json").read_text())
-    log = tmp_path / "stderr.log"
-    with log.open("w") as stderr:
-        # A shell's background job starts ignoring SIGINT, and a child inherits that (Python then installs no
-        # KeyboardInterrupt handler and the run goes on): the child is started with this process handling it.
-        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-        try:
-            process = subprocess.Popen([sys.executable, "-m", "training", *train_command(shapes_dataset, tmp_path)],
-                                       cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-        checkpoint = tmp_path / "checkpoints" / "checkpoint.pt"
-        deadline = time.monotonic() + 300
-        while not checkpoint.exists():  # appears when the first epoch has finished
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.01)
-        process.send_signal(signal.SIGINT)  # Ctrl-C
-        assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
-    message = log.read_text()
-    assert "--resume" in message and "Traceback" not in message, message[-3000:]
-    assert not (tmp_path / "shapes").exists(), "an interrupted run must not export"
-    finished_epochs = len(torch.load(checkpoint, weights_only=False)["history"])
-    assert 1 <= finished_epochs < len(uninterrupted["training"]["history"])
+    uninterrupted_command = train_command(shapes_dataset, tmp_path / "uninterrupted")
+    uninterrupted_run = start_training(uninterrupted_command, ONE_THREAD)
+    try:
+        log = tmp_path / "stderr.log"
+        with log.open("w") as stderr:
+            # A shell's background job starts ignoring SIGINT, and a child inherits that (Python then installs no
+            # KeyboardInterrupt handler and the run goes on): the child is started with this process handling it.
+            previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+            try:
+                process = start_training(train_command(shapes_dataset, tmp_path), ONE_THREAD, stderr)
+            finally:
+                signal.signal(signal.SIGINT, previous)
+            checkpoint = tmp_path / "checkpoints" / "checkpoint.pt"
+            deadline = time.monotonic() + 300
+            while not checkpoint.exists():  # appears when the first epoch has finished
+                assert process.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint after 300 s"
+                time.sleep(0.01)
+            process.send_signal(signal.SIGINT)  # Ctrl-C
+            assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+        message = log.read_text()
+        assert "--resume" in message and "Traceback" not in message, message[-3000:]
+        assert not (tmp_path / "shapes").exists(), "an interrupted run must not export"
+        finished_epochs = len(torch.load(checkpoint, weights_only=False)["history"])
 
-    run_training(train_command(shapes_dataset, tmp_path, "--resume"))
+        run_training(train_command(shapes_dataset, tmp_path, "--resume"), ONE_THREAD)
+        finish_training(uninterrupted_run, uninterrupted_command)
+    finally:
+        if uninterrupted_run.poll() is None:  # a failed assertion above: the run is of no use any more
+            uninterrupted_run.kill()
+            uninterrupted_run.wait()
+    uninterrupted = json.loads((tmp_path / "uninterrupted" / "shapes" / "manifest.json").read_text())
+    assert 1 <= finished_epochs < len(uninterrupted["training"]["history"])
     resumed = json.loads((tmp_path / "shapes" / "manifest.json").read_text())
     assert without_timings(resumed["training"]["history"]) == without_timings(uninterrupted["training"]["history"])
     assert resumed["metrics"] == uninterrupted["metrics"]

@@ -51,6 +51,14 @@ def service_url(served_model: tuple[Path, str], tmp_path_factory: pytest.TempPat
         yield url
 
 
+@pytest.fixture(scope="session")
+def contributions_service_url(model_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The suite's small real model, ``tiny``, exported with exact contributions (format version 2), which says
+    "similar" and "not similar" to the drawn pairs of tests/conftest.py: one service for every module's tests."""
+    with running_service(model_store, "tiny", tmp_path_factory.mktemp("contributions")) as url:
+        yield url
+
+
 @contextmanager
 def running_service(store: Path, name: str, log_dir: Path, **settings: str) -> Iterator[str]:
     """The service started with uvicorn on loopback, as a user would start it; ``settings`` are extra env vars."""

@@ -5,27 +5,17 @@ leave their picture."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.web.conftest import DEFAULT_MODEL_NAME, FLOWERS, running_service
+from tests.web.conftest import DEFAULT_MODEL_NAME, FLOWERS
 from tests.web.test_web_page import OVERLAYS, RESULT_TIMEOUT_MS, compare, opened
 
 DESKTOP = {"viewport": {"width": 1280, "height": 900}}
 PHONE = {"viewport": {"width": 375, "height": 740}, "is_mobile": True, "has_touch": True}
-
-
-@pytest.fixture(scope="module")
-def contributions_service_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                              ) -> Iterator[str]:
-    """The suite's small real model, exported with exact contributions (format version 2)."""
-    store: Path = request.getfixturevalue("model_store")
-    with running_service(store, "tiny", tmp_path_factory.mktemp("contributions")) as url:
-        yield url
 
 
 @pytest.fixture

@@ -353,16 +353,6 @@ def test_the_api_documentation_works_in_the_browser(browser: Browser, service_ur
 
 
 @pytest.fixture(scope="module")
-def contributions_service_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                              ) -> Iterator[str]:
-    """The suite's small real model, ``tiny``, exported with exact contributions (format version 2), which says
-    "similar" and "not similar" to the drawn pairs of tests/conftest.py."""
-    store: Path = request.getfixturevalue("model_store")
-    with running_service(store, "tiny", tmp_path_factory.mktemp("contributions")) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def version_1_service_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
                           ) -> Iterator[str]:
     """A model exported before format version 2: Grad-CAM only."""
