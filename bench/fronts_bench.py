@@ -70,9 +70,15 @@ TARGET_GPU_SIMILARITY = 1000
 TARGET_GPU_EXPLAIN = 400
 SCALING_MIN_CPUS = 8
 
-# LitServe layouts tried by --light: (num_api_servers, fast_queue, max_batch_size, batch_timeout_s).
-LITSERVE_LAYOUTS = [(1, False, 16, 0.005), (2, False, 16, 0.005), (1, True, 16, 0.005), (2, True, 16, 0.005),
-                    (2, True, 8, 0.001), (2, True, 32, 0.005), (2, True, 16, 0.001)]
+# LitServe layouts tried by --light: (num_api_servers, fast_queue, max_batch_size, batch_timeout_s, torch_threads);
+# torch_threads 0: torch's own choice, 1: OMP_NUM_THREADS=1, as siamcam's MODEL_THREADS=1.
+Layout = tuple[int, bool, int, float, int]
+LITSERVE_LAYOUTS: list[Layout] = [
+    (1, False, 16, 0.005, 0), (1, False, 16, 0.005, 1), (2, False, 16, 0.005, 0), (1, True, 16, 0.005, 0),
+    (2, True, 16, 0.005, 0), (2, True, 8, 0.001, 0), (2, True, 32, 0.005, 0), (2, True, 16, 0.001, 0),
+]
+# siamcam in --light: MODEL_THREADS=1, the default on a GPU, whose case the nearly free model stands for.
+LIGHT_MODEL_THREADS = "1"
 
 
 # --- the request ------------------------------------------------------------------------------------------------
@@ -274,17 +280,22 @@ def siamcam_env(model_dir: Path, http_workers: int, extra: Mapping[str, str]) ->
             **extra, **EXTRA_SIAMCAM_ENV}
 
 
-def litserve_command(model_dir: Path, port: int, layout: tuple[int, bool, int, float]) -> list[str]:
-    api_servers, fast_queue, batch, timeout_s = layout
+def litserve_command(model_dir: Path, port: int, layout: Layout) -> list[str]:
+    api_servers, fast_queue, batch, timeout_s, _ = layout
     return [sys.executable, "-m", "bench.litserve_peer", str(model_dir), str(port),
             "--num-api-servers", str(api_servers), *(["--fast-queue"] if fast_queue else []),
             "--max-batch-size", str(batch), "--batch-timeout", str(timeout_s)]
 
 
-def layout_name(layout: tuple[int, bool, int, float]) -> str:
-    api_servers, fast_queue, batch, timeout_s = layout
+def litserve_env(layout: Layout) -> dict[str, str]:
+    # LitServe's accelerator=auto: the CPU, as siamcam here
+    return {"CUDA_VISIBLE_DEVICES": "", **({"OMP_NUM_THREADS": str(layout[4])} if layout[4] else {})}
+
+
+def layout_name(layout: Layout) -> str:
+    api_servers, fast_queue, batch, timeout_s, threads = layout
     return (f"LitServe api_servers={api_servers} fast_queue={'on' if fast_queue else 'off'} batch={batch} "
-            f"timeout={timeout_s * 1000:g}ms")
+            f"timeout={timeout_s * 1000:g}ms" + (f" OMP_NUM_THREADS={threads}" if threads else ""))
 
 
 # --- wrk --------------------------------------------------------------------------------------------------------
@@ -302,6 +313,7 @@ class Run:
     front_rss_mb: list[float] = field(default_factory=list)
     main_rss_mb: float = 0.0
     mean_batch: float | None = None
+    main_cpu_s: float = 0.0  # the root process's share of cpu_s: siamcam's model owner (or its one process)
 
     @property
     def pairs_per_s(self) -> float:
@@ -320,8 +332,10 @@ class Run:
                                                                                self.front_rss_mb) + " MB"
                                                            if self.front_rss_mb else ""))
         batch = f"; mean batch {self.mean_batch:.1f}" if self.mean_batch is not None else ""
+        main_cpu = f" (main process {1000 * self.main_cpu_s / self.requests:.2f})" if self.front_rss_mb else ""
         return (f"{self.label:<58} {self.pairs_per_s:8.1f} pairs/s  p50 {self.p50_ms:6.1f} ms  p99 "
-                f"{self.p99_ms:6.1f} ms  CPU {self.cpu_ms:5.2f} ms/request  {self.cores:4.2f} cores{batch}{rss}")
+                f"{self.p99_ms:6.1f} ms  CPU {self.cpu_ms:5.2f} ms/request{main_cpu}  {self.cores:4.2f} cores"
+                f"{batch}{rss}")
 
 
 def load_average() -> str:
@@ -380,7 +394,9 @@ def measure(server: Server, request: Request, connections: int, duration_s: floa
     before = process_tree(server.pid)
     with RssSampler(server.pid, server.replica.port) as rss:
         requests, wall_s, p50, p99 = wrk(command)
-    cpu_s = cpu_seconds(before, process_tree(server.pid))
+    after = process_tree(server.pid)
+    cpu_s = cpu_seconds(before, after)
+    main_cpu_s = (after.get(server.pid, 0) - before.get(server.pid, 0)) / TICKS_PER_S
     mean_batch = None
     if batches_before is not None:
         batches_after = _batch_totals(server.replica.url, queue)
@@ -388,7 +404,7 @@ def measure(server: Server, request: Request, connections: int, duration_s: floa
         if batches_after[1] > batches_before[1]:
             mean_batch = (batches_after[0] - batches_before[0]) / (batches_after[1] - batches_before[1])
     run = Run(label or server.name, requests, wall_s, p50, p99, cpu_s, sorted(rss.fronts(), reverse=True),
-              rss.largest.get(server.pid, 0.0), mean_batch)
+              rss.largest.get(server.pid, 0.0), mean_batch, main_cpu_s)
     print(run.line())
     if len(rss.connections) > 1:
         print(f"    wrk's connections by process: {sorted(rss.connections.values(), reverse=True)}")
@@ -418,25 +434,30 @@ def light_model(option: Path | None) -> Iterator[Path]:
 def light_section(args: argparse.Namespace, request: Request, logs: Path) -> None:
     """Section 1: the nearly free model; siamcam with each HTTP_WORKERS against LitServe's layouts."""
     print(f"\n== 1. nearly free model (bench/light_model.py), /similarity at {args.connections_light} connections, "
-          f"{args.duration:g} s after a {WARMUP_S} s warm-up; COMPILE=off, DEVICE=cpu ==", flush=True)
-    extra = {"COMPILE": "off", "DEVICE": "cpu"}
+          f"{args.duration:g} s after a {WARMUP_S} s warm-up; COMPILE=off, DEVICE=cpu, MODEL_THREADS="
+          f"{args.light_model_threads} (a GPU's default) ==", flush=True)
+    extra = {"COMPILE": "off", "DEVICE": "cpu", "MODEL_THREADS": args.light_model_threads}
     with light_model(args.light_model) as model_dir:
+        port = free_port()
+        with running("floor: bench/minimal_server.py (multipart, both model pictures, no model)",
+                     [sys.executable, "-m", "bench.minimal_server", str(model_dir), str(port)], port, {},
+                     logs / "minimal.log") as minimal:
+            floor = measure(minimal, request, args.connections_light, args.duration)
         ours: dict[int, Run] = {}
         theirs: dict[str, Run] = {}
         reference: float | None = None
         for workers in args.fronts:
             env = siamcam_env(model_dir, workers, extra)
             port = free_port()
-            with running(f"siamcam HTTP_WORKERS={workers}", siamcam_command(port), port, env,
-                         logs / "siamcam.log") as server:
+            with running(f"siamcam HTTP_WORKERS={workers} MODEL_THREADS={args.light_model_threads}",
+                         siamcam_command(port), port, env, logs / "siamcam.log") as server:
                 reference = float(request.post(f"{server.replica.url}/similarity")["score"])
                 ours[workers] = measure(server, request, args.connections_light, args.duration)
         layouts = [parse_layout(text) for text in args.litserve] if args.litserve else LITSERVE_LAYOUTS
-        with_cuda_hidden = {"CUDA_VISIBLE_DEVICES": ""}  # LitServe's accelerator=auto: the CPU, as siamcam here
         for layout in layouts:
             name = layout_name(layout)
             port = free_port()
-            with running(name, litserve_command(model_dir, port, layout), port, with_cuda_hidden,
+            with running(name, litserve_command(model_dir, port, layout), port, litserve_env(layout),
                          logs / "litserve.log") as peer:
                 score = float(request.post(f"{peer.replica.url}/similarity")["score"])
                 if reference is not None and abs(score - reference) > SCORE_AGREEMENT:
@@ -450,7 +471,8 @@ def light_section(args: argparse.Namespace, request: Request, logs: Path) -> Non
           f"{best_theirs.pairs_per_s:.1f}), target >= {TARGET_VS_LITSERVE}x: {verdict(ratio >= TARGET_VS_LITSERVE)}")
     print(f"  CPU per request: siamcam {best_ours.cpu_ms:.2f} ms ({best_ours.cores:.2f} cores), LitServe "
           f"{best_theirs.cpu_ms:.2f} ms ({best_theirs.cores:.2f} cores); target siamcam <= {TARGET_CPU_MS} ms: "
-          f"{verdict(best_ours.cpu_ms <= TARGET_CPU_MS)}")
+          f"{verdict(best_ours.cpu_ms <= TARGET_CPU_MS)}; the floor (bench/minimal_server.py, the same "
+          f"pictures made, nothing else) {floor.cpu_ms:.2f} ms")
     fronts_rss = [mb for run in ours.values() for mb in run.front_rss_mb]
     if fronts_rss:
         print(f"  largest front RSS under load: {max(fronts_rss):.0f} MB, target <= {TARGET_FRONT_RSS_MB} MB: "
@@ -458,12 +480,12 @@ def light_section(args: argparse.Namespace, request: Request, logs: Path) -> Non
               + ", ".join(f"HTTP_WORKERS={workers} {run.main_rss_mb:.0f} MB" for workers, run in ours.items()))
 
 
-def parse_layout(text: str) -> tuple[int, bool, int, float]:
-    """`API_SERVERS,fq|nofq,BATCH,TIMEOUT_S`, e.g. `2,fq,16,0.005`."""
-    api_servers, queue, batch, timeout_s = text.split(",")
+def parse_layout(text: str) -> Layout:
+    """`API_SERVERS,fq|nofq,BATCH,TIMEOUT_S[,TORCH_THREADS]`, e.g. `2,fq,16,0.005` or `1,nofq,16,0.005,1`."""
+    api_servers, queue, batch, timeout_s, *threads = text.split(",")
     if queue not in ("fq", "nofq"):
         raise argparse.ArgumentTypeError(f"{text}: the second field is fq or nofq")
-    return int(api_servers), queue == "fq", int(batch), float(timeout_s)
+    return int(api_servers), queue == "fq", int(batch), float(timeout_s), int(threads[0]) if threads else 0
 
 
 def compile_setting(model_dir: Path) -> str:
@@ -544,14 +566,15 @@ def scaling_section(args: argparse.Namespace, request: Request, logs: Path) -> N
     wrk_cpus = ",".join(map(str, load_cpus))
     print(f"\n== 3. scaling: nearly free model, /similarity at {args.connections_scaling} connections, wrk with "
           f"{len(load_cpus)} threads on cores {wrk_cpus}, the server on cores {server_cpus}; COMPILE=off, "
-          "DEVICE=cpu ==", flush=True)
+          f"DEVICE=cpu, MODEL_THREADS={args.light_model_threads} ==", flush=True)
     runs: dict[int, Run] = {}
     with light_model(args.light_model) as model_dir:
         for workers in args.scaling_fronts:
-            env = siamcam_env(model_dir, workers, {"COMPILE": "off", "DEVICE": "cpu"})
+            env = siamcam_env(model_dir, workers, {"COMPILE": "off", "DEVICE": "cpu",
+                                                   "MODEL_THREADS": args.light_model_threads})
             port = free_port()
-            with running(f"siamcam HTTP_WORKERS={workers}", siamcam_command(port), port, env,
-                         logs / "siamcam.log", cpus=server_cpus) as server:
+            with running(f"siamcam HTTP_WORKERS={workers} MODEL_THREADS={args.light_model_threads}",
+                         siamcam_command(port), port, env, logs / "siamcam.log", cpus=server_cpus) as server:
                 request.post(f"{server.replica.url}/similarity")
                 runs[workers] = measure(server, request, args.connections_scaling, args.duration,
                                         wrk_cpus=wrk_cpus, wrk_threads=len(load_cpus))
@@ -616,7 +639,8 @@ def main() -> None:
     parser.add_argument("--fronts", type=_ints, default=None,
                         help="HTTP_WORKERS values (sections 1, 2; default 0,1,2,3 and 0,1,2)")
     parser.add_argument("--litserve", action="append", default=[],
-                        help="a LitServe layout API_SERVERS,fq|nofq,BATCH,TIMEOUT_S (repeatable; default: "
+                        help="a LitServe layout API_SERVERS,fq|nofq,BATCH,TIMEOUT_S[,TORCH_THREADS] (repeatable; "
+                             "default: "
                              f"{len(LITSERVE_LAYOUTS)} layouts)")
     parser.add_argument("--connections", type=_ints, default=[1, 8, 32], help="section 2's loads")
     parser.add_argument("--rounds", type=int, default=1, help="section 2's rounds, the order alternating")
@@ -624,6 +648,8 @@ def main() -> None:
     parser.add_argument("--wrk-cores", type=int, default=2, help="section 3: cores (and threads) given to wrk")
     parser.add_argument("--gpu-fronts", type=int, default=0, help="section 4's HTTP_WORKERS (0: min(CPUs-1, 8))")
     parser.add_argument("--max-batch-size", type=int, default=0, help="section 4's MAX_BATCH_SIZE (0: default)")
+    parser.add_argument("--light-model-threads", default=LIGHT_MODEL_THREADS,
+                        help="section 1's MODEL_THREADS for siamcam (default: 1, a GPU's default)")
     parser.add_argument("--light-model", type=Path, default=None,
                         help="a folder made by bench.light_model (default: exported to a temporary folder)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="sections 2 and 4's model")
