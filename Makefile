@@ -10,19 +10,23 @@ PORT ?= 8000
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	@# Not byte-compiled here: pip would compile all 190 MB of sources (39-43 s on 2 cores, compileall 31-32 s);
+	@# the modules the service and the tests import are compiled once, when first imported (RUN below).
 	$(BIN)/pip install -q --no-compile -e '.[train,test]'
-	@# pip byte-compiles on one core; compileall on all (31-32 s instead of 39-43 s on 2 cores, bench/RESULTS.md).
-	@# Files that do not compile for this Python (torch ships one for 3.12) are skipped, as pip skips them.
-	$(BIN)/python -c "import compileall, sys; compileall.compile_dir(sys.argv[1], quiet=2, workers=0)" $(VENV)/lib
 	touch $@
 
 install: $(VENV)/.installed
 
+# Python caches what it compiles (__pycache__) even where PYTHONDONTWRITEBYTECODE is set in the environment: each
+# of the tests' service and training processes would otherwise compile torch's modules afresh (18.5 s of imports
+# instead of 7.7 s, bench/RESULTS.md, "The test suite's time").
+RUN := env -u PYTHONDONTWRITEBYTECODE $(BIN)/python
+
 serve: install
-	$(BIN)/python -m app --host $(HOST) --port $(PORT)
+	$(RUN) -m app --host $(HOST) --port $(PORT)
 
 test: install system-deps
-	$(BIN)/python -m pytest
+	$(RUN) -m pytest
 
 # Browser tests need Debian's Chromium, the load-balancer proof needs nginx, the shared rate-limit store's
 # tests redis-server, the compiled backbone's tests g++; all are installed when missing and we are root (as in
