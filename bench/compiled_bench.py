@@ -8,10 +8,12 @@ Run from the repository root: `.venv/bin/python -m bench.compiled_bench [--model
    Every torch call runs on a model thread made as the service makes its own (app/torch_threads.py): its threads
    and its memory are the service's (on the main thread the compiled backbone was faster than on the service's
    model thread, before that thread kept its freed memory; contract/memory.py).
-2. The service (`uvicorn app.main:app`, one replica, default settings) started with COMPILE=off and
-   COMPILE=auto alternately, ROUNDS times each: seconds from launch to ready, and /similarity at 32 clients
-   (deploy/load.py checks every answer against a direct call), with the model thread's time per pair under that
-   load (siamcam_inference_seconds): whether the model's gain reaches the service.
+2. The service (`python -m app`, one replica, default settings) started with COMPILE=off and
+   COMPILE=auto alternately, ROUNDS times each: seconds from launch to ready, and /similarity at 32 clients,
+   twice: from deploy/load.py's clients, which check every answer against a direct call, with the model thread's
+   time per pair under that load (siamcam_inference_seconds); then from `wrk` (bench/fronts_bench.py's load: one C
+   thread POSTing one pair), whose ratio is the one judged: the Python clients take a share of the 2 cores the
+   service needs (issue 22), and wrk leaves it nearly all of them.
 The package is compiled first, into the default cache (or found there), as `python -m training compile` does.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,12 +36,14 @@ from bench.service_bench import (
     DEFAULT_MODEL_DIR, SIMILARITY_REQUESTS, LoadRun, drive, load_pairs, model_pictures, print_targets, start_service,
     verdict,
 )
+from bench.fronts_bench import Request, Run, Server, measure
 from contract.compiled import default_cache_dir, ensure_package, machine_tag
 from deploy.load import reference_scores
 
 BATCHES = (1, 8)
 CALLS = 15  # timed calls of each kind per variant, alternating
-ROUNDS = 2  # service starts per setting, alternating
+ROUNDS = 3  # service starts per setting, alternating
+WRK_DURATION_S = 10
 CLIENTS = 32
 PAIRS = 16
 TARGET_MODEL_WORK = 0.67  # compiled / TorchScript time, at most
@@ -137,8 +142,11 @@ def main() -> None:
     if not args.skip_service and device.type == "cpu":
         started_s: dict[str, list[float]] = {"off": [], "auto": []}
         runs: dict[str, list[LoadRun]] = {"off": [], "auto": []}
-        for _ in range(ROUNDS):
-            for setting in ("off", "auto"):
+        wrk_runs: dict[str, list[Run]] = {"off": [], "auto": []}
+        wrk_folder = Path(tempfile.mkdtemp(prefix="compiled-bench-"))
+        request = Request.write(wrk_folder)
+        for round_index in range(ROUNDS):
+            for setting in ("off", "auto") if round_index % 2 == 0 else ("auto", "off"):
                 # A long request timeout: on a machine shared with other work, a request may wait long, and a
                 # 504 would end the run; the rates are compared, not the latencies.
                 env = {"COMPILE": setting, "COMPILE_CACHE_DIR": str(cache), "REQUEST_TIMEOUT_S": "600"}
@@ -151,6 +159,9 @@ def main() -> None:
                         raise SystemExit(f"COMPILE=auto did not serve the compiled backbone; its log:\n{log}")
                     runs[setting].append(drive(url, "/similarity", CLIENTS, SIMILARITY_REQUESTS, pairs,
                                                reference_scores(url, pairs)))
+                    replica = cluster.replicas[0]
+                    server = Server(f"siamcam COMPILE={setting}", [str(arg) for arg in replica.process.args], env, replica)
+                    wrk_runs[setting].append(measure(server, request, CLIENTS, WRK_DURATION_S))
         print(f"\nservice, COMPILE=off and auto alternately, {ROUNDS} starts each:")
         for setting in ("off", "auto"):
             print(f"  COMPILE={setting:<4}  launch to ready: {', '.join(f'{s:.1f}' for s in started_s[setting])} s;"
@@ -162,7 +173,13 @@ def main() -> None:
                           for name in ("pairs_per_s", "model_ms_per_pair"))
         print(f"  the model thread's time per pair under that load, auto / off: "
               f"{model_ms['auto'] / model_ms['off']:.2f}x")
-        rows.append((f"/similarity at {CLIENTS} clients: auto / off pairs/s", rate["auto"] / rate["off"],
+        print(f"  /similarity at {CLIENTS} Python clients, auto / off pairs/s: {rate['auto'] / rate['off']:.2f}x")
+        wrk_rate = {setting: sum(run.requests for run in wrk_runs[setting]) / sum(run.wall_s for run in wrk_runs[setting])
+                    for setting in wrk_runs}
+        print(f"  /similarity at {CLIENTS} wrk connections: COMPILE=off "
+              + ", ".join(f"{run.pairs_per_s:.1f}" for run in wrk_runs["off"]) + ", auto "
+              + ", ".join(f"{run.pairs_per_s:.1f}" for run in wrk_runs["auto"]) + " pairs/s")
+        rows.append((f"/similarity at {CLIENTS} wrk connections: auto / off pairs/s", wrk_rate["auto"] / wrk_rate["off"],
                      TARGET_SERVICE, False))
         slower = statistics.mean(started_s["auto"]) - statistics.mean(started_s["off"])
         print(f"  start-up with the package: {slower:+.1f} s against TorchScript alone (goal: at most "
