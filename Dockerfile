@@ -1,4 +1,4 @@
-# siamcam API image: one model served on CPU or on an NVIDIA GPU by `python -m app` (app/processes.py).
+# siamcam API image: one model served on CPU or on an NVIDIA GPU by `python -m app` (app/__main__.py, app/container.py).
 #
 #   docker build -t siamcam .                                        # PyPI's torch: the CUDA build (also runs on CPU)
 #   docker build -t siamcam:cpu \
