@@ -17,9 +17,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Python caches what it compiles (__pycache__) even where PYTHONDONTWRITEBYTECODE is set in the environment: each
-# of the tests' service and training processes would otherwise compile torch's modules afresh (18.5 s of imports
-# instead of 7.7 s, bench/RESULTS.md, "The test suite's time").
+# Let Python cache what it compiles (__pycache__) even where the environment sets PYTHONDONTWRITEBYTECODE: else each
+# of the tests' service and training processes compiles torch's modules afresh (18.5 s of imports instead of 7.7 s,
+# bench/RESULTS.md, "The test suite's time").
 RUN := env -u PYTHONDONTWRITEBYTECODE $(BIN)/python
 
 serve: install
