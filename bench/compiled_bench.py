@@ -38,7 +38,7 @@ from bench.service_bench import (
 )
 from bench.fronts_bench import Request, Run, Server, measure
 from contract.compiled import default_cache_dir, ensure_package, machine_tag
-from deploy.load import reference_scores
+from deploy.load import Pair, reference_scores
 
 BATCHES = (1, 8)
 CALLS = 15  # timed calls of each kind per variant, alternating
@@ -101,6 +101,35 @@ def load_backbones(model_dir: Path, device: torch.device, cache: Path) -> Backbo
     return Backbones(torchscript, compiled, package, compile_s, switch_s)
 
 
+def service_rounds(model_dir: Path, cache: Path, pairs: list[Pair]
+                   ) -> tuple[dict[str, list[float]], dict[str, list[LoadRun]], dict[str, list[Run]]]:
+    """The service started ROUNDS times with each COMPILE setting, in alternating order: seconds from launch to
+    ready, then the load from Python clients (answers checked) and from wrk, for each start."""
+    started_s: dict[str, list[float]] = {"off": [], "auto": []}
+    runs: dict[str, list[LoadRun]] = {"off": [], "auto": []}
+    wrk_runs: dict[str, list[Run]] = {"off": [], "auto": []}
+    with tempfile.TemporaryDirectory(prefix="compiled-bench-") as folder:
+        request = Request.write(Path(folder))
+        for round_index in range(ROUNDS):
+            for setting in ("off", "auto") if round_index % 2 == 0 else ("auto", "off"):
+                # A long request timeout: on a machine shared with other work, a request may wait long, and a
+                # 504 would end the run; the rates are compared, not the latencies.
+                env = {"COMPILE": setting, "COMPILE_CACHE_DIR": str(cache), "REQUEST_TIMEOUT_S": "600"}
+                started = time.perf_counter()
+                with start_service(model_dir, env) as cluster:
+                    started_s[setting].append(time.perf_counter() - started)
+                    replica = cluster.replicas[0]
+                    log = replica.log_path.read_text()
+                    if setting == "auto" and "serving the compiled backbone" not in log:
+                        raise SystemExit(f"COMPILE=auto did not serve the compiled backbone; its log:\n{log}")
+                    runs[setting].append(drive(replica.url, "/similarity", CLIENTS, SIMILARITY_REQUESTS, pairs,
+                                               reference_scores(replica.url, pairs)))
+                    server = Server(f"siamcam COMPILE={setting}", [str(arg) for arg in replica.process.args], env,
+                                    replica)
+                    wrk_runs[setting].append(measure(server, request, CLIENTS, WRK_DURATION_S))
+    return started_s, runs, wrk_runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="model folder")
@@ -140,28 +169,7 @@ def main() -> None:
         rows.append((f"{kind}, {batch} pair(s): compiled / TorchScript time", ratio, TARGET_MODEL_WORK, True))
 
     if not args.skip_service and device.type == "cpu":
-        started_s: dict[str, list[float]] = {"off": [], "auto": []}
-        runs: dict[str, list[LoadRun]] = {"off": [], "auto": []}
-        wrk_runs: dict[str, list[Run]] = {"off": [], "auto": []}
-        wrk_folder = Path(tempfile.mkdtemp(prefix="compiled-bench-"))
-        request = Request.write(wrk_folder)
-        for round_index in range(ROUNDS):
-            for setting in ("off", "auto") if round_index % 2 == 0 else ("auto", "off"):
-                # A long request timeout: on a machine shared with other work, a request may wait long, and a
-                # 504 would end the run; the rates are compared, not the latencies.
-                env = {"COMPILE": setting, "COMPILE_CACHE_DIR": str(cache), "REQUEST_TIMEOUT_S": "600"}
-                started = time.perf_counter()
-                with start_service(model_dir, env) as cluster:
-                    started_s[setting].append(time.perf_counter() - started)
-                    url = cluster.replicas[0].url
-                    log = cluster.replicas[0].log_path.read_text()
-                    if setting == "auto" and "serving the compiled backbone" not in log:
-                        raise SystemExit(f"COMPILE=auto did not serve the compiled backbone; its log:\n{log}")
-                    runs[setting].append(drive(url, "/similarity", CLIENTS, SIMILARITY_REQUESTS, pairs,
-                                               reference_scores(url, pairs)))
-                    replica = cluster.replicas[0]
-                    server = Server(f"siamcam COMPILE={setting}", [str(arg) for arg in replica.process.args], env, replica)
-                    wrk_runs[setting].append(measure(server, request, CLIENTS, WRK_DURATION_S))
+        started_s, runs, wrk_runs = service_rounds(model_dir, cache, pairs)
         print(f"\nservice, COMPILE=off and auto alternately, {ROUNDS} starts each:")
         for setting in ("off", "auto"):
             print(f"  COMPILE={setting:<4}  launch to ready: {', '.join(f'{s:.1f}' for s in started_s[setting])} s;"
