@@ -37,7 +37,8 @@ from bench.service_bench import (
     verdict,
 )
 from bench.fronts_bench import Request, Run, Server, measure
-from contract.compiled import default_cache_dir, ensure_package, machine_tag
+from contract.cache import default_cache_dir
+from contract.compiled import ensure_package, machine_tag
 from deploy.load import Pair, reference_scores
 
 BATCHES = (1, 8)

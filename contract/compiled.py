@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from contract.backbone import SplitBackbone
-from contract.cache import default_cache_dir, writable
+from contract.cache import writable
 from contract.manifest import Manifest
 from contract.torchscript import compute_convolutions_in_fp32, sha256_of
 

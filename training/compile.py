@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from contract.compiled import CompileError, default_cache_dir, ensure_package, machine_tag
+from contract.cache import default_cache_dir
+from contract.compiled import CompileError, ensure_package, machine_tag
 from contract.manifest import ManifestError, read_manifest
 from training.errors import UsageError
 
