@@ -84,14 +84,26 @@ def run_program(path: Path, x: torch.Tensor) -> torch.Tensor:
 
 def machine_tag(device: torch.device) -> str:
     """What a package is compiled for: the device kind with its GPU architecture, or the CPU architecture with
-    the vector instruction set Inductor generates code for."""
+    the vector instruction sets Inductor chooses among."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         return f"cuda-sm{major}{minor}"
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    arch = platform.machine()
+    if arch in ("x86_64", "AMD64"):
+        # The flags Inductor's own choice (pick_vec_isa) is made from, read without importing Inductor: that
+        # import alone took 1.5-2 s of every start-up (issue 23: start-up at most 2 s slower with a package).
+        flags = [name for name, supported in (
+            ("avx2", torch.cpu._is_avx2_supported()),
+            ("avx512", torch.cpu._is_avx512_supported()),
+            ("avx512_vnni", torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported()),
+            ("amx_tile", torch.cpu._is_amx_tile_supported())) if supported]
+        # ATEN_CPU_CAPABILITY caps the instruction set Inductor generates code for.
+        capped = os.environ.get("ATEN_CPU_CAPABILITY", "")
+        return f"cpu-{arch}-{'+'.join(flags) or 'novec'}" + (f"-cap{capped}" if capped else "")
+    from torch._inductor.cpu_vec_isa import pick_vec_isa  # other architectures: Inductor's own answer
 
     isa = str(pick_vec_isa()).replace(" ", "+") or "novec"
-    return f"cpu-{platform.machine()}-{isa}"
+    return f"cpu-{arch}-{isa}"
 
 
 def package_path(cache_dir: Path, program_sha256: str, device: torch.device) -> Path:
@@ -173,10 +185,11 @@ class CompiledBackbone(SplitBackbone):
     def __init__(self, module: torch.jit.ScriptModule, package: Path, device: torch.device) -> None:
         super().__init__(module)
         self.package = package
-        from torch._inductor import aoti_load_package
-
         try:
-            self._features = aoti_load_package(str(package), device_index=_device_index(device))
+            # The package's own loader, not torch._inductor.aoti_load_package: that import costs 1.5-2 s of
+            # start-up, and the wrapper it returns only flattens arguments (`features` takes one tensor).
+            self._runner = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1,
+                                                                  _device_index(device))
         except Exception as error:
             raise CompileError(f"{package} is not a loadable compiled backbone ({_first_line(error)}); delete it "
                                "to compile it again") from error
@@ -184,7 +197,8 @@ class CompiledBackbone(SplitBackbone):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # The package records no autograd graph: its maps are inputs to the head, never differentiated through.
         with torch.no_grad():
-            return self._features(x.contiguous())
+            (maps,) = self._runner.run([x.contiguous()])
+            return maps
 
 
 def _device_index(device: torch.device) -> int:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
+import subprocess
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -24,6 +27,7 @@ from tests.support.model_folders import copy_of_model
 from training.__main__ import main as training_main
 
 WARNING_LOGGER = "app.backbone"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +56,33 @@ def test_the_session_package_is_compiled_for_this_machine_and_torch(model_dir: P
     assert package.is_file() and machine_tag(torch.device("cpu")) in package.name
     assert torch.__version__.replace("+", "-") in package.name
     assert [path.name for path in compiled_backbone_cache.iterdir()] == [package.name], "no partial file is left"
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the tag's own flags are read on x86")
+def test_the_machine_tag_names_every_instruction_set_inductor_compiles_for() -> None:
+    """Catches a tag that leaves out what a package was compiled for: a package made on an AVX-512 machine would
+    then be picked (and crash) on one with the same tag but only AVX2."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    tag = machine_tag(torch.device("cpu"))
+    assert set(str(pick_vec_isa()).split()) <= set(tag.split("-")[2].split("+")), tag
+
+
+def test_loading_a_package_imports_no_inductor(model_dir: Path, compiled_backbone_cache: Path) -> None:
+    """Catches start-up paying for Inductor's import again (1.5-2 s, issue 23's start-up budget is 2 s): a fresh
+    process loads the session's package and runs it without torch._inductor in sys.modules."""
+    manifest = read_manifest(model_dir)
+    assert manifest.backbone_program is not None
+    package = package_path(compiled_backbone_cache, manifest.backbone_program.sha256, torch.device("cpu"))
+    script = (f"import sys, torch; from pathlib import Path; from contract.compiled import CompiledBackbone; from contract.torchscript import "
+              f"load_torchscript; module = load_torchscript(Path({str(model_dir / 'model.pt')!r}), "
+              f"{manifest.format_version}); backbone = CompiledBackbone(module, {str(package)!r}, "
+              f"torch.device('cpu')); maps = backbone.features(torch.zeros(2, 3, *{tuple(manifest.input_size)}));"
+              f" print(tuple(maps.shape), 'torch._inductor' in sys.modules)")
+    ran = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    shape, inductor = ran.stdout.split(") ")
+    assert shape.startswith("(2, ") and inductor.strip() == "False", ran.stdout
 
 
 def test_the_compiled_backbone_is_served_and_scores_as_torchscript(compiled: ServedModel, model_dir: Path) -> None:
