@@ -197,7 +197,7 @@ class CompiledBackbone(SplitBackbone):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         # The package records no autograd graph: its maps are inputs to the head, never differentiated through.
         with torch.no_grad():
-            (maps,) = self._runner.run([x.contiguous()])
+            (maps,) = self._runner.boxed_run([x.contiguous()])  # the list is the runner's to empty
             return maps
 
 
