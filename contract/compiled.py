@@ -91,12 +91,12 @@ def machine_tag(device: torch.device) -> str:
     arch = platform.machine()
     if arch in ("x86_64", "AMD64"):
         # The flags Inductor's own choice (pick_vec_isa) is made from, read without importing Inductor: that
-        # import alone took 1.5-2 s of every start-up (issue 23: start-up at most 2 s slower with a package).
-        flags = [name for name, supported in (
-            ("avx2", torch.cpu._is_avx2_supported()),
-            ("avx512", torch.cpu._is_avx512_supported()),
-            ("avx512_vnni", torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported()),
-            ("amx_tile", torch.cpu._is_amx_tile_supported())) if supported]
+        # import alone took 1.5-2 s of every start-up with a package.
+        avx512 = torch.cpu._is_avx512_supported()
+        supported = {"avx2": torch.cpu._is_avx2_supported(), "avx512": avx512,
+                     "avx512_vnni": avx512 and torch.cpu._is_vnni_supported(),
+                     "amx_tile": torch.cpu._is_amx_tile_supported()}
+        flags = [name for name, present in supported.items() if present]
         # ATEN_CPU_CAPABILITY caps the instruction set Inductor generates code for.
         capped = os.environ.get("ATEN_CPU_CAPABILITY", "")
         return f"cpu-{arch}-{'+'.join(flags) or 'novec'}" + (f"-cap{capped}" if capped else "")
@@ -188,8 +188,8 @@ class CompiledBackbone(SplitBackbone):
         try:
             # The package's own loader, not torch._inductor.aoti_load_package: that import costs 1.5-2 s of
             # start-up, and the wrapper it returns only flattens arguments (`features` takes one tensor).
-            self._runner = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1,
-                                                                  _device_index(device))
+            self._runner = torch._C._aoti.AOTIModelPackageLoader(
+                str(package), "model", False, 1, _device_index(device))  # model name, not single-threaded, 1 runner
         except Exception as error:
             raise CompileError(f"{package} is not a loadable compiled backbone ({_first_line(error)}); delete it "
                                "to compile it again") from error
