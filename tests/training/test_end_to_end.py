@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from contract.torchscript import load_torchscript
-from tests.training.conftest import train_command
+from tests.training.conftest import TINY_CLASSIFY_EPOCHS, TINY_PAIR_EPOCHS, train_command
 from training.__main__ import main
 
 
@@ -23,7 +23,7 @@ def test_manifest_describes_the_file_and_the_run(trained: tuple[Path, dict[str, 
     assert sum(manifest["dataset"]["images"].values()) == 90
     assert len(manifest["dataset"]["split"]["sha256"]) == 64
     assert manifest["training"]["command"].startswith("python -m training train --data ")
-    assert [r["stage"] for r in manifest["training"]["history"]] == ["classify"] * 4 + ["pairs"] * 2
+    assert [r["stage"] for r in manifest["training"]["history"]] == ["classify"] * TINY_CLASSIFY_EPOCHS + ["pairs"] * TINY_PAIR_EPOCHS
     assert 0 < manifest["threshold"] < 1
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from contract.manifest import REPORT_FILE
 from tests.support.report_page import ReportPage, decoded, svg_text
+from tests.training.conftest import TINY_CLASSIFY_EPOCHS, TINY_PAIR_EPOCHS
 from training.__main__ import main
 from training.report import ScoredPairs, class_pair_accuracy
 
@@ -40,7 +41,7 @@ def test_training_writes_a_self_contained_report_with_every_figure(trained: tupl
     assert all(str(count) in drawn.split() for row in confusion for count in row)
     assert str(confusion) in html  # the summary table: the test split, as the manifest recorded it
     # one point per epoch of every stage the run recorded
-    assert len(manifest["training"]["history"]) == 6 and "validation ROC AUC" in svg_text(
+    assert len(manifest["training"]["history"]) == TINY_CLASSIFY_EPOCHS + TINY_PAIR_EPOCHS and "validation ROC AUC" in svg_text(
         page.images["learning-curves"][0])
     assert "Not measured for this model" in page.absent["faithfulness"]
 
