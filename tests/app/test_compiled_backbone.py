@@ -74,11 +74,16 @@ def test_loading_a_package_imports_no_inductor(model_dir: Path, compiled_backbon
     manifest = read_manifest(model_dir)
     assert manifest.backbone_program is not None
     package = package_path(compiled_backbone_cache, manifest.backbone_program.sha256, torch.device("cpu"))
-    script = (f"import sys, torch; from pathlib import Path; from contract.compiled import CompiledBackbone; from contract.torchscript import "
-              f"load_torchscript; module = load_torchscript(Path({str(model_dir / 'model.pt')!r}), "
-              f"{manifest.format_version}); backbone = CompiledBackbone(module, {str(package)!r}, "
-              f"torch.device('cpu')); maps = backbone.features(torch.zeros(2, 3, *{tuple(manifest.input_size)}));"
-              f" print(tuple(maps.shape), 'torch._inductor' in sys.modules)")
+    script = "\n".join([
+        "import sys, torch",
+        "from pathlib import Path",
+        "from contract.compiled import CompiledBackbone",
+        "from contract.torchscript import load_torchscript",
+        f"module = load_torchscript(Path({str(model_dir / 'model.pt')!r}), {manifest.format_version})",
+        f"backbone = CompiledBackbone(module, {str(package)!r}, torch.device('cpu'))",
+        f"maps = backbone.features(torch.zeros(2, 3, *{tuple(manifest.input_size)}))",
+        "print(tuple(maps.shape), 'torch._inductor' in sys.modules)",
+    ])
     ran = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr
     shape, inductor = ran.stdout.split(") ")

@@ -23,7 +23,8 @@ def test_manifest_describes_the_file_and_the_run(trained: tuple[Path, dict[str, 
     assert sum(manifest["dataset"]["images"].values()) == 90
     assert len(manifest["dataset"]["split"]["sha256"]) == 64
     assert manifest["training"]["command"].startswith("python -m training train --data ")
-    assert [r["stage"] for r in manifest["training"]["history"]] == ["classify"] * TINY_CLASSIFY_EPOCHS + ["pairs"] * TINY_PAIR_EPOCHS
+    stages = [record["stage"] for record in manifest["training"]["history"]]
+    assert stages == ["classify"] * TINY_CLASSIFY_EPOCHS + ["pairs"] * TINY_PAIR_EPOCHS
     assert 0 < manifest["threshold"] < 1
 
 
