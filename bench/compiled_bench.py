@@ -183,13 +183,13 @@ def main() -> None:
         print(f"  the model thread's time per pair under that load, auto / off: "
               f"{model_ms['auto'] / model_ms['off']:.2f}x")
         print(f"  /similarity at {CLIENTS} Python clients, auto / off pairs/s: {rate['auto'] / rate['off']:.2f}x")
-        wrk_rate = {setting: sum(run.requests for run in wrk_runs[setting]) / sum(run.wall_s for run in wrk_runs[setting])
-                    for setting in wrk_runs}
+        wrk_rate = {setting: sum(run.requests for run in runs_of) / sum(run.wall_s for run in runs_of)
+                    for setting, runs_of in wrk_runs.items()}
         print(f"  /similarity at {CLIENTS} wrk connections: COMPILE=off "
               + ", ".join(f"{run.pairs_per_s:.1f}" for run in wrk_runs["off"]) + ", auto "
               + ", ".join(f"{run.pairs_per_s:.1f}" for run in wrk_runs["auto"]) + " pairs/s")
-        rows.append((f"/similarity at {CLIENTS} wrk connections: auto / off pairs/s", wrk_rate["auto"] / wrk_rate["off"],
-                     TARGET_SERVICE, False))
+        rows.append((f"/similarity at {CLIENTS} wrk connections: auto / off pairs/s",
+                     wrk_rate["auto"] / wrk_rate["off"], TARGET_SERVICE, False))
         slower = statistics.mean(started_s["auto"]) - statistics.mean(started_s["off"])
         print(f"  start-up with the package: {slower:+.1f} s against TorchScript alone (goal: at most "
               f"+{TARGET_START_UP_S:.0f} s): {verdict(slower, TARGET_START_UP_S, at_most=True)}")

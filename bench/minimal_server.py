@@ -19,10 +19,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
 
+from app.settings import Settings
 from contract.manifest import read_manifest
 from contract.picture import model_picture
 
-MAX_IMAGE_PIXELS = 40_000_000  # siamcam's default MAX_IMAGE_PIXELS
+MAX_IMAGE_PIXELS: int = Settings.model_fields["max_image_pixels"].default  # siamcam's default MAX_IMAGE_PIXELS
 
 
 def minimal_app(input_size: tuple[int, int]) -> Starlette:
