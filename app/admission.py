@@ -81,6 +81,9 @@ class PixelBudget:
         self._in_use += pixels
         metrics.DECODE_PIXELS_IN_FLIGHT.set(self._in_use)
 
+    def close(self) -> None:
+        """Nothing to let go of here; a shared budget closes its descriptor."""
+
 
 class SharedPixelBudget(PixelBudget):
     """The budget of all the front processes of a container together (app/container.py), as one process has it:
@@ -91,13 +94,21 @@ class SharedPixelBudget(PixelBudget):
     POLL_S = 0.01
 
     def __init__(self, capacity: int, counters_fd: int, index: int) -> None:
+        """`counters_fd`: the block's descriptor as the main process passed it to every front."""
         super().__init__(capacity)
-        self._fd = counters_fd
-        self._counters = np.frombuffer(mmap.mmap(counters_fd, 0), dtype=np.int64)
+        # The front's own open file description of the block: flock excludes only other descriptions, and the
+        # descriptor every front inherits is one description shared by all of them (and the main process).
+        self._fd = os.open(f"/proc/self/fd/{counters_fd}", os.O_RDWR | os.O_CLOEXEC)
+        self._counters = np.frombuffer(mmap.mmap(self._fd, 0), dtype=np.int64)
         self._index = index
 
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """The block's lock, as this front holds it while it looks at the sum and adds: no other front (and not
+        the main process) takes pixels or forgets a dead front's meanwhile."""
+        return _locked(self._fd)
+
     def _take(self, pixels: int) -> bool:
-        with _locked(self._fd):
+        with self.locked():
             if int(self._counters.sum()) + pixels > self.capacity:
                 return False
             self._counters[self._index] += pixels
@@ -110,6 +121,9 @@ class SharedPixelBudget(PixelBudget):
         # a look at the sum and an add that must not interleave with another front's, holds the lock.
         self._counters[self._index] -= pixels
         super().release(pixels)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
     async def _some_released(self) -> None:
         with contextlib.suppress(TimeoutError):
@@ -220,3 +234,4 @@ class ImageWork:
         if self._trim is not None:
             self._trim.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.budget.close()

@@ -177,6 +177,42 @@ asyncio.run(hold())
 """
 
 
+# A front process of a container holding the shared budget's lock (as while it takes pixels) until stdin closes.
+_LOCKING_FRONT = """
+import sys
+from app.admission import SharedPixelBudget
+budget = SharedPixelBudget(1_000, int(sys.argv[1]), index=1)
+with budget.locked():
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_front_takes_no_pixels_while_another_front_holds_the_lock() -> None:
+    """Catches a lock that excludes nobody: fronts inherit one descriptor of the block, one open file description
+    that flock would treat as one owner, so that two fronts could both see room for the last pixels and take them."""
+    counters = pixel_counters(fronts=2)
+    other = subprocess.Popen([sys.executable, "-c", _LOCKING_FRONT, str(counters)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, pass_fds=(counters,), text=True)
+    budget = SharedPixelBudget(1_000, counters, index=0)
+    taking = threading.Thread(target=asyncio.run, args=(budget.acquire(10, wait_s=30),))
+    try:
+        assert other.stdout is not None and other.stdout.readline().strip() == "locked"
+        taking.start()
+        taking.join(timeout=0.5)
+        assert taking.is_alive(), "pixels were taken while another front held the lock"
+        assert budget.in_use == 0
+        other.stdin.close()  # type: ignore[union-attr]  # the other front lets go
+        taking.join(timeout=10)
+        assert not taking.is_alive() and budget.in_use == 10
+    finally:
+        other.kill()
+        other.wait()
+        taking.join(timeout=10)
+        budget.close()
+        os.close(counters)
+
+
 def test_front_processes_share_one_budget_and_a_dead_fronts_pixels_come_back() -> None:
     """Catches fronts that each admit MAX_DECODE_PIXELS_IN_FLIGHT (N fronts would decode N times the pixels the
     setting bounds), and a budget that a killed front leaves charged for good."""
