@@ -13,6 +13,10 @@ its stack (their own insides, e.g. the JSON encoder a log line runs, count as th
 innermost frame with a marker in INNERMOST_CATEGORIES. The raw stacks are written to --raw (PROFILE_FILE) for a
 closer look. py-spy counts a thread that is runnable but waiting for a core as running: on a busy machine the
 milliseconds below exceed the CPU time /proc gives (bench/fronts_bench.py prints that); read the shares.
+
+With `--gil`, py-spy samples only the thread that holds the interpreter's lock: the Python side of the work (the
+frameworks, middleware, logging, IPC), without blocked system calls, and without the decoding and the model's
+kernels, which run with the lock released.
 """
 
 from __future__ import annotations
@@ -104,6 +108,8 @@ def main() -> None:
     parser.add_argument("--http-workers", type=int, default=0, help="HTTP_WORKERS of the service profiled")
     parser.add_argument("--seconds", type=float, default=LOAD_S, help="seconds of sampled load")
     parser.add_argument("--raw", type=Path, default=PROFILE_FILE, help="where py-spy's raw stacks are written")
+    parser.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL (Python's "
+                        "own work)")
     args = parser.parse_args()
     model_dir = args.model.resolve()
     env = siamcam_env(model_dir, args.http_workers, {"COMPILE": compile_setting(model_dir)})
@@ -116,7 +122,8 @@ def main() -> None:
             wrk(wrk_command(url, request, CONNECTIONS, WARMUP_S))
             print(f"{load_average()} before the load; server: {server.describe()}")
             spy = subprocess.Popen([str(PY_SPY), "record", "--pid", str(server.pid), "--subprocesses", "--rate",
-                                    str(RATE_HZ), "--format", "raw", "--output", str(args.raw), "--nonblocking"],
+                                    str(RATE_HZ), "--format", "raw", "--output", str(args.raw), "--nonblocking",
+                                    *(["--gil"] if args.gil else [])],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(2)  # py-spy attaches to every process
             command = wrk_command(url, request, CONNECTIONS, args.seconds)
@@ -128,7 +135,8 @@ def main() -> None:
     samples = read_samples(args.raw, main_pid)
     total = sum(samples.values())
     print(f"{requests} requests at {CONNECTIONS} connections: {requests / wall_s:.1f} pairs/s, p50 {p50_ms:.1f} ms; "
-          f"{total} samples at {RATE_HZ} Hz of running Python threads (py-spy sees no OpenMP worker threads) = "
+          f"{total} samples at {RATE_HZ} Hz of {'threads holding the GIL' if args.gil else 'running Python threads'}"
+          " (py-spy sees no OpenMP worker threads) = "
           f"{total / RATE_HZ / wall_s:.2f} cores busy on average")
     roles = Counter[str]()  # main, front (all fronts together), other
     for (process, _), count in samples.items():
