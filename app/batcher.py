@@ -29,10 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
 
 from app import metrics
-from app.jobs import Job, Outcome, QueueFull, WorkerStopped
+from app.jobs import Job, JobPicture, Outcome, QueueFull, WorkerStopped
 
 T = TypeVar("T")
 # Called with one list per position of the jobs' pictures (images1, images2 for pairs; images for single images).
@@ -43,7 +42,7 @@ class ModelBroken(RuntimeError):
     """The model fails even on the pair it passed at warm-up: only a restart can help."""
 
 
-def _timed(runner: BatchRunner, *inputs: list[np.ndarray]) -> tuple[Sequence[Any], float, float]:
+def _timed(runner: BatchRunner, *inputs: list[JobPicture]) -> tuple[Sequence[Any], float, float]:
     """`runner`'s results, when it started and how long it took, timed on the model thread itself: timed from the
     event loop, a batch would also count the hand-over to the thread and the loop's turnaround back to the batch,
     which grow with the load, and `timings_ms.inference` would no longer be the model's work alone."""
@@ -81,7 +80,7 @@ class Batcher:
         for kind in runners:
             metrics.QUEUE_DEPTH.labels(kind).set(0)
 
-    def submit_all(self, kind: str, jobs: Sequence[tuple[np.ndarray, ...]]) -> list[Job]:
+    def submit_all(self, kind: str, jobs: Sequence[tuple[JobPicture, ...]]) -> list[Job]:
         """Queue every job of one request, or none: QueueFull when they do not all fit in their queue."""
         if self.stopped:
             raise WorkerStopped

@@ -16,7 +16,7 @@ from fastapi import Request, UploadFile
 from app import metrics
 from app.admission import BudgetExhausted, ImageWork, OverBudget
 from app.errors import CLIENT_CLOSED_REQUEST, Problem, service_unavailable
-from app.jobs import Inference, Job, Outcome, QueueFull, WorkerStopped
+from app.jobs import EncodedJpeg, Inference, Job, JobPicture, Outcome, QueueFull, WorkerStopped
 from app.model_view import ModelView
 from app.overlays import MEDIA_TYPES, Background, ColormapName, OverlayFormat, overlay_background, render_overlay
 from app.schemas import (
@@ -26,7 +26,7 @@ from app.schemas import (
 from app.service import Service
 from app.settings import Settings
 from contract.explanation import Method, PairContributions, PairExplanation, cell_box
-from contract.images import header_pixels
+from contract.images import device_jpeg_orientation, header_pixels
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Upload:
 
 @dataclass(frozen=True)
 class DecodedPair:
-    pictures: tuple[np.ndarray, np.ndarray]  # uint8 [3, H, W] at the model's input size: what it sees
+    pictures: tuple[JobPicture, JobPicture]  # what the model sees: uint8 [3, H, W] at its input size, or a JPEG
     # /explain only: each upright original at overlay size, decoded and resized once for all its overlays, once
     # `batch_ran` is set (cancelled if the pair's batch fails)
     backgrounds: asyncio.Future[list[Background]] | None = None
@@ -110,16 +110,20 @@ async def read_uploads(named: Sequence[tuple[str, UploadFile]], inference: Infer
 
 
 async def admit_and_decode(uploads: Sequence[Upload], model: ModelView, images: ImageWork, settings: Settings,
-                           keep_charged: bool = False) -> tuple[list[np.ndarray], int]:
+                           keep_charged: bool = False) -> tuple[list[JobPicture], int]:
     """The uploads admitted, then decoded and preprocessed side by side on the image threads, as the uint8
-    pictures the model takes; and the pixels still charged to the budget: none, unless `keep_charged` (then
-    the caller gives them back with `images.discharge`, e.g. after a second decode at overlay size, which they
-    cover). Refused before any decoding: 503 when the images' pixels cannot be admitted within ADMISSION_WAIT_S,
-    422 for images larger than the whole budget, and the contract's image errors (415/422 in errors.py) for what
-    a header says."""
+    pictures the model takes (with DECODE_DEVICE=cuda, the JPEGs its GPU takes stay files: `for_the_device`);
+    and the pixels still charged to the budget: none, unless `keep_charged` (then the caller gives them back with
+    `images.discharge`, e.g. after a second decode at overlay size, which they cover). Refused before any
+    decoding: 503 when the images' pixels cannot be admitted within ADMISSION_WAIT_S, 422 for images larger than
+    the whole budget, and the contract's image errors (415/422 in errors.py) for what a header says."""
     # Headers only (a few kB each): cheap enough for the event loop, and the image threads may all be busy.
     per_image = [header_pixels(upload.data, upload.name, settings.max_image_pixels) for upload in uploads]
-    pixels = images.pixels_at_once(per_image)
+    jpegs = for_the_device(uploads, settings)
+    # What is decoded here: every upload when its overlay background will be (`keep_charged`), else all but the
+    # JPEGs the GPU decodes.
+    pixels = images.pixels_at_once([count for index, count in enumerate(per_image)
+                                    if keep_charged or index not in jpegs])
     try:
         await images.admit(pixels, settings.admission_wait_s)
     except OverBudget:
@@ -135,16 +139,32 @@ async def admit_and_decode(uploads: Sequence[Upload], model: ModelView, images: 
         metrics.REJECTIONS.labels("decode_budget").inc()
         raise service_unavailable("The service is busy decoding other images; retry shortly.",
                                   settings.retry_after_s) from None
+    here = [index for index in range(len(uploads)) if index not in jpegs]
     try:
-        pictures = await images.run_all(
-            [partial(model.picture, upload.data, upload.name, settings.max_image_pixels) for upload in uploads])
+        decoded = await images.run_all([partial(model.picture, uploads[index].data, uploads[index].name,
+                                                settings.max_image_pixels) for index in here])
     except BaseException:
         images.discharge(pixels)
         raise
+    decoded_here = iter(decoded)
+    pictures = [jpegs[index] if index in jpegs else next(decoded_here) for index in range(len(uploads))]
     if not keep_charged:
         images.discharge(pixels)
         return pictures, 0
     return pictures, pixels
+
+
+def for_the_device(uploads: Sequence[Upload], settings: Settings) -> dict[int, EncodedJpeg]:
+    """With DECODE_DEVICE=cuda, the uploads that the model's GPU decodes (`device_jpeg_orientation`), by index;
+    none otherwise."""
+    if settings.decode_device != "cuda":
+        return {}
+    jpegs = {}
+    for index, upload in enumerate(uploads):
+        orientation = device_jpeg_orientation(upload.data, upload.name, settings.max_image_pixels)
+        if orientation is not None:
+            jpegs[index] = EncodedJpeg(upload.name, np.frombuffer(upload.data, dtype=np.uint8), orientation)
+    return jpegs
 
 
 def backgrounds_after(batch_ran: asyncio.Event, uploads: Sequence[Upload], images: ImageWork, pixels: int,
@@ -202,7 +222,7 @@ async def run_in_batch(request: Request, inference: Inference, kind: str, pair: 
     return outcome
 
 
-async def run_jobs(request: Request, inference: Inference, kind: str, jobs: Sequence[tuple[np.ndarray, ...]],
+async def run_jobs(request: Request, inference: Inference, kind: str, jobs: Sequence[tuple[JobPicture, ...]],
                    arrived: float, settings: Settings) -> list[Outcome]:
     """Queue one request's jobs (pairs, or single pictures) together and wait for all their results, until
     REQUEST_TIMEOUT_S after it `arrived` (time.monotonic) or until the client leaves; then the jobs not yet

@@ -5,7 +5,8 @@ A message is a JSON header and, after it, the raw bytes of any arrays it carries
 contribution matrices): never pickled objects. Pictures, the bulk of the traffic, do not travel in messages at
 all: the front writes each one into a slot of its shared block (a memfd the owner maps through /proc) and sends
 the slot's number; the owner reads the slots when it stacks a batch, and the slot is the front's again once the
-job's last message (its result, its failure, or its withdrawal) arrives."""
+job's last message (its result, its failure, or its withdrawal) arrives. (JPEG files that the owner's GPU decodes,
+with DECODE_DEVICE=cuda, travel as arrays of their submit message: a file's size has no slot.)"""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from app.jobs import EncodedJpeg, JobPicture
 from contract.explanation import PairContributions, PairExplanation, PairMaps
+from contract.images import CorruptImage, ImageError, NotAnImage, TooManyPixels
 
 _HEADER = struct.Struct("!II")  # the JSON's length, then the arrays' bytes' length
 
@@ -75,6 +78,38 @@ def decode_value(message: dict[str, Any], arrays: list[np.ndarray]) -> Any:
         raw_logit, offset, threshold_raw_logit = fields["contributions"]
         found = PairContributions(raw_logit, offset, threshold_raw_logit, *arrays[4:7])
     return PairExplanation(fields["score"], fields["similar"], PairMaps(*arrays[:4]), found)
+
+
+# A job's pictures, as a submit message names them: the slot each was copied to, or, for a JPEG that the owner's
+# GPU decodes (DECODE_DEVICE=cuda), its file: an index among the message's arrays, with its name and orientation.
+PictureReference = int | dict[str, Any]
+
+
+def picture_references(pictures: Sequence[JobPicture], slots: Sequence[int], files: list[np.ndarray]
+                       ) -> list[PictureReference]:
+    """How a submit message names `pictures`, whose decoded ones were copied to `slots` in order; each JPEG's file
+    is appended to `files`, the message's arrays."""
+    free = iter(slots)
+    references: list[PictureReference] = []
+    for picture in pictures:
+        if isinstance(picture, EncodedJpeg):
+            references.append({"file": len(files), "name": picture.name, "orientation": picture.orientation})
+            files.append(picture.data)
+        else:
+            references.append(next(free))
+    return references
+
+
+def referenced_pictures(references: Sequence[PictureReference], slots: np.ndarray, files: Sequence[np.ndarray]
+                        ) -> tuple[JobPicture, ...]:
+    """The pictures a submit message names: views of the front's `slots` [count, 3, H, W], or JPEG files."""
+    return tuple(slots[reference] if isinstance(reference, int) else
+                 EncodedJpeg(reference["name"], files[reference["file"]], reference["orientation"])
+                 for reference in references)
+
+
+# The image errors a job can fail with in the owner (a JPEG its GPU could not decode), by name.
+IMAGE_ERRORS: dict[str, type[ImageError]] = {kind.__name__: kind for kind in (CorruptImage, NotAnImage, TooManyPixels)}
 
 
 class PictureSlots:

@@ -40,10 +40,24 @@ class Outcome:
     batch_started: float = 0.0
 
 
+@dataclass(frozen=True, eq=False)
+class EncodedJpeg:
+    """An upload the model's process decodes on its GPU (DECODE_DEVICE=cuda, app/device_decode.py) instead of a
+    picture decoded here: the JPEG file's bytes, with what its header said."""
+
+    name: str  # how errors name the upload ("image1")
+    data: np.ndarray  # the file, uint8 [bytes]
+    orientation: int  # EXIF orientation, 1 to 8
+
+
+# What a job carries for each image: the uint8 picture [3, H, W] at the model's input size, or a JPEG to decode.
+JobPicture = np.ndarray | EncodedJpeg
+
+
 @dataclass(eq=False)
 class Job:
     kind: str
-    pictures: tuple[np.ndarray, ...]  # a pair, or one picture: uint8 [3, H, W] at the model's input size
+    pictures: tuple[JobPicture, ...]  # a pair, or one picture
     future: asyncio.Future[Outcome]
     enqueued_at: float = field(default_factory=time.monotonic)
 
@@ -58,7 +72,7 @@ class Inference(Protocol):
     def has_room(self, kind: str, jobs: int = 1) -> bool:
         """Whether `submit_all` would take this many jobs of this kind now (checked before decoding them)."""
 
-    def submit_all(self, kind: str, jobs: Sequence[tuple[np.ndarray, ...]]) -> list[Job]:
+    def submit_all(self, kind: str, jobs: Sequence[tuple[JobPicture, ...]]) -> list[Job]:
         """Queue every job of one request, or none: QueueFull when they do not all fit, WorkerStopped once the
         worker has stopped. Each job's future gets its Outcome."""
 

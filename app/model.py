@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.jobs import EncodedJpeg
 from app.model_view import ManifestFacts, ModelLoadError, ModelView, ScoringConstants
 from contract.backbone import AutocastBackbone, ServedModule, unsupported_reason
 from contract.compiled import CompiledBackbone
@@ -115,8 +116,9 @@ def _contributions_support(model_path: Path, module: torch.jit.ScriptModule, man
                       "method=gradcam")
 
 
-# A picture: uint8 [3, H, W], a numpy array from a front process (app/jobs.py) or a tensor from ServedModel.picture.
-Picture = np.ndarray | torch.Tensor
+# A picture: uint8 [3, H, W], a numpy array from a front process (app/jobs.py) or a tensor from ServedModel.picture;
+# or a JPEG file to decode on the model's GPU (DECODE_DEVICE=cuda).
+Picture = np.ndarray | torch.Tensor | EncodedJpeg
 
 
 def host_batch(pictures: Sequence[Picture], device: torch.device) -> torch.Tensor:
@@ -132,16 +134,27 @@ def host_batch(pictures: Sequence[Picture], device: torch.device) -> torch.Tenso
 
 def _model_batch(model: ServedModel, pictures: Sequence[Picture]) -> torch.Tensor:
     """uint8 pictures [3, H, W] as the model's float input batch on its device: moved as bytes, normalized there
-    in one pass (the same arithmetic per element as one picture at a time, so the scores do not change).
+    in one pass (the same arithmetic per element as one picture at a time, so the scores do not change). JPEG files
+    among them (DECODE_DEVICE=cuda) are decoded on the device, into their places in the batch.
 
     On a GPU the copy is queued without waiting (`non_blocking` from pinned memory): the normalisation and the
     model run after it on the same stream, torch's pinned-memory cache reuses the batch's buffer only once the
     copy's recorded event has passed, and every result comes back through `.cpu()` or `.tolist()`, copies to
     ordinary memory that wait for the stream: nothing reads a result, or rewrites the buffer, before the GPU is
     done with it."""
-    batch = host_batch(pictures, model.device)
+    jpegs = [index for index, picture in enumerate(pictures) if isinstance(picture, EncodedJpeg)]
+    if not jpegs:
+        batch = host_batch(pictures, model.device).to(model.device, non_blocking=True)
+    else:
+        from app.device_decode import decode_pictures  # torchvision's decoders: only where DECODE_DEVICE=cuda
+
+        batch = torch.empty((len(pictures), 3, *model.input_size), dtype=torch.uint8, device=model.device)
+        batch[jpegs] = decode_pictures([pictures[index] for index in jpegs], model.input_size, model.device)
+        if decoded := [index for index, picture in enumerate(pictures) if not isinstance(picture, EncodedJpeg)]:
+            on_host = host_batch([pictures[index] for index in decoded], model.device)
+            batch[decoded] = on_host.to(model.device, non_blocking=True)
     assert batch.dtype == torch.uint8, "pass ServedModel.picture's uint8 pictures"
-    return model.preprocessing.normalize(batch.to(model.device, non_blocking=True))
+    return model.preprocessing.normalize(batch)
 
 
 def score_batch(module: ServedModule, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -204,6 +217,15 @@ def warm_up(model: ServedModel) -> None:
             f"{model.path} failed its warm-up batch on {model.device} ({reason}); check that it was exported by "
             f"`python -m training train` for input_size {list(model.input_size)}, or re-export it{fallback}"
         ) from error
+
+
+def warm_up_device_decoding(model: ServedModel) -> None:
+    """DECODE_DEVICE=cuda: a pair of JPEG files decoded on the device and scored before the first request (the
+    decoder's first call sets it up), as a request's would be."""
+    from app.device_decode import blank_jpeg
+
+    blank = blank_jpeg(model.input_size)
+    score_pairs(model, [blank], [blank])
 
 
 def score_blank_pair(model: ServedModel) -> list[float]:

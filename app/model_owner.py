@@ -17,12 +17,12 @@ import torch
 
 from app.backbone import with_compiled_backbone
 from app.batcher import Batcher, QueueLimits
-from app.jobs import EMBED_QUEUE, EXPLAIN_QUEUES, SIMILARITY_QUEUE, Job
+from app.jobs import EMBED_QUEUE, EXPLAIN_QUEUES, SIMILARITY_QUEUE, Job, JobPicture
 from app.model import (
     ServedModel, embed_pictures, explain_pairs, load_model, score_blank_pair, score_embeddings, score_pairs, warm_up,
-    warm_up_embeddings,
+    warm_up_device_decoding, warm_up_embeddings,
 )
-from app.model_view import ModelView
+from app.model_view import ModelLoadError, ModelView
 from app.settings import Settings
 from app.torch_threads import model_thread_executor, model_threads_on, run_torch_here_only
 
@@ -46,7 +46,7 @@ class ModelOwner:
     def has_room(self, kind: str, jobs: int = 1) -> bool:
         return self.batcher.has_room(kind, jobs)
 
-    def submit_all(self, kind: str, jobs: Sequence[tuple[np.ndarray, ...]]) -> list[Job]:
+    def submit_all(self, kind: str, jobs: Sequence[tuple[JobPicture, ...]]) -> list[Job]:
         return self.batcher.submit_all(kind, jobs)
 
     def withdraw(self, job: Job) -> bool:
@@ -75,11 +75,16 @@ class ModelOwner:
 def _load_and_warm_up(settings: Settings) -> tuple[ServedModel, int]:
     """Run on the model thread: the model loaded and warmed up, and the torch threads it runs on there."""
     model = load_model(settings.model_dir, settings.device, settings.precision)
+    if settings.decode_device == "cuda" and model.device.type != "cuda":
+        raise ModelLoadError(f"DECODE_DEVICE=cuda decodes JPEG uploads on the model's GPU, but the model runs on "
+                             f"{model.device}: set DEVICE=cuda (or auto, on a machine with a GPU), or DECODE_DEVICE=cpu")
     torch.set_num_threads(model_threads_on(model.device.type, settings.model_threads))
     if settings.compile == "auto":
         model = with_compiled_backbone(model, settings.compile_cache_dir)
     warm_up(model)
     warm_up_embeddings(model)
+    if settings.decode_device == "cuda":
+        warm_up_device_decoding(model)
     return model, torch.get_num_threads()
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from app.ipc import PictureSlots, decode_value, encode, receive
-from app.jobs import Job, Outcome, QueueFull, WorkerStopped
+from app.ipc import IMAGE_ERRORS, PictureSlots, decode_value, encode, picture_references, receive
+from app.jobs import EncodedJpeg, Job, JobPicture, Outcome, QueueFull, WorkerStopped
 from app.model_view import ModelLoadError, ModelView
 from app.ratelimit import Decision
 
@@ -49,23 +49,24 @@ class OwnerClient:
     def has_room(self, kind: str, jobs: int = 1) -> bool:
         return self._depths[kind] + jobs <= self._capacity[kind] and jobs <= self._slots.free
 
-    def submit_all(self, kind: str, jobs: Sequence[tuple[np.ndarray, ...]]) -> list[Job]:
+    def submit_all(self, kind: str, jobs: Sequence[tuple[JobPicture, ...]]) -> list[Job]:
         if self._stopped:
             raise WorkerStopped
-        if not self.has_room(kind, len(jobs)) or sum(map(len, jobs)) > self._slots.free:
+        decoded = [[picture for picture in pictures if not isinstance(picture, EncodedJpeg)] for pictures in jobs]
+        if not self.has_room(kind, len(jobs)) or sum(map(len, decoded)) > self._slots.free:
             raise QueueFull(kind)
         loop = asyncio.get_running_loop()
-        queued, ids, slots = [], [], []
-        for pictures in jobs:
-            job_id, job_slots = next(self._ids), self._slots.take(pictures)
+        queued, ids, references, files = [], [], [], []
+        for pictures, decoded_pictures in zip(jobs, decoded, strict=True):
+            job_id, job_slots = next(self._ids), self._slots.take(decoded_pictures)
             job = Job(kind, tuple(pictures), loop.create_future())
             self._jobs[job_id] = (job, job_slots)
             self._job_ids[job] = job_id
             queued.append(job)
             ids.append(job_id)
-            slots.append(job_slots)
+            references.append(picture_references(pictures, job_slots, files))
         self._depths[kind] += len(jobs)  # until the owner says otherwise
-        self._writer.write(encode({"op": "submit", "kind": kind, "ids": ids, "slots": slots}))
+        self._writer.write(encode({"op": "submit", "kind": kind, "ids": ids, "pictures": references}, files))
         return queued
 
     def withdraw(self, job: Job) -> bool:
@@ -148,6 +149,8 @@ class OwnerClient:
                 return Outcome(decode_value(message["value"], arrays), message["queue_wait_s"],
                                message["inference_s"], message["batch_started"])
             case "failed":
+                if (image_error := message.get("image_error")) is not None:
+                    return IMAGE_ERRORS[image_error["kind"]](image_error["name"], message["error"])
                 return WorkerStopped() if message["stopped"] else JobFailed(message["error"])
         return None  # withdrawn
 

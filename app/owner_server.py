@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from app.ipc import encode, encode_value, map_front_pictures, receive
+from app.ipc import encode, encode_value, map_front_pictures, receive, referenced_pictures
 from app.jobs import Job, QueueFull, WorkerStopped
 from app.model_owner import ModelOwner
 from app.ratelimit import RateLimiter
+from contract.images import ImageError
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class OwnerServer:
                 message, arrays = await receive(reader)
                 match message["op"]:
                     case "submit":
-                        self._submit(owner, writer, jobs, pictures, message)
+                        self._submit(owner, writer, jobs, pictures, message, arrays)
                     case "withdraw":
                         if (job := jobs.get(message["id"])) is not None:
                             owner.withdraw(job)  # its future, cancelled, answers "withdrawn"
@@ -73,10 +74,11 @@ class OwnerServer:
             writer.close()
 
     def _submit(self, owner: ModelOwner, writer: asyncio.StreamWriter, jobs: dict[int, Job], pictures: np.ndarray,
-                message: dict[str, Any]) -> None:
+                message: dict[str, Any], files: list[np.ndarray]) -> None:
         ids, kind = message["ids"], message["kind"]
         try:
-            queued = owner.submit_all(kind, [tuple(pictures[slot] for slot in slots) for slots in message["slots"]])
+            queued = owner.submit_all(kind, [referenced_pictures(references, pictures, files)
+                                             for references in message["pictures"]])
         except (QueueFull, WorkerStopped) as error:
             reason = "queue_full" if isinstance(error, QueueFull) else "worker_stopped"
             writer.write(encode({"op": "refused", "ids": ids, "reason": reason, "depths": owner.depths()}))
@@ -95,8 +97,9 @@ class OwnerServer:
         if future.cancelled():
             writer.write(encode({"op": "withdrawn", **answer}))
         elif (error := future.exception()) is not None:
+            image_error = {"kind": type(error).__name__, "name": error.name} if isinstance(error, ImageError) else None
             writer.write(encode({"op": "failed", **answer, "stopped": isinstance(error, WorkerStopped),
-                                 "error": str(error) or type(error).__name__}))
+                                 "error": str(error) or type(error).__name__, "image_error": image_error}))
         else:
             outcome = future.result()
             value, arrays = encode_value(outcome.value)

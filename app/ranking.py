@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-import numpy as np
 from fastapi import Request, UploadFile
 
 from app.inference import (
     ExplainOptions, Upload, admit_and_decode, backgrounds_after, explain_in_time, queue_full, read_uploads,
     require_count, require_method, require_ready, run_jobs, timings_ms, upload_label,
 )
-from app.jobs import EMBED_QUEUE, EXPLAIN_QUEUES, Outcome
+from app.jobs import EMBED_QUEUE, EXPLAIN_QUEUES, JobPicture, Outcome
 from app.schemas import (
     EmbeddingModelRef, EmbedResponse, ExplainedPair, ImageEmbedding, ModelRef, RankedCandidate, RankResponse,
 )
@@ -91,7 +90,7 @@ async def rank(request: Request, query: UploadFile, candidates: Sequence[UploadF
     )
 
 
-async def _explain_best(request: Request, best: list[int], uploads: list[Upload], pictures: list[np.ndarray],
+async def _explain_best(request: Request, best: list[int], uploads: list[Upload], pictures: list[JobPicture],
                         pixels: int, options: ExplainOptions, service: Service, arrived: float
                         ) -> tuple[dict[int, ExplainedPair], list[Outcome]]:
     """The explanations of (query, candidate) for the `best` candidates' indices, by candidate index; `pixels`

@@ -60,6 +60,12 @@ class Settings(BaseSettings):
         "fp32", description="what the backbone computes in: fp32 (exact, batch-invariant scores), or bf16 or fp16 "
         "(autocast; the head, explanations and contributions stay fp32)"
     )
+    decode_device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="where JPEG uploads become the model's pictures: cpu (Pillow, on the image threads of "
+        "the HTTP processes), or cuda (whole files sent to the model's process and decoded on its GPU a batch at a "
+        "time, app/device_decode.py; needs the model on a GPU; other formats, and /explain's overlays, stay on "
+        "the CPU)"
+    )
     compile_cache_dir: Path = Field(
         default_factory=default_cache_dir, description="folder of compiled backbones (`python -m training compile`)"
     )

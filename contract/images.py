@@ -75,6 +75,27 @@ def header_pixels(source: bytes | Path, name: str, max_pixels: int | None) -> in
     return width * height
 
 
+# The colour layouts a GPU's JPEG decoder turns into RGB as libjpeg does here (no CMYK, no Adobe YCCK).
+_DEVICE_JPEG_MODES = {"RGB", "L"}
+_END_OF_IMAGE = b"\xff\xd9"
+# How far before a JPEG's end its end-of-image marker may stand (cameras append padding or trailers after it).
+_TRAILER_BYTES = 4096
+
+
+def device_jpeg_orientation(source: bytes, name: str, max_pixels: int | None) -> int | None:
+    """For a JPEG that a GPU decoder can take whole (YCbCr or greyscale, its end-of-image marker present), its EXIF
+    orientation (1 to 8), read from the header; None for any other file, which `decode_upright_rgb` decodes here
+    and whose errors it reports. `max_pixels` is checked as decoding checks it (TooManyPixels); no pixel is
+    decoded. A truncated JPEG stays on the CPU: libjpeg reports it as what it is, where a failed decode on the GPU
+    would fail its batch (the others run again one by one)."""
+    with _open(source, name, max_pixels) as image:
+        if image.format != "JPEG" or image.mode not in _DEVICE_JPEG_MODES or \
+                _END_OF_IMAGE not in source[-_TRAILER_BYTES:]:
+            return None
+        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+    return orientation if orientation in range(1, 9) else 1
+
+
 def fitted_size(width: int, height: int, max_side: int) -> tuple[int, int]:
     """(width, height) scaled down (never up) so that the longest side is at most `max_side`, aspect kept."""
     scale = min(1.0, max_side / max(width, height))

@@ -66,6 +66,13 @@ def test_a_missing_model_stops_start_up_with_one_clear_line(model_store: Path, t
     _start_fails_with_one_line(model_store, "no-such-model", "no model at", tmp_path / "uvicorn.log")
 
 
+def test_decoding_on_a_gpu_without_one_stops_start_up_with_one_clear_line(model_store: Path, tmp_path: Path) -> None:
+    """Not a service that would send every JPEG to a GPU it does not have."""
+    _start_fails_with_one_line(model_store, TEST_MODEL_NAME, "DECODE_DEVICE=cuda decodes JPEG uploads on the model's "
+                               "GPU, but the model runs on cpu", tmp_path / "uvicorn.log", DEVICE="cpu",
+                               DECODE_DEVICE="cuda")
+
+
 def test_a_corrupt_model_stops_start_up_with_one_clear_line(model_store: Path, tmp_path: Path) -> None:
     copy_of_model(model_store / TEST_MODEL_NAME, tmp_path / "broken")
     with (tmp_path / "broken" / "model.pt").open("r+b") as model_file:
