@@ -11,6 +11,9 @@
 #            architecture into a temporary cache, then its model work against TorchScript's)
 #   precision issue 22: bench.precision_bench on the GPU (the default model's test split scored in fp32, bf16 and
 #            fp16: each one's score differences from fp32, flipped decisions and pairs/s at batches of 64)
+#   decode   issue 22: bench.decode_device_bench on the GPU (DECODE_DEVICE=cuda: 12 Mpx JPEGs decoded by nvJPEG
+#            against Pillow's draft decoding on one core, the pictures' differences, and the default model's test
+#            split scored from each)
 #   lite2    issue 9's GPU run: EfficientNet-Lite2 fine-tuned at 260 px on flowers with the default model's
 #            recipe, exported to a temporary folder (its manifest copied to OUT_DIR/lite2_manifest.json)
 #   lite1    the same recipe with EfficientNet-Lite1 at 240 px (the largest step a 2-core CPU could afford)
@@ -57,6 +60,7 @@ print("torchvision", torchvision.__version__, "pillow", PIL.__version__, "opencv
         peers) "$python" -m bench.peers ;;
         compiled) XDG_CACHE_HOME="$work/cache" "$python" -m bench.compiled_bench --device cuda --skip-service ;;
         precision) "$python" -m bench.precision_bench --device cuda --data "$flowers" ;;
+        decode) "$python" -m bench.decode_device_bench --device cuda --data "$flowers" ;;
         lite2) train lite2 efficientnet_lite2 260 ;;
         lite1) train lite1 efficientnet_lite1 240 ;;
         fronts) "$python" -m bench.fronts_bench --scaling --gpu ;;

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -27,7 +28,8 @@ from app.settings import Settings
 from contract.images import CorruptImage, TooManyPixels, device_jpeg_orientation
 from contract.picture import model_picture
 from tests.app.conftest import TEST_MODEL_NAME
-from tests.support.images import class_image, drawn_image, encode as encode_image, phone_photo
+from tests.support.images import class_image, drawn_image, encode as encode_image, pair_files, phone_photo
+from tests.support.service import running_service
 
 INPUT_SIZE = (224, 224)
 CPU = torch.device("cpu")
@@ -184,3 +186,34 @@ def test_a_front_leaves_jpegs_to_the_gpu_and_charges_the_budget_only_for_what_it
     with pytest.raises(Problem) as refused:
         asyncio.run(decode("cpu"))
     assert refused.value.status_code == 422
+
+
+# On a GPU (bench/gpu_run.sh's tests step): nvJPEG's pictures, and the whole path through a container's processes.
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: DECODE_DEVICE=cuda")
+
+
+@needs_cuda
+def test_the_gpu_makes_the_pictures_the_cpu_emulation_makes() -> None:
+    stripes = np.tile((np.arange(1800) % 3 * 120).astype(np.uint8)[None, :, None], (1200, 1, 3))
+    for data in (phone_photo(6, PHOTO_SIZE, orientation=6), encode_image(Image.fromarray(stripes), "JPEG")):
+        (on_gpu,) = decode_pictures([on_the_device(data)], INPUT_SIZE, torch.device("cuda")).cpu().numpy()
+        (on_cpu,) = decode_pictures([on_the_device(data)], INPUT_SIZE, CPU).numpy()
+        assert mean_difference(on_gpu, on_cpu) < 1.0
+
+
+@needs_cuda
+def test_a_container_decoding_on_its_gpu_scores_jpeg_pairs_as_one_decoding_on_the_cpu(
+        model_store: Path, tmp_path: Path) -> None:
+    """Front processes send the files, the owner decodes them on its GPU; a PNG beside a JPEG is decoded in front."""
+    jpeg = encode_image(class_image("red", 1, (400, 300)), "JPEG", quality=90)
+    png = encode_image(class_image("red", 2, (300, 400)), "PNG")
+    scores = {}
+    for decode_device in ("cpu", "cuda"):
+        env = {"MODEL_STORE": str(model_store), "MODEL_NAME": TEST_MODEL_NAME, "HTTP_WORKERS": "2",
+               "DEVICE": "cuda", "DECODE_DEVICE": decode_device}
+        with running_service(env, tmp_path / f"{decode_device}.log") as replica, \
+                httpx.Client(base_url=replica.url, timeout=60, trust_env=False) as http:
+            answers = [http.post("/similarity", files=pair_files(jpeg, second)) for second in (jpeg, png)]
+            assert [answer.status_code for answer in answers] == [200, 200], [answer.text for answer in answers]
+            scores[decode_device] = [answer.json()["score"] for answer in answers]
+    assert scores["cuda"] == pytest.approx(scores["cpu"], abs=0.02)
