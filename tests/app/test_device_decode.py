@@ -21,9 +21,11 @@ from app.device_decode import decode_pictures
 from app.errors import Problem
 from app.inference import Upload, admit_and_decode
 from app.ipc import PictureSlots, encode, map_front_pictures, picture_references, receive, referenced_pictures
-from app.jobs import EncodedJpeg, JobPicture
+from app.jobs import SIMILARITY_QUEUE, EncodedJpeg, JobPicture
 from app.model import load_model, score_pairs
-from app.owner_client import OwnerClient
+from app.model_owner import running_model_owner
+from app.owner_client import OwnerClient, connected_owner
+from app.owner_server import OwnerServer
 from app.settings import Settings
 from contract.images import CorruptImage, TooManyPixels, device_jpeg_orientation
 from contract.picture import model_picture
@@ -217,3 +219,35 @@ def test_a_container_decoding_on_its_gpu_scores_jpeg_pairs_as_one_decoding_on_th
             assert [answer.status_code for answer in answers] == [200, 200], [answer.text for answer in answers]
             scores[decode_device] = [answer.json()["score"] for answer in answers]
     assert scores["cuda"] == pytest.approx(scores["cpu"], abs=0.02)
+
+
+def test_jpegs_reach_the_model_owner_through_a_front_connection_and_a_broken_one_fails_alone(
+        test_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    """A front's connection to the model's process, both sides real, in one process: a pair whose second image is a
+    JPEG file scores as the pair of pictures decoded beforehand, and a file the decoder refuses comes back as
+    CorruptImage naming its upload (a 422), while its batch mate still gets its score. (The owner decodes on the
+    CPU here, where DECODE_DEVICE=cuda would decode on its GPU.)"""
+    settings = test_settings()
+    jpeg = on_the_device(encode_image(class_image("red", 4, (200, 160)), "JPEG", quality=90), "image2")
+    broken = EncodedJpeg("image2", np.frombuffer(b"\xff\xd8\xff\xe0 not a JPEG at all \xff\xd9", np.uint8), 1)
+
+    async def through_a_front() -> None:
+        ready: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        server = await OwnerServer(ready, None, lambda _: None).start(tmp_path / "owner.sock")
+        try:
+            async with running_model_owner(settings) as owner:
+                ready.set_result(owner)
+                picture = decode_pictures([jpeg], owner.model.input_size, CPU)[0].numpy()
+                first = owner.view.picture(encode_image(class_image("red", 3, (200, 160)), "PNG"), "image1", None)
+                expected = score_pairs(owner.model, [first], [picture])
+                async with connected_owner(tmp_path / "owner.sock", lambda _: 8) as front:
+                    good, bad = front.submit_all(SIMILARITY_QUEUE, [(first, jpeg), (first, broken)])
+                    await asyncio.wait([good.future, bad.future])
+                assert good.future.result().value == pytest.approx(expected[0], abs=1e-6)
+                with pytest.raises(CorruptImage, match="image2 could not be decoded") as refused:
+                    bad.future.result()
+                assert refused.value.name == "image2"
+        finally:
+            server.close()
+
+    asyncio.run(through_a_front())
