@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-
 from app import metrics
 from app.jobs import Job, JobPicture, Outcome, QueueFull, WorkerStopped
 
