@@ -92,7 +92,10 @@ def device_jpeg_orientation(source: bytes, name: str, max_pixels: int | None) ->
         if image.format != "JPEG" or image.mode not in _DEVICE_JPEG_MODES or \
                 _END_OF_IMAGE not in source[-_TRAILER_BYTES:]:
             return None
-        orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        try:
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        except Exception:  # a damaged EXIF block: decoding here says what is wrong with it, as for any file
+            return None
     return orientation if orientation in range(1, 9) else 1
 
 
