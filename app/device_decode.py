@@ -21,7 +21,7 @@ from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 from torchvision.transforms.v2 import functional as tvf
 
 from app.jobs import EncodedJpeg
-from contract.images import CorruptImage
+from contract.images import REDUCING_GAP, SWAPS_SIDES, CorruptImage
 
 # torchvision 0.29 deprecates its image decoders for TorchCodec's (0.16 on), warning at every call; the pinned
 # torchvision's still work, and the service's log is no place for the notice.
@@ -29,8 +29,6 @@ warnings.filterwarnings("ignore", "The image decoding and encoding capabilities 
 
 # Pillow's draft mode: the DCT scalings libjpeg offers.
 _DRAFT_SCALES = (8, 4, 2, 1)
-# contract/images.py's _REDUCING_GAP: box-shrinking stops at twice the size the final resize makes.
-_REDUCING_GAP = 2
 
 
 def decode_pictures(jpegs: Sequence[EncodedJpeg], input_size: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -70,7 +68,7 @@ def _model_picture(stored: torch.Tensor, orientation: int, input_size: tuple[int
     """A decoded JPEG [3, h, w], as stored, to the upright model picture [3, H, W]: contract/images.py's
     shrinking emulated with box averages, then its transposition, then contract/resize.py's resize."""
     height, width = input_size
-    swapped = orientation in (5, 6, 7, 8)  # stored with width and height exchanged
+    swapped = orientation in SWAPS_SIDES  # stored with width and height exchanged
     needed_height, needed_width = (width, height) if swapped else (height, width)
     stored_height, stored_width = stored.shape[-2:]
     ratio = min(stored_width // needed_width, stored_height // needed_height)
@@ -78,8 +76,8 @@ def _model_picture(stored: torch.Tensor, orientation: int, input_size: tuple[int
     shrunk = stored[None].float()
     if draft > 1:
         shrunk = nnf.avg_pool2d(shrunk, draft, ceil_mode=True)
-    factors = (max(1, shrunk.shape[-2] // (_REDUCING_GAP * needed_height)),
-               max(1, shrunk.shape[-1] // (_REDUCING_GAP * needed_width)))
+    factors = (max(1, shrunk.shape[-2] // (REDUCING_GAP * needed_height)),
+               max(1, shrunk.shape[-1] // (REDUCING_GAP * needed_width)))
     if factors != (1, 1):
         shrunk = nnf.avg_pool2d(shrunk, factors, ceil_mode=True)
     picture = _upright(shrunk[0].round_().clamp_(0, 255).to(torch.uint8), orientation)

@@ -19,7 +19,6 @@ but the decoder): that measures the emulation of draft mode and the scores it gi
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from app.device_decode import decode_pictures
 from app.jobs import EncodedJpeg, JobPicture
 from app.model import load_model, score_pairs, warm_up
 from bench.overlay_bench import FULLSIZE_DIR
-from bench.precision_bench import DEFAULT_DATA
+from bench.precision_bench import DEFAULT_DATA, load_average
 from bench.service_bench import DEFAULT_MODEL_DIR
 from contract.images import device_jpeg_orientation
 from contract.manifest import read_manifest
@@ -45,10 +44,6 @@ DRAWN_PHOTOS = 8
 ROUNDS = 3
 TARGET_PAIRS_S = 1_000  # issue 22's GPU target for /similarity
 DEFAULT_BATCH = {"cpu": 8, "cuda": 32}
-
-
-def load_average() -> str:
-    return "load average " + ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def as_upload(data: bytes, name: str) -> JobPicture | None:

@@ -28,7 +28,7 @@ _UPRIGHT_TRANSPOSITIONS = {
     5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
-_SWAPS_SIDES = {5, 6, 7, 8}
+SWAPS_SIDES = {5, 6, 7, 8}
 
 
 class ImageError(ValueError):
@@ -135,7 +135,7 @@ def _decode(source: bytes | Path, name: str, max_pixels: int | None,
         # a PNG here for a late eXIf chunk), which they do before any shrinking anyway.
         orientation = image.getexif().get(EXIF_ORIENTATION, 1)
         # Orientations 5 to 8 turn the picture by 90 degrees: the stored pixels have width and height swapped.
-        swapped = orientation in _SWAPS_SIDES
+        swapped = orientation in SWAPS_SIDES
         upright = (image.height, image.width) if swapped else image.size
         at_least = needed(upright)
         stored_at_least = None if at_least is None else (at_least[::-1] if swapped else at_least)
@@ -181,12 +181,12 @@ def _open(source: bytes | Path, name: str, max_pixels: int | None) -> Image.Imag
 # Box-shrinking leaves at least this factor to the caller's final antialiased resize, as Pillow's thumbnail()
 # does: shrinking all the way by whole factors blurs less than one antialiased resize, and moved a 12 Mpx photo's
 # model input by 1 to 4 grey levels on average, against under 1 with this gap.
-_REDUCING_GAP = 2
+REDUCING_GAP = 2
 
 
 def _reduced(image: Image.Image, at_least: tuple[int, int]) -> Image.Image:
-    """`image` shrunk by whole factors per side (box average), each side kept >= _REDUCING_GAP x `at_least`."""
-    factors = tuple(max(1, side // (_REDUCING_GAP * needed)) for side, needed in zip(image.size, at_least))
+    """`image` shrunk by whole factors per side (box average), each side kept >= REDUCING_GAP x `at_least`."""
+    factors = tuple(max(1, side // (REDUCING_GAP * needed)) for side, needed in zip(image.size, at_least))
     return image.reduce(factors) if factors != (1, 1) else image
 
 

@@ -46,6 +46,12 @@ def on_the_device(data: bytes, name: str = "image1") -> EncodedJpeg:
     return EncodedJpeg(name, np.frombuffer(data, dtype=np.uint8), orientation)
 
 
+def fine_stripes() -> bytes:
+    """A JPEG of stripes three pixels wide, 1800 x 1200: a pattern whose picture depends on how it is shrunk."""
+    stripes = np.tile((np.arange(PHOTO_SIZE[0]) % 3 * 120).astype(np.uint8)[None, :, None], (PHOTO_SIZE[1], 1, 3))
+    return encode_image(Image.fromarray(stripes), "JPEG", quality=90)
+
+
 def mean_difference(first: np.ndarray, second: np.ndarray) -> float:
     return float(np.abs(first.astype(np.int16) - second.astype(np.int16)).mean())
 
@@ -69,8 +75,7 @@ def test_a_photo_comes_out_upright_and_within_a_grey_level_of_the_cpu_picture(or
 def test_a_fine_pattern_is_shrunk_as_draft_mode_shrinks_it() -> None:
     """Catches a resize straight from the full-size picture, skipping the emulation of the DCT scaling and the box
     shrinking: stripes three pixels wide then come out 3.7 grey levels away on average."""
-    stripes = np.tile((np.arange(1800) % 3 * 120).astype(np.uint8)[None, :, None], (1200, 1, 3))
-    data = encode_image(Image.fromarray(stripes), "JPEG", quality=90)
+    data = fine_stripes()
     expected = model_picture(data, "image1", None, INPUT_SIZE).transpose(2, 0, 1)
     (picture,) = decode_pictures([on_the_device(data)], INPUT_SIZE, CPU).numpy()
     assert mean_difference(picture, expected) < 0.5
@@ -196,8 +201,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 def test_the_gpu_makes_the_pictures_the_cpu_emulation_makes() -> None:
-    stripes = np.tile((np.arange(1800) % 3 * 120).astype(np.uint8)[None, :, None], (1200, 1, 3))
-    for data in (phone_photo(6, PHOTO_SIZE, orientation=6), encode_image(Image.fromarray(stripes), "JPEG")):
+    for data in (phone_photo(6, PHOTO_SIZE, orientation=6), fine_stripes()):
         (on_gpu,) = decode_pictures([on_the_device(data)], INPUT_SIZE, torch.device("cuda")).cpu().numpy()
         (on_cpu,) = decode_pictures([on_the_device(data)], INPUT_SIZE, CPU).numpy()
         assert mean_difference(on_gpu, on_cpu) < 1.0
