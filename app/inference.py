@@ -26,7 +26,7 @@ from app.schemas import (
 from app.service import Service
 from app.settings import Settings
 from contract.explanation import Method, PairContributions, PairExplanation, cell_box
-from contract.images import device_jpeg_orientation, header_pixels
+from contract.images import device_jpeg_header, header_pixels
 
 
 @dataclass(frozen=True)
@@ -112,14 +112,13 @@ async def read_uploads(named: Sequence[tuple[str, UploadFile]], inference: Infer
 async def admit_and_decode(uploads: Sequence[Upload], model: ModelView, images: ImageWork, settings: Settings,
                            keep_charged: bool = False) -> tuple[list[JobPicture], int]:
     """The uploads admitted, then decoded and preprocessed side by side on the image threads, as the uint8
-    pictures the model takes (with DECODE_DEVICE=cuda, the JPEGs its GPU takes stay files: `for_the_device`);
+    pictures the model takes (with DECODE_DEVICE=cuda, the JPEGs its GPU takes stay files: `read_headers`);
     and the pixels still charged to the budget: none, unless `keep_charged` (then the caller gives them back with
     `images.discharge`, e.g. after a second decode at overlay size, which they cover). Refused before any
     decoding: 503 when the images' pixels cannot be admitted within ADMISSION_WAIT_S, 422 for images larger than
     the whole budget, and the contract's image errors (415/422 in errors.py) for what a header says."""
     # Headers only (a few kB each): cheap enough for the event loop, and the image threads may all be busy.
-    per_image = [header_pixels(upload.data, upload.name, settings.max_image_pixels) for upload in uploads]
-    jpegs = for_the_device(uploads, settings)
+    per_image, jpegs = read_headers(uploads, settings)
     # What is decoded here: every upload when its overlay background will be (`keep_charged`), else all but the
     # JPEGs the GPU decodes.
     pixels = images.pixels_at_once([count for index, count in enumerate(per_image)
@@ -154,17 +153,19 @@ async def admit_and_decode(uploads: Sequence[Upload], model: ModelView, images: 
     return pictures, pixels
 
 
-def for_the_device(uploads: Sequence[Upload], settings: Settings) -> dict[int, EncodedJpeg]:
-    """With DECODE_DEVICE=cuda, the uploads that the model's GPU decodes (`device_jpeg_orientation`), by index;
-    none otherwise."""
+def read_headers(uploads: Sequence[Upload], settings: Settings) -> tuple[list[int], dict[int, EncodedJpeg]]:
+    """Each upload's pixels from its header (width x height, checked against MAX_IMAGE_PIXELS); and with
+    DECODE_DEVICE=cuda the uploads that the model's GPU decodes (`device_jpeg_header`), by index, none otherwise.
+    Each header is read once."""
     if settings.decode_device != "cuda":
-        return {}
-    jpegs = {}
+        return [header_pixels(upload.data, upload.name, settings.max_image_pixels) for upload in uploads], {}
+    per_image, jpegs = [], {}
     for index, upload in enumerate(uploads):
-        orientation = device_jpeg_orientation(upload.data, upload.name, settings.max_image_pixels)
+        pixels, orientation = device_jpeg_header(upload.data, upload.name, settings.max_image_pixels)
+        per_image.append(pixels)
         if orientation is not None:
             jpegs[index] = EncodedJpeg(upload.name, np.frombuffer(upload.data, dtype=np.uint8), orientation)
-    return jpegs
+    return per_image, jpegs
 
 
 def backgrounds_after(batch_ran: asyncio.Event, uploads: Sequence[Upload], images: ImageWork, pixels: int,

@@ -32,7 +32,7 @@ from app.model import load_model, score_pairs, warm_up
 from bench.overlay_bench import FULLSIZE_DIR
 from bench.precision_bench import DEFAULT_DATA, load_average
 from bench.service_bench import DEFAULT_MODEL_DIR
-from contract.images import device_jpeg_orientation
+from contract.images import device_jpeg_header
 from contract.manifest import read_manifest
 from contract.picture import model_picture
 from tests.support.images import phone_photo
@@ -48,7 +48,7 @@ DEFAULT_BATCH = {"cpu": 8, "cuda": 32}
 
 def as_upload(data: bytes, name: str) -> JobPicture | None:
     """What a front with DECODE_DEVICE=cuda sends for `data`, or None for a file it decodes itself."""
-    orientation = device_jpeg_orientation(data, name, None)
+    _, orientation = device_jpeg_header(data, name, None)
     return None if orientation is None else EncodedJpeg(name, np.frombuffer(bytearray(data), np.uint8), orientation)
 
 

@@ -82,21 +82,22 @@ _END_OF_IMAGE = b"\xff\xd9"
 _TRAILER_BYTES = 4096
 
 
-def device_jpeg_orientation(source: bytes, name: str, max_pixels: int | None) -> int | None:
-    """For a JPEG that a GPU decoder can take whole (YCbCr or greyscale, its end-of-image marker present), its EXIF
-    orientation (1 to 8), read from the header; None for any other file, which `decode_upright_rgb` decodes here
-    and whose errors it reports. `max_pixels` is checked as decoding checks it (TooManyPixels); no pixel is
-    decoded. A truncated JPEG stays on the CPU: libjpeg reports it as what it is, where a failed decode on the GPU
-    would fail its batch (the others run again one by one)."""
+def device_jpeg_header(source: bytes, name: str, max_pixels: int | None) -> tuple[int, int | None]:
+    """What `header_pixels` gives (width x height, `max_pixels` checked as decoding checks it), and for a JPEG
+    that a GPU decoder can take whole (YCbCr or greyscale, its end-of-image marker present) its EXIF orientation (1
+    to 8); None for any other file, which `decode_upright_rgb` decodes here and whose errors it reports. One look
+    at the header; no pixel is decoded. A truncated JPEG stays on the CPU: libjpeg reports it as what it is, where a
+    failed decode on the GPU would fail its batch (the others run again one by one)."""
     with _open(source, name, max_pixels) as image:
+        width, height = image.size
         if image.format != "JPEG" or image.mode not in _DEVICE_JPEG_MODES or \
                 _END_OF_IMAGE not in source[-_TRAILER_BYTES:]:
-            return None
+            return width * height, None
         try:
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
         except Exception:  # a damaged EXIF block: decoding here says what is wrong with it, as for any file
-            return None
-    return orientation if orientation in range(1, 9) else 1
+            return width * height, None
+    return width * height, orientation if orientation in range(1, 9) else 1
 
 
 def fitted_size(width: int, height: int, max_side: int) -> tuple[int, int]:

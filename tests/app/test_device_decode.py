@@ -27,7 +27,7 @@ from app.model_owner import running_model_owner
 from app.owner_client import OwnerClient, connected_owner
 from app.owner_server import OwnerServer
 from app.settings import Settings
-from contract.images import CorruptImage, TooManyPixels, device_jpeg_orientation
+from contract.images import CorruptImage, TooManyPixels, device_jpeg_header
 from contract.picture import model_picture
 from tests.app.conftest import TEST_MODEL_NAME
 from tests.support.images import class_image, drawn_image, encode as encode_image, pair_files, phone_photo
@@ -41,7 +41,7 @@ PHOTO_SIZE = (1800, 1200)
 
 def on_the_device(data: bytes, name: str = "image1") -> EncodedJpeg:
     """What a front sends for `data` with DECODE_DEVICE=cuda; the header must say the GPU can take it."""
-    orientation = device_jpeg_orientation(data, name, max_pixels=None)
+    _, orientation = device_jpeg_header(data, name, max_pixels=None)
     assert orientation is not None, "a JPEG the GPU takes"
     return EncodedJpeg(name, np.frombuffer(data, dtype=np.uint8), orientation)
 
@@ -92,14 +92,14 @@ def test_a_picture_draft_mode_leaves_whole_is_the_cpu_picture() -> None:
 def test_a_front_sends_only_whole_ycbcr_and_grey_jpegs() -> None:
     """Everything else is decoded on the CPU, where its errors say what is wrong with the file."""
     photo = encode_image(drawn_image(1, (200, 150)), "JPEG", quality=90)
-    assert device_jpeg_orientation(photo, "image1", None) == 1
-    assert device_jpeg_orientation(phone_photo(1, (400, 300), orientation=6), "image1", None) == 6
-    assert device_jpeg_orientation(encode_image(drawn_image(1).convert("L"), "JPEG"), "image1", None) == 1
-    assert device_jpeg_orientation(encode_image(drawn_image(1), "PNG"), "image1", None) is None
-    assert device_jpeg_orientation(encode_image(drawn_image(1).convert("CMYK"), "JPEG"), "image1", None) is None
-    assert device_jpeg_orientation(photo[:len(photo) // 2], "image1", None) is None  # truncated
+    assert device_jpeg_header(photo, "image1", None) == (200 * 150, 1)
+    assert device_jpeg_header(phone_photo(1, (400, 300), orientation=6), "image1", None) == (400 * 300, 6)
+    assert device_jpeg_header(encode_image(drawn_image(1).convert("L"), "JPEG"), "image1", None)[1] == 1
+    assert device_jpeg_header(encode_image(drawn_image(1), "PNG"), "image1", None)[1] is None
+    assert device_jpeg_header(encode_image(drawn_image(1).convert("CMYK"), "JPEG"), "image1", None)[1] is None
+    assert device_jpeg_header(photo[:len(photo) // 2], "image1", None)[1] is None  # truncated
     with pytest.raises(TooManyPixels, match="image1"):
-        device_jpeg_orientation(photo, "image1", max_pixels=200 * 150 - 1)
+        device_jpeg_header(photo, "image1", max_pixels=200 * 150 - 1)
 
 
 def test_a_jpeg_the_decoder_refuses_fails_naming_its_upload() -> None:
