@@ -24,10 +24,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.export import ExportedProgram
 
 from contract.backbone import SplitBackbone
 from contract.cache import writable
 from contract.manifest import Manifest
+from contract.padding_fold import fold_padding_into_convolutions
 from contract.torchscript import compute_convolutions_in_fp32, sha256_of
 
 # Inductor imports torch's C++ extension helper, which warns on a machine without CUDA that it found no CUDA
@@ -43,6 +45,9 @@ SCORE_TOLERANCE = 1e-5
 # pre-packed for oneDNN, as `torch.jit.freeze` does for the TorchScript path (without it, the package ran plain
 # ATen convolutions and was no faster than TorchScript).
 _INDUCTOR_CONFIGS: dict[str, Any] = {"freezing": True}
+# How compile_backbone makes a package from a program, in a package's name: a cache made by an older recipe is
+# compiled again rather than served (2: pads folded into the convolutions).
+_RECIPE = 2
 _CXX = os.environ.get("CXX", "g++")  # what Inductor runs, unless its own config is changed
 
 
@@ -64,16 +69,33 @@ class _Features(nn.Module):
 def export_backbone(model: nn.Module, input_size: tuple[int, int], path: Path) -> None:
     """Save `model.features` (in eval mode, on the CPU) as a `torch.export` program taking any batch of up to
     MAX_BATCH images of `input_size`; CompileError when it cannot be exported (data-dependent control flow)."""
-    # An example batch of 2: a batch of 1 would let the exporter specialise on it.
-    example = torch.zeros(2, 3, *input_size)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     try:
-        with torch.no_grad():
-            program = torch.export.export(_Features(model).eval(), (example,), dynamic_shapes=({0: batch},))
+        program = _export_with_any_batch(_Features(model).eval(), (3, *input_size))
     except Exception as error:
         raise CompileError(f"the model's features cannot be exported as a program ({_first_line(error)})") \
             from error
     torch.export.save(program, str(path))
+
+
+def _export_with_any_batch(module: nn.Module, image_shape: tuple[int, ...]) -> ExportedProgram:
+    """`module` exported for batches of 1 to MAX_BATCH images of `image_shape` (channels, height, width)."""
+    # An example batch of 2: a batch of 1 would let the exporter specialise on it.
+    example = torch.zeros(2, *image_shape)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with torch.no_grad():
+        return torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+
+
+def compilable_program(path: Path) -> ExportedProgram:
+    """The saved program at `path` as it is compiled: with its pads folded into the convolutions they feed
+    (contract/padding_fold.py), which computes the same maps without copying each padded input."""
+    program = torch.export.load(str(path))
+    module = program.module()
+    if fold_padding_into_convolutions(module) == 0:
+        return program
+    (image,) = (node.meta["val"] for node in program.graph.nodes
+                if node.op == "placeholder" and node.name in program.graph_signature.user_inputs)
+    return _export_with_any_batch(module, tuple(image.shape[1:]))
 
 
 def run_program(path: Path, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +131,7 @@ def machine_tag(device: torch.device) -> str:
 def package_path(cache_dir: Path, program_sha256: str, device: torch.device) -> Path:
     """Where the package of the program with this sha256 for this machine and torch version lives in `cache_dir`."""
     version = torch.__version__.replace("+", "-")
-    return cache_dir / f"backbone-{program_sha256[:16]}-{machine_tag(device)}-torch{version}.pt2"
+    return cache_dir / f"backbone-{program_sha256[:16]}-{machine_tag(device)}-torch{version}-r{_RECIPE}.pt2"
 
 
 def program_path(model_dir: Path, manifest: Manifest) -> Path:
@@ -159,7 +181,7 @@ def compile_backbone(program: Path, package: Path, device: torch.device) -> floa
     package.parent.mkdir(parents=True, exist_ok=True)
     staging = package.with_name(f"{package.stem}.{os.getpid()}.partial.pt2")  # AOTInductor wants .pt2
     try:
-        exported = torch.export.load(str(program))
+        exported = compilable_program(program)
         if device.type == "cuda":
             compute_convolutions_in_fp32()  # as the TorchScript path computes: no TF32 kernels compiled in
             exported = torch.export.passes.move_to_device_pass(exported, str(device))
