@@ -14,6 +14,10 @@ Run from the repository root: `.venv/bin/python -m bench.compiled_bench [--model
    time per pair under that load (siamcam_inference_seconds); then from `wrk` (bench/fronts_bench.py's load: one C
    thread POSTing one pair), whose ratio is the one judged: the Python clients take a share of the 2 cores the
    service needs (issue 22), and wrk leaves it nearly all of them.
+3. On a GPU (`--device cuda`), for issue 23's "CUDA graphs where they measure faster": the package's `features`
+   for one pair's and eight pairs' images run directly and replayed from a CUDA graph captured once per batch
+   size (torch.cuda.graph, after warm-up on a side stream), each synchronised, alternating; the graph's maps
+   against the direct ones. The service captures none yet: this decides whether it should.
 The package is compiled first, into the default cache (or found there), as `python -m training compile` does.
 """
 
@@ -78,6 +82,31 @@ def model_work(variants: dict[str, ServedModel], pictures: tuple[torch.Tensor, t
                 for name, model in variants.items():
                     timed(lambda: run(model, first, second), times[name])
             yield kind, batch, {name: statistics.median(values) for name, values in times.items()}
+
+
+def cuda_graph_work(compiled: ServedModel, pictures: tuple[torch.Tensor, torch.Tensor]
+                    ) -> Iterator[tuple[int, float, float, float]]:
+    """(images, direct ms, CUDA graph ms, largest difference between their maps) for one pair's and eight pairs'
+    images through the compiled package (synchronised after every call, the two alternating)."""
+    features = compiled.module.features
+    for batch in BATCHES:
+        images = torch.cat([pictures[0][:batch], pictures[1][:batch]]).to(compiled.device)
+        static_input = compiled.preprocessing.normalize(images)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # torch.cuda.graphs' rule: warm up on a side stream before capturing
+            for _ in range(3):
+                features(static_input)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_output = features(static_input)
+        times: dict[str, list[float]] = {"direct": [], "graph": []}
+        for _ in range(CALLS):
+            timed(lambda: (features(static_input), torch.cuda.synchronize()), times["direct"])
+            timed(lambda: (graph.replay(), torch.cuda.synchronize()), times["graph"])
+        difference = float((static_output - features(static_input)).abs().max())
+        yield (2 * batch, statistics.median(times["direct"]), statistics.median(times["graph"]), difference)
 
 
 @dataclass(frozen=True)
@@ -168,6 +197,18 @@ def main() -> None:
         print(f"{kind:<24} {batch:>5} {medians['torchscript']:>12.1f} {medians['compiled']:>10.1f} {ratio:>6.2f}x",
               flush=True)
         rows.append((f"{kind}, {batch} pair(s): compiled / TorchScript time", ratio, TARGET_MODEL_WORK, True))
+
+    if device.type == "cuda" and not args.skip_model_work:
+        print(f"\nthe compiled features on {device}, direct and from a CUDA graph, median of {CALLS} calls each, "
+              "alternating (ms):")
+        graphs = cuda_graph_work(compiled, pictures)
+        try:
+            while (graph_row := model_thread.submit(next, graphs, None).result()) is not None:
+                images, direct_ms, graph_ms, difference = graph_row
+                print(f"  {images:>3} images: direct {direct_ms:.2f}, graph {graph_ms:.2f} ms "
+                      f"({graph_ms / direct_ms:.2f}x); maps {difference:.1e} apart", flush=True)
+        except Exception as error:  # noqa: BLE001 -- a package that cannot be captured is a finding, not a crash
+            print(f"  not capturable: {error!r}")
 
     if not args.skip_service and device.type == "cpu":
         started_s, runs, wrk_runs = service_rounds(model_dir, cache, pairs)

@@ -19,6 +19,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,26 +202,36 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def load_package(package: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The package's `features` as a function; CompileError when `package` cannot be loaded here."""
+    try:
+        # The package's own loader, not torch._inductor.aoti_load_package: that import costs 1.5-2 s of
+        # start-up, and the wrapper it returns only flattens arguments (`features` takes one tensor).
+        runner = torch._C._aoti.AOTIModelPackageLoader(
+            str(package), "model", False, 1, _device_index(device))  # model name, not single-threaded, 1 runner
+    except Exception as error:
+        raise CompileError(f"{package} is not a loadable compiled backbone ({_first_line(error)}); delete it "
+                           "to compile it again") from error
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        # The package records no autograd graph: its maps are inputs to the head, never differentiated through.
+        with torch.no_grad():
+            (maps,) = runner.boxed_run([x.contiguous()])  # the list is the runner's to empty
+            return maps
+
+    return features
+
+
 class CompiledBackbone(SplitBackbone):
     """A TorchScript model whose `features` runs a compiled package (fp32, as the program was exported)."""
 
     def __init__(self, module: torch.jit.ScriptModule, package: Path, device: torch.device) -> None:
         super().__init__(module)
         self.package = package
-        try:
-            # The package's own loader, not torch._inductor.aoti_load_package: that import costs 1.5-2 s of
-            # start-up, and the wrapper it returns only flattens arguments (`features` takes one tensor).
-            self._runner = torch._C._aoti.AOTIModelPackageLoader(
-                str(package), "model", False, 1, _device_index(device))  # model name, not single-threaded, 1 runner
-        except Exception as error:
-            raise CompileError(f"{package} is not a loadable compiled backbone ({_first_line(error)}); delete it "
-                               "to compile it again") from error
+        self._features = load_package(package, device)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        # The package records no autograd graph: its maps are inputs to the head, never differentiated through.
-        with torch.no_grad():
-            (maps,) = self._runner.boxed_run([x.contiguous()])  # the list is the runner's to empty
-            return maps
+        return self._features(x)
 
 
 def _device_index(device: torch.device) -> int:

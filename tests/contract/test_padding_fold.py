@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from contract.compiled import compilable_program, export_backbone
+from contract.compiled import compilable_program, compile_backbone, cpp_compiler, export_backbone, load_package
 from contract.padding_fold import fold_padding_into_convolutions
+from tests.support.system_tools import missing_system_tool
 from training.efficientnet_lite import conv_bn
 
 PAD_TARGETS = (torch.ops.aten.pad.default, torch.ops.aten.constant_pad_nd.default)
@@ -97,3 +98,18 @@ def test_the_program_compiled_has_no_pad_and_takes_any_batch(tmp_path: Path) -> 
         x = torch.randn(batch, 3, 36, 36, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             torch.testing.assert_close(program.module()(x), saved(x), rtol=0, atol=1e-5)
+
+
+def test_the_compiled_package_computes_the_saved_programs_maps(tmp_path: Path) -> None:
+    """The fold through AOTInductor: the package of a program with SAME pads (compiled with freezing, which folds
+    BatchNorm into the widened kernels) gives the saved program's maps at any batch."""
+    if cpp_compiler() is None:
+        missing_system_tool("no C++ compiler (g++) to compile the backbone with: `apt-get install g++`")
+    path, package = tmp_path / "backbone.pt2", tmp_path / "package.pt2"
+    export_backbone(_SamePaddedStages(), (36, 36), path)
+    compile_backbone(path, package, torch.device("cpu"))
+    features, saved = load_package(package, torch.device("cpu")), torch.export.load(str(path)).module()
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, 36, 36, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            torch.testing.assert_close(features(x), saved(x), rtol=0, atol=1e-5)
