@@ -8,7 +8,8 @@
 #   service  bench.service_bench
 #   peers    bench.peers (siamcam against LitServe on the same model)
 #   compiled issue 23: bench.compiled_bench on the GPU (the default model's backbone compiled for this GPU's
-#            architecture into a temporary cache, then its model work against TorchScript's)
+#            architecture into a temporary cache, then its model work against TorchScript's, and the package's
+#            features run directly against replayed from a CUDA graph: whether the service should capture one)
 #   precision issue 22: bench.precision_bench on the GPU (the default model's test split scored in fp32, bf16 and
 #            fp16: each one's score differences from fp32, flipped decisions and pairs/s at batches of 64)
 #   decode   issue 22: bench.decode_device_bench on the GPU (DECODE_DEVICE=cuda: 12 Mpx JPEGs decoded by nvJPEG
